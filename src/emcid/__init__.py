@@ -1,0 +1,34 @@
+"""emcid: edit many concepts at once in text-to-image diffusion models.
+
+Typical use::
+
+    import emcid
+    bundle = emcid.load_model()                      # the embedded model, or a diffusers folder / hub id
+    requests = [emcid.EditRequest("tench", "goldfish")]
+    patch = emcid.edit(bundle, requests)             # Stage I + Stage II
+    patch.save("tench.safetensors"); patch.apply(bundle)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import EmcidError
+from .models import ModelBundle, load_model
+from .patch import EditPatch
+from .requests import EditRequest, load_requests
+
+__all__ = ["EditPatch", "EditRequest", "EmcidError", "ModelBundle", "edit", "load_model",
+           "load_requests"]
+
+
+def edit(bundle: ModelBundle, requests: Sequence[EditRequest], method: str = "emcid",
+         progress: bool = True, **options) -> EditPatch:
+    """Edit ``requests`` into ``bundle`` with ``method``; returns the patch (not yet applied).
+
+    ``options`` override the method's hyperparameters (e.g. ``steps=100, lam=6000,
+    layers={"text_encoder": [7, 8, 9, 10]}``).
+    """
+    from .editors import get_editor
+
+    return get_editor(method, bundle, **options).edit(bundle, requests, progress=progress)

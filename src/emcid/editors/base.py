@@ -1,0 +1,67 @@
+"""The Editor interface: requests in, an EditPatch out. EMCID and every baseline implement it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from ..models import ModelBundle
+from ..patch import EditPatch
+from ..requests import EditRequest, validate_requests
+
+
+def package_version() -> str:
+    try:
+        return version("emcid")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class Editor(ABC):
+    """Edits a model's concepts; subclasses set ``name`` and implement :meth:`compute`."""
+
+    name: str = ""
+
+    @abstractmethod
+    def compute(self, bundle: ModelBundle, requests: list[EditRequest],
+                progress: bool) -> dict:
+        """Return the dense weight delta of every edited module, by module name."""
+
+    @abstractmethod
+    def hparams(self) -> dict:
+        """JSON-serialisable hyperparameters, recorded in the patch."""
+
+    def edit(self, bundle: ModelBundle, requests: Sequence[EditRequest],
+             progress: bool = True) -> EditPatch:
+        """Validate the requests, compute the deltas, and wrap them in a patch."""
+        checked = validate_requests(list(requests))
+        base = bundle.fingerprint()
+        deltas = self.compute(bundle, checked, progress)
+        metadata = {
+            "method": self.name,
+            "base_fingerprint": base,
+            "base_model": bundle.source,
+            "family": bundle.family,
+            "requests": [r.to_dict() for r in checked],
+            "hparams": self.hparams(),
+            "emcid_version": package_version(),
+        }
+        return EditPatch.from_dense(deltas, metadata)
+
+
+EDITORS: dict[str, type[Editor]] = {}
+
+
+def register(cls: type[Editor]) -> type[Editor]:
+    EDITORS[cls.name] = cls
+    return cls
+
+
+def get_editor(name: str, bundle: ModelBundle | None = None, **options) -> Editor:
+    """An editor by name; ``options`` override its hyperparameters."""
+    from . import emcid  # noqa: F401  (registers the built-in editors)
+
+    if name not in EDITORS:
+        raise ValueError(f"unknown editing method {name!r}; available: {sorted(EDITORS)}")
+    return EDITORS[name].create(bundle, **options)

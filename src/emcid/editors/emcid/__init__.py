@@ -1,0 +1,91 @@
+"""EMCID: Stage I (per-concept targets) followed by Stage II (one multi-layer closed form)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ...cache import TensorCache
+from ...models import ModelBundle
+from ...requests import EditRequest
+from ...stats import DEFAULT_SAMPLES, read_corpus, second_moments
+from ..base import Editor, register
+from .stage1 import Stage1Config, compute_targets
+from .stage2 import Stage2Config, compute_deltas
+
+# Release values for SDXL (method.md 4.2) that differ from SD 1.x.
+SDXL_STAGE1 = {"steps": 100, "lr": 0.1, "clamp_factor": 1.2, "align_weight": 0.005}
+
+
+@dataclass
+class EMCIDConfig:
+    """Everything EMCID depends on besides the model and the requests."""
+
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    layers: dict[str, list[int]] | None = None  # None: the family's release default
+    task: str = "object"  # "artist" selects the artist layers (7..10 on SD 1.x)
+    stats_samples: int = DEFAULT_SAMPLES
+    corpus: str | None = None  # caption file for the statistics; None: the default corpus
+    cache: bool = True
+
+
+def _split_options(options: dict) -> tuple[dict, dict, dict]:
+    names1 = {f.name for f in fields(Stage1Config)}
+    names2 = {f.name for f in fields(Stage2Config)}
+    stage1 = {k: v for k, v in options.items() if k in names1}
+    stage2 = {k: v for k, v in options.items() if k in names2}
+    rest = {k: v for k, v in options.items() if k not in names1 | names2}
+    return stage1, stage2, rest
+
+
+@register
+class EMCIDEditor(Editor):
+    name = "emcid"
+
+    def __init__(self, config: EMCIDConfig | None = None):
+        self.config = config or EMCIDConfig()
+
+    @classmethod
+    def create(cls, bundle: ModelBundle | None = None, **options) -> EMCIDEditor:
+        """Flat options (``steps=50, lam=6000, layers=...``) over the family's defaults."""
+        stage1, stage2, rest = _split_options(options)
+        if bundle is not None and bundle.family == "sdxl":
+            stage1 = {**SDXL_STAGE1, **stage1}
+        if bundle is not None and bundle.is_embedded:
+            # The miniature model's own sampler settings stand in for SD's 7.5 / 50 steps.
+            stage1 = {"image_guidance_scale": None, "image_steps": None, **stage1}
+        unknown = set(rest) - {f.name for f in fields(EMCIDConfig)}
+        if unknown:
+            raise ValueError(f"unknown EMCID options: {sorted(unknown)}")
+        return cls(EMCIDConfig(Stage1Config(**stage1), Stage2Config(**stage2), **rest))
+
+    def hparams(self) -> dict:
+        return asdict(self.config)
+
+    def layers_for(self, bundle: ModelBundle) -> dict[str, list[int]]:
+        layers = self.config.layers or bundle.default_layers(self.config.task)
+        for slot_name, indices in layers.items():
+            depth = bundle.slot(slot_name).num_layers
+            if not indices or any(not 0 <= i < depth - 1 for i in indices):
+                raise ValueError(
+                    f"layers {indices} of {slot_name}: choose from 0..{depth - 2} (the last "
+                    "block is never edited)"
+                )
+        return {k: sorted(set(v)) for k, v in layers.items()}
+
+    def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
+        config = self.config
+        layers = self.layers_for(bundle)
+        z_layer = {slot: max(indices) for slot, indices in layers.items()}
+        root_enabled = config.cache
+        targets = compute_targets(
+            bundle, requests, z_layer, config.stage1,
+            TensorCache("stage1", enabled=root_enabled), TensorCache("images", enabled=root_enabled),
+            progress,
+        )
+        names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
+        corpus = read_corpus(Path(config.corpus)) if config.corpus else None
+        moments = second_moments(bundle, names, corpus, config.stats_samples,
+                                 cache=TensorCache("stats", enabled=root_enabled), progress=progress)
+        return compute_deltas(bundle, targets, layers, moments, config.stage2, progress=progress)

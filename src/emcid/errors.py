@@ -1,0 +1,25 @@
+"""Exceptions with messages meant for the person at the keyboard."""
+
+
+class EmcidError(Exception):
+    """Base class: every error emcid raises on bad input derives from it."""
+
+
+class RequestError(EmcidError, ValueError):
+    """An edit request (or a list of them) is malformed or contradictory."""
+
+
+class ModelLoadError(EmcidError):
+    """A model folder or hub id cannot be loaded as a supported pipeline."""
+
+
+class StatsMismatchError(EmcidError):
+    """Cached or given preservation statistics do not belong to this model."""
+
+
+class Stage1DivergedError(EmcidError, FloatingPointError):
+    """Stage I produced NaN or inf: the optimisation diverged."""
+
+
+class PatchMismatchError(EmcidError):
+    """A patch does not belong to the model it is applied to."""

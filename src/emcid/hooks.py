@@ -1,0 +1,96 @@
+"""One small utility to read or add to activations at token positions.
+
+Every stage of the method touches the text encoder the same way: it reads a module's input
+or output at the subject token of each prompt, or adds a vector there. Forward hooks do
+both without forking model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def _main_tensor(output: torch.Tensor | tuple) -> torch.Tensor:
+    """Transformer blocks return a tensor (transformers 5) or a tuple whose head is one."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_main(output: torch.Tensor | tuple, new: torch.Tensor) -> torch.Tensor | tuple:
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows ``hidden[b, positions[b]]`` for every batch item ``b``: shape (batch, width)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, positions.to(hidden.device)]
+
+
+@contextmanager
+def add_at_positions(
+    module: nn.Module, positions: torch.Tensor, vectors: torch.Tensor
+) -> Iterator[None]:
+    """Add ``vectors`` (width or batch x width) to ``module``'s output at one token per row.
+
+    Out of place, so gradients flow into ``vectors`` (Stage I optimises them this way).
+    """
+
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor | tuple):
+        hidden = _main_tensor(output)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        values = vectors.to(hidden.dtype).expand(hidden.shape[0], hidden.shape[-1])
+        bumped = hidden.index_put((rows, positions.to(hidden.device)), values, accumulate=True)
+        return _replace_main(output, bumped)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def capture_at_positions(
+    modules: dict[str, nn.Module], positions: torch.Tensor, what: str = "output"
+) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record each module's input or output at one token per row, per forward call.
+
+    Yields a dict name -> list of (batch, width) tensors, one per forward pass.
+    """
+    if what not in ("input", "output"):
+        raise ValueError(f"what must be 'input' or 'output', not {what!r}")
+    records: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    handles = []
+    for name, module in modules.items():
+
+        def hook(_module, inputs, output, name=name):
+            hidden = inputs[0] if what == "input" else _main_tensor(output)
+            records[name].append(gather_positions(hidden, positions))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record each module's whole input tensor, per forward call (for statistics)."""
+    records: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    handles = []
+    for name, module in modules.items():
+
+        def hook(_module, inputs, _output, name=name):
+            records[name].append(inputs[0].detach())
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,341 @@
+"""Load diffusers text-to-image pipelines and expose what the editors need.
+
+A :class:`ModelBundle` keeps diffusers' own component names (``tokenizer``, ``text_encoder``,
+``tokenizer_2``, ``text_encoder_2``, ``unet``, ``vae``, ``scheduler``) and adds the family,
+a content fingerprint, prompt encoding exactly as the family's pipeline does it, and the
+names of the editable ``fc2`` modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+FC2_TEMPLATE = "text_model.encoder.layers.{}.mlp.fc2"
+BLOCK_TEMPLATE = "text_model.encoder.layers.{}"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+SETTINGS_FILE = "emcid.json"
+
+# Sampling defaults of each family's reference pipeline; a model folder may override them
+# with an ``emcid.json`` file (the embedded model does).
+FAMILY_SAMPLING = {
+    "sd1": {"num_inference_steps": 50, "guidance_scale": 7.5, "height": 512, "width": 512},
+    "sd2": {"num_inference_steps": 50, "guidance_scale": 7.5, "height": 768, "width": 768},
+    "sdxl": {"num_inference_steps": 50, "guidance_scale": 7.5, "height": 1024, "width": 1024},
+}
+
+
+@dataclass
+class TextEncoderSlot:
+    """One tokenizer + text encoder pair, named as in the pipeline (``text_encoder[_2]``)."""
+
+    name: str
+    tokenizer: object
+    encoder: nn.Module
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def block(self, layer: int) -> nn.Module:
+        return get_submodule(self.encoder, BLOCK_TEMPLATE.format(layer))
+
+    def fc2(self, layer: int) -> nn.Linear:
+        return get_submodule(self.encoder, FC2_TEMPLATE.format(layer))
+
+    def fc2_name(self, layer: int) -> str:
+        """Module name relative to the pipeline, as patches and statistics store it."""
+        return f"{self.name}.{FC2_TEMPLATE.format(layer)}"
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids padded to the tokenizer's full length, as the SD pipelines do."""
+        return self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.encoder.device)
+
+
+@dataclass
+class PromptEncoding:
+    """What the UNet is conditioned on, plus what the text alignment loss compares."""
+
+    embeds: torch.Tensor
+    pooled: list[torch.Tensor]
+    added_text_embeds: torch.Tensor | None = None
+
+
+@dataclass
+class ModelBundle:
+    """A loaded pipeline with its family, source and generation defaults."""
+
+    pipeline: object
+    family: str
+    source: str
+    sampling: dict
+    settings: dict = field(default_factory=dict)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    applied: list = field(default_factory=list)
+
+    def __getattr__(self, name: str):
+        # Component names are diffusers' own: bundle.unet, bundle.text_encoder_2, ...
+        if name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "unet", "vae",
+                    "scheduler"):
+            return getattr(self.pipeline, name, None)
+        raise AttributeError(name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def is_embedded(self) -> bool:
+        """True for the project's own miniature model (it carries its own world)."""
+        return self.settings.get("world") == "mini"
+
+    def slots(self) -> list[TextEncoderSlot]:
+        slots = [TextEncoderSlot("text_encoder", self.tokenizer, self.text_encoder)]
+        if self.family == "sdxl":
+            slots.append(TextEncoderSlot("text_encoder_2", self.tokenizer_2, self.text_encoder_2))
+        return slots
+
+    def slot(self, name: str) -> TextEncoderSlot:
+        for slot in self.slots():
+            if slot.name == name:
+                return slot
+        raise KeyError(f"this {self.family} model has no component {name!r}")
+
+    def default_layers(self, task: str = "object") -> dict[str, list[int]]:
+        """Edited blocks per text encoder (method.md section 2, release values)."""
+        return default_layers(self.family, [s.num_layers for s in self.slots()], task)
+
+    def module(self, name: str) -> nn.Module:
+        component, _, rest = name.partition(".")
+        return get_submodule(getattr(self.pipeline, component), rest)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self)
+
+    def encode(self, prompts: list[str]) -> PromptEncoding:
+        """Encode prompts exactly as the family's diffusers pipeline does (gradients kept)."""
+        if self.family != "sdxl":
+            (slot,) = self.slots()
+            out = slot.encoder(slot.tokenize(prompts))
+            return PromptEncoding(out.last_hidden_state, [out.pooler_output])
+        states, pooled = [], []
+        for slot in self.slots():
+            out = slot.encoder(slot.tokenize(prompts), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            # CLIPTextModelWithProjection returns its projected pooled state as text_embeds.
+            projected = getattr(out, "text_embeds", None)
+            pooled.append(projected if projected is not None else out.pooler_output)
+        return PromptEncoding(torch.cat(states, dim=-1), pooled, projected)
+
+    def unet_kwargs(self, encoding: PromptEncoding, height: int, width: int) -> dict:
+        """Extra UNet inputs: SDXL's pooled text embedding and size/crop conditioning."""
+        if self.family != "sdxl":
+            return {}
+        batch = encoding.embeds.shape[0]
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=encoding.embeds.dtype)
+        return {
+            "added_cond_kwargs": {
+                "text_embeds": encoding.added_text_embeds,
+                "time_ids": time_ids.to(encoding.embeds.device).repeat(batch, 1),
+            }
+        }
+
+    def latent_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    """Resolve a checkpoint-style name (``text_model.encoder...``) on any transformers version.
+
+    transformers 5 dropped the ``text_model`` wrapper inside ``CLIPTextModel``; checkpoints and
+    our patches keep the original names, so both spellings resolve.
+    """
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        prefix = "text_model."
+        alternative = path[len(prefix):] if path.startswith(prefix) else prefix + path
+        return model.get_submodule(alternative)
+
+
+def default_layers(family: str, num_layers: list[int], task: str = "object") -> dict[str, list[int]]:
+    """Release defaults, expressed relative to depth so tiny test models get the same shape.
+
+    SD 1.x: all blocks but the last (0..10 of 12); artists: the four before the last (7..10).
+    SD 2.x: not released; we use the SD 1.x rule. SDXL: encoder 1 blocks 8..10 of 12 and
+    encoder 2 blocks 26..30 of 32, i.e. the three / five blocks before the last.
+    """
+    if family == "sdxl":
+        first, second = num_layers
+        return {
+            "text_encoder": list(range(max(first - 4, 0), first - 1)),
+            "text_encoder_2": list(range(max(second - 6, 0), second - 1)),
+        }
+    (depth,) = num_layers
+    start = max(depth - 5, 0) if task == "artist" else 0
+    return {"text_encoder": list(range(start, depth - 1))}
+
+
+def detect_family(pipeline: object) -> str:
+    """SDXL has a second text encoder; SD 2.x an OpenCLIP-width (1024) first encoder."""
+    if getattr(pipeline, "text_encoder", None) is None or getattr(pipeline, "unet", None) is None:
+        raise ModelLoadError(
+            f"{type(pipeline).__name__} has no text_encoder/unet: emcid edits Stable Diffusion "
+            "1.x, 2.x and SDXL pipelines only"
+        )
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        return "sdxl"
+    return "sd2" if pipeline.text_encoder.config.hidden_size == 1024 else "sd1"
+
+
+def fingerprint(bundle: ModelBundle, sample: int = 4096) -> str:
+    """A fast content hash of the model as it is now.
+
+    Hashes the family, every tensor's name, shape and a strided sample of its values (rounded
+    to float16, so an fp16 load of the same weights fingerprints alike). Any edit of an fc2
+    weight changes nearly every entry, so the sample sees it.
+    """
+    digest = hashlib.sha256(bundle.family.encode())
+    for component in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        module = getattr(bundle.pipeline, component, None)
+        if module is None:
+            continue
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            step = max(flat.numel() // sample, 1)
+            values = flat[::step][:sample].to("cpu", torch.float16)
+            digest.update(f"{component}.{name}{tuple(tensor.shape)}".encode())
+            digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _local_pickles(folder: Path) -> list[Path]:
+    weights = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    safe = {p.parent for p in folder.rglob("*.safetensors")}
+    return [p for p in weights if p.parent not in safe]
+
+
+def _pipeline_class_name(id_or_path: str) -> str:
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(id_or_path)
+    except Exception as exc:  # diffusers raises OSError, EnvironmentError, HTTP errors ...
+        raise ModelLoadError(
+            f"cannot read a diffusers pipeline from {id_or_path!r}: {exc}. Give a folder written "
+            "by save_pretrained (it holds model_index.json) or a hub id"
+        ) from exc
+    return config.get("_class_name", "")
+
+
+def load_model(
+    id_or_path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    family: str | None = None,
+    allow_pickle: bool = False,
+) -> ModelBundle:
+    """Load a Stable Diffusion 1.x / 2.x / SDXL pipeline from a diffusers folder or hub id.
+
+    With no argument, the embedded miniature model is loaded. Pickle checkpoints (.bin/.ckpt)
+    execute code when loaded and are refused unless ``allow_pickle`` is set. ``family`` checks
+    the detected family against what the caller expects.
+    """
+    from diffusers import DiffusionPipeline
+
+    if id_or_path is None:
+        id_or_path = default_model_path()
+    id_or_path = str(id_or_path)
+    local = Path(id_or_path)
+    looks_local = local.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") > 1
+    if looks_local:
+        if not local.is_dir():
+            raise ModelLoadError(
+                f"model folder {id_or_path!r} does not exist (give a diffusers pipeline folder or "
+                "a hub id like 'org/name')"
+            )
+        if not (local / "model_index.json").exists():
+            raise ModelLoadError(
+                f"{id_or_path!r} is not a diffusers pipeline folder: model_index.json is missing"
+            )
+        pickles = _local_pickles(local)
+        if pickles and not allow_pickle:
+            raise ModelLoadError(
+                f"{pickles[0]} is a pickle checkpoint, which can run arbitrary code when loaded; "
+                "convert it to safetensors or pass allow_pickle=True (--allow-pickle) if you trust it"
+            )
+    class_name = _pipeline_class_name(id_or_path)
+    kwargs = {}
+    if class_name in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+        kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(
+            id_or_path, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {id_or_path!r}: {exc}") from exc
+    detected = detect_family(pipeline)
+    if family is not None and family != detected:
+        raise ModelLoadError(f"{id_or_path!r} is an {detected} model, not {family}")
+    pipeline.to(device)
+    for module in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None), pipeline.unet,
+                   pipeline.vae):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    settings = _read_settings(local) if looks_local else {}
+    sampling = {k: settings.get(k, v) for k, v in FAMILY_SAMPLING[detected].items()}
+    return ModelBundle(pipeline, detected, id_or_path, sampling, settings)
+
+
+def _read_settings(folder: Path) -> dict:
+    path = folder / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_settings(bundle: ModelBundle, folder: str | os.PathLike) -> None:
+    """Carry the model's emcid settings (sampling defaults, world) into an exported folder."""
+    if bundle.settings:
+        Path(folder, SETTINGS_FILE).write_text(json.dumps(bundle.settings, indent=2))
+
+
+def default_model_path() -> Path:
+    """The embedded model if it is installed, else a tiny random model built on first use."""
+    try:
+        from .mini import default_model_dir
+
+        folder = default_model_dir()
+        if (folder / "model_index.json").exists():
+            return folder
+    except ImportError:
+        pass
+    from .tiny import ensure_tiny_model
+
+    log.warning("the embedded model is not installed; using a tiny random test model")
+    return ensure_tiny_model("sd1")

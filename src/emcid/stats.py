@@ -1,0 +1,123 @@
+"""Preservation statistics: the uncentred second moment C = E[k k^T] of every edited fc2 input.
+
+Computed over all non-padding tokens of a caption corpus, once per model, layer, corpus and
+sample count, and cached on disk as safetensors. Stage II weighs how much each direction of
+key space is in use by these matrices, which is what protects unrelated concepts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache import TensorCache, content_key
+from .errors import StatsMismatchError
+from .hooks import capture_inputs
+from .models import ModelBundle
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLES = 100_000  # release: 100,000 captions
+
+
+def default_corpus(bundle: ModelBundle, count: int) -> list[str]:
+    """The embedded model's own caption corpus, else the built-in ImageNet caption corpus."""
+    if bundle.is_embedded:
+        from .mini.world import caption_corpus
+
+        return caption_corpus(count)
+    from .concepts import builtin_caption_corpus
+
+    return builtin_caption_corpus(count)
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    captions = [line for line in lines if line]
+    if not captions:
+        raise ValueError(f"caption corpus {path} is empty")
+    return captions
+
+
+def corpus_hash(captions: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+
+
+def _check(name: str, matrix: torch.Tensor, meta: dict, bundle: ModelBundle, width: int) -> None:
+    if meta.get("fingerprint") != bundle.fingerprint() or tuple(matrix.shape) != (width, width):
+        raise StatsMismatchError(
+            f"statistics for {name} were computed for model {meta.get('fingerprint')} with shape "
+            f"{tuple(matrix.shape)}, but this model is {bundle.fingerprint()} with {width} fc2 "
+            "inputs; delete the file or recompute"
+        )
+
+
+@torch.no_grad()
+def _accumulate(bundle: ModelBundle, names: list[str], captions: Sequence[str],
+                batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
+    """Sum of k k^T (float64) and token count over all non-padding tokens, per module."""
+    by_slot: dict[str, list[str]] = {}
+    for name in names:
+        by_slot.setdefault(name.split(".")[0], []).append(name)
+    sums = {n: torch.zeros(bundle.module(n).in_features, bundle.module(n).in_features,
+                           dtype=torch.float64, device=bundle.device) for n in names}
+    tokens = 0
+    for slot_name, slot_names in by_slot.items():
+        slot = bundle.slot(slot_name)
+        tokens = 0
+        modules = {n: bundle.module(n) for n in slot_names}
+        starts = range(0, len(captions), batch_size)
+        for start in tqdm(starts, desc=f"statistics {slot_name}", disable=not progress):
+            batch = list(captions[start:start + batch_size])
+            encoded = slot.tokenizer(batch, padding="longest", truncation=True,
+                                     max_length=slot.tokenizer.model_max_length,
+                                     return_tensors="pt")
+            mask = encoded.attention_mask.bool().to(bundle.device)
+            with capture_inputs(modules) as records:
+                slot.encoder(encoded.input_ids.to(bundle.device), attention_mask=mask.long())
+            tokens += int(mask.sum())
+            for name in slot_names:
+                keys = records[name][0][mask].double()
+                sums[name] += keys.T @ keys
+    return {n: (s / tokens).float().cpu() for n, s in sums.items()}
+
+
+def second_moments(
+    bundle: ModelBundle,
+    module_names: Sequence[str],
+    captions: Sequence[str] | None = None,
+    sample_count: int = DEFAULT_SAMPLES,
+    batch_size: int = 256,
+    cache: TensorCache | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """C = E[k k^T] of each module's input, from the cache where possible."""
+    captions = list(captions) if captions is not None else default_corpus(bundle, sample_count)
+    captions = captions[:sample_count]
+    cache = cache or TensorCache("stats")
+    model = bundle.fingerprint()
+    corpus = corpus_hash(captions)
+    keys = {n: content_key(model=model, module=n, corpus=corpus, samples=len(captions))
+            for n in module_names}
+    result: dict[str, torch.Tensor] = {}
+    for name, key in keys.items():
+        entry = cache.load(key)
+        if entry is not None:
+            _check(name, entry[0]["second_moment"], entry[1], bundle, bundle.module(name).in_features)
+            result[name] = entry[0]["second_moment"]
+    missing = [n for n in module_names if n not in result]
+    if missing:
+        log.info("computing statistics for %d modules over %d captions", len(missing), len(captions))
+        fresh = _accumulate(bundle, missing, captions, batch_size, progress)
+        for name, matrix in fresh.items():
+            cache.save(keys[name], {"second_moment": matrix},
+                       {"fingerprint": model, "module": name, "corpus": corpus,
+                        "samples": len(captions)})
+            result[name] = matrix
+    return {n: result[n] for n in module_names}
+

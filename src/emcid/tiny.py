@@ -1,0 +1,138 @@
+"""Tiny randomly initialised pipelines with the real module names, for tests and fallbacks.
+
+They are built from configs (nothing is downloaded), saved with ``save_pretrained`` and
+loaded back through :func:`emcid.load_model` like any real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .cache import cache_root
+
+MAX_TOKENS = 32
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2 / CLIP byte-to-unicode table: 256 printable stand-ins for the 256 bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def build_tokenizer(folder: Path, merges: list[str] | None = None):
+    """A character-level CLIP tokenizer: every word splits into letters (multi-token words)."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    for merge in merges or []:
+        vocab_list.append(merge.replace(" ", ""))
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges or []))
+    tokenizer = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
+        model_max_length=MAX_TOKENS,
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _text_config(tokenizer, hidden: int, layers: int, projection: int = 0):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection or hidden,
+    )
+
+
+def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
+    """A random pipeline of the given family, small enough to run hundreds of steps on a CPU."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(Path(tmp) / "tok")
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4, sample_size=16,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    unet_args = dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, norm_num_groups=8, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    if family == "sd1":
+        text_encoder = CLIPTextModel(_text_config(tokenizer, 32, 4))
+        unet = UNet2DConditionModel(cross_attention_dim=32, **unet_args)
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if family == "sdxl":
+        text_encoder = CLIPTextModel(_text_config(tokenizer, 32, 4))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, 48, 6, projection=24))
+        unet = UNet2DConditionModel(
+            cross_attention_dim=32 + 48, addition_embed_type="text_time",
+            addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 24,
+            **unet_args,
+        )
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+        )
+    raise ValueError(f"tiny pipelines exist for 'sd1' and 'sdxl', not {family!r}")
+
+
+def save_tiny_model(folder: str | os.PathLike, family: str = "sd1", seed: int = 0) -> Path:
+    """Build and save a tiny pipeline with small sampling defaults next to it."""
+    folder = Path(folder)
+    build_tiny_pipeline(family, seed).save_pretrained(folder)
+    settings = {"num_inference_steps": 4, "guidance_scale": 2.0, "height": 16, "width": 16}
+    (folder / "emcid.json").write_text(json.dumps(settings))
+    return folder
+
+
+def ensure_tiny_model(family: str = "sd1") -> Path:
+    """The tiny model in the cache folder, built once."""
+    folder = cache_root() / "tiny" / family
+    if not (folder / "model_index.json").exists():
+        save_tiny_model(folder, family)
+    return folder

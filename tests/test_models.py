@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from emcid import load_model
+from emcid.errors import ModelLoadError
+from emcid.models import default_layers
+
+
+def test_sd1_loads_with_diffusers_names(sd1):
+    assert sd1.family == "sd1"
+    for name in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+        assert getattr(sd1, name) is not None
+    assert sd1.text_encoder_2 is None
+    assert sd1.default_layers() == {"text_encoder": [0, 1, 2]}
+    assert sd1.slot("text_encoder").fc2_name(1) == "text_encoder.text_model.encoder.layers.1.mlp.fc2"
+    assert isinstance(sd1.module("text_encoder.text_model.encoder.layers.1.mlp.fc2"), torch.nn.Linear)
+
+
+def test_sdxl_family_and_encoding(sdxl):
+    assert sdxl.family == "sdxl"
+    assert [s.name for s in sdxl.slots()] == ["text_encoder", "text_encoder_2"]
+    encoding = sdxl.encode(["a photo of tench", "goldfish"])
+    assert encoding.embeds.shape[-1] == 32 + 48  # both encoders' penultimate states
+    assert encoding.added_text_embeds.shape == (2, 24)  # projected pooled output of encoder 2
+
+
+def test_release_layer_defaults():
+    assert default_layers("sd1", [12]) == {"text_encoder": list(range(11))}
+    assert default_layers("sd1", [12], "artist") == {"text_encoder": [7, 8, 9, 10]}
+    assert default_layers("sdxl", [12, 32]) == {"text_encoder": [8, 9, 10],
+                                                "text_encoder_2": [26, 27, 28, 29, 30]}
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_not_a_pipeline_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        load_model(tmp_path)
+
+
+def test_wrong_family(sd1_dir):
+    with pytest.raises(ModelLoadError, match="not sdxl"):
+        load_model(sd1_dir, family="sdxl")
+
+
+def test_pickle_checkpoint_refused(sd1_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(sd1_dir, folder)
+    unet = folder / "unet"
+    state = load_model(sd1_dir).unet.state_dict()
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(state, unet / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_model(folder)
+    assert load_model(folder, allow_pickle=True).family == "sd1"
+
+
+def test_fingerprint_tracks_weights(sd1):
+    before = sd1.fingerprint()
+    assert before == sd1.fingerprint()
+    with torch.no_grad():
+        sd1.slot("text_encoder").fc2(1).weight.add_(1e-2)
+    assert sd1.fingerprint() != before
