@@ -1,0 +1,61 @@
+import shutil
+
+import pytest
+import torch
+
+from emcid.cache import TensorCache
+from emcid.errors import StatsMismatchError
+from emcid.stats import second_moments
+
+CAPTIONS = ["a photo of a tench", "goldfish in a bowl", "a zebra", "the castle at night"] * 3
+
+
+def test_second_moment_matches_direct_computation(sd1):
+    name = sd1.slot("text_encoder").fc2_name(1)
+    (moment,) = second_moments(sd1, [name], CAPTIONS, progress=False).values()
+    keys = []
+    handle = sd1.module(name).register_forward_hook(lambda m, i, o: keys.append(i[0]))
+    for caption in CAPTIONS:  # one at a time: no padding at all
+        with torch.no_grad():
+            sd1.text_encoder(sd1.tokenizer([caption], return_tensors="pt").input_ids)
+    handle.remove()
+    stacked = torch.cat([k[0] for k in keys]).double()
+    assert torch.allclose(moment.double(), stacked.T @ stacked / len(stacked), rtol=1e-4, atol=1e-6)
+
+
+def test_statistics_are_cached(sd1, monkeypatch):
+    from emcid import stats
+
+    name = sd1.slot("text_encoder").fc2_name(0)
+    first = second_moments(sd1, [name], CAPTIONS[:5], progress=False)
+    monkeypatch.setattr(stats, "_accumulate", lambda *a, **k: pytest.fail("recomputed"))
+    again = second_moments(sd1, [name], CAPTIONS[:5], progress=False)
+    assert torch.equal(first[name], again[name])
+
+
+def test_statistics_of_another_model_refused(sd1, sdxl):
+    cache = TensorCache("stats-mismatch")
+    name = sd1.slot("text_encoder").fc2_name(0)
+    second_moments(sd1, [name], CAPTIONS, cache=cache, progress=False)
+    (entry,) = list(cache.folder.glob("*.safetensors"))
+    # plant the SD-1.x file where the SDXL model's entry for the same module would be
+    from emcid.cache import content_key
+    from emcid.stats import corpus_hash
+
+    key = content_key(model=sdxl.fingerprint(), module=name, corpus=corpus_hash(CAPTIONS),
+                      samples=len(CAPTIONS))
+    shutil.copy(entry, cache.path(key))
+    with pytest.raises(StatsMismatchError, match="computed for model"):
+        second_moments(sdxl, [name], CAPTIONS, cache=cache, progress=False)
+
+
+def test_corrupted_statistics_recomputed(sd1):
+    cache = TensorCache("stats-corrupt")
+    name = sd1.slot("text_encoder").fc2_name(0)
+    first = second_moments(sd1, [name], CAPTIONS, cache=cache, progress=False)
+    (entry,) = list(cache.folder.glob("*.safetensors"))
+    data = bytearray(entry.read_bytes())
+    data[-5] ^= 0xFF  # flip bits inside the tensor data: the checksum catches it
+    entry.write_bytes(bytes(data))
+    again = second_moments(sd1, [name], CAPTIONS, cache=cache, progress=False)
+    assert torch.equal(first[name], again[name])
