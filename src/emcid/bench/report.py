@@ -1,0 +1,170 @@
+"""The ICEB report: one self-contained folder with report.html, PNG plots and image grids.
+
+The HTML is plain (no scripts, no external assets) so it opens anywhere and can be
+archived next to results.json; figures are drawn with matplotlib's non-interactive backend.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+METRIC_LABELS = {
+    "source_forget_efficacy": "Source Forget (efficacy)",
+    "source2dest_efficacy": "Source2Dest (efficacy)",
+    "source_forget_generalization": "Source Forget (generalization)",
+    "source2dest_generalization": "Source2Dest (generalization)",
+    "alias2dest": "Alias2Dest",
+    "holdout_delta": "Holdout Delta",
+}
+SUBTASK_TITLES = {"aice": "AICE: arbitrary ImageNet concept editing",
+                  "rectification": "Concept rectification"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(scales: dict, method: str, metric: str) -> tuple[list[int], list[float]]:
+    points = sorted((int(s), m[method][metric]) for s, m in scales.items()
+                    if method in m and m[method].get(metric) is not None)
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_metrics(subtask: str, scales: dict, path: Path) -> Path:
+    """One panel per metric, value against number of edits, one line per method."""
+    plt = _pyplot()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    methods = sorted({m for entry in scales.values() for m in entry})
+    ticks = sorted(int(s) for s in scales)
+    figure, axes = plt.subplots(2, 3, figsize=(12, 6.5), squeeze=False)
+    for ax, (metric, label) in zip(axes.flat, METRIC_LABELS.items()):
+        for method in methods:
+            xs, ys = _series(scales, method, metric)
+            if xs:
+                ax.plot(xs, ys, marker="o", label=method)
+        ax.set_title(label, fontsize=10)
+        ax.set_xscale("log")
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("number of edits")
+        ax.axhline(0.0, color="grey", linewidth=0.6)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    figure.suptitle(SUBTASK_TITLES.get(subtask, subtask))
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def plot_grid(rows: Sequence[tuple[str, list[torch.Tensor], list[torch.Tensor]]], path: Path,
+              title: str) -> Path:
+    """Each row: the pre-edit images, then the post-edit images of the same prompts and seeds."""
+    plt = _pyplot()
+    width = max(len(pre) + len(post) for _, pre, post in rows)
+    figure, axes = plt.subplots(len(rows), width, figsize=(1.6 * width, 1.8 * len(rows) + 0.4),
+                                squeeze=False)
+    for r, (label, pre, post) in enumerate(rows):
+        images = list(pre) + list(post)
+        for c in range(width):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(images[c].numpy() if isinstance(images[c], torch.Tensor) else images[c])
+                ax.set_title(("pre" if c < len(pre) else "post"), fontsize=7)
+            else:
+                ax.axis("off")
+        axes[r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def _format(value: float | None) -> str:
+    return "&ndash;" if value is None else f"{value:+.3f}"
+
+
+def _table(scales: dict) -> str:
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in METRIC_LABELS.values())
+    lines = [f"<table><tr><th>edits</th><th>method</th>{head}<th>edit s</th><th>post images s</th></tr>"]
+    for scale in sorted(scales, key=int):
+        for method, entry in sorted(scales[scale].items()):
+            cells = "".join(f"<td>{_format(entry.get(m))}</td>" for m in METRIC_LABELS)
+            timings = entry.get("timings", {})
+            lines.append(
+                f"<tr><td>{scale}</td><td>{html.escape(method)}</td>{cells}"
+                f"<td>{timings.get('edit_s', 0):.1f}</td><td>{timings.get('post_images_s', 0):.1f}</td></tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f0f0f0}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"""
+
+
+def write_report(results: dict, out: Path, grids: dict | None = None) -> dict:
+    """Write plots, grids and report.html under ``out``; returns their paths relative to it."""
+    out = Path(out)
+    written: dict = {"html": "report.html", "plots": {}, "grids": {}}
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ICEB report</title>"
+             f"<style>{STYLE}</style></head><body>",
+             "<h1>ICEB: ImageNet Concept Editing Benchmark</h1>",
+             "<p>Model <code>{}</code> ({}), world <code>{}</code>, judge <code>{}</code>, method "
+             "<code>{}</code>, seed {}.</p>".format(
+                 html.escape(str(results.get("model"))), html.escape(str(results.get("family"))),
+                 html.escape(str(results.get("world"))), html.escape(str(results.get("judge"))),
+                 html.escape(str(results.get("method"))), results.get("settings", {}).get("seed")),
+             "<p>All metrics are differences of mean judge probabilities between the edited and the "
+             "unedited model on the same prompts and seeds (method.md section 7); higher is better "
+             "except for Holdout Delta, which should stay near 0.</p>"]
+    for subtask, data in results.get("subtasks", {}).items():
+        scales = data.get("scales", {})
+        parts.append(f"<h2>{html.escape(SUBTASK_TITLES.get(subtask, subtask))}</h2>")
+        parts.append(f"<p>{len(data.get('edits', []))} edits available, "
+                     f"{len(data.get('holdout_scored', []))} holdout classes scored.</p>")
+        if not scales:
+            parts.append("<p>Nothing to edit for this subtask.</p>")
+            continue
+        parts.append(_table(scales))
+        plot = plot_metrics(subtask, scales, out / "plots" / f"{subtask}.png")
+        written["plots"][subtask] = str(plot.relative_to(out))
+        parts.append(f"<p><img src='{written['plots'][subtask]}' alt='{subtask} metrics'></p>")
+        grid = (grids or {}).get(subtask, {})
+        for part, caption in (("edits", "sample edits"), ("holdout", "sample holdout classes")):
+            rows = grid.get(part) or []
+            if not rows:
+                continue
+            title = f"{subtask}: {caption}, pre vs. post at {grid.get('scale')} edits"
+            path = plot_grid(rows, out / "grids" / f"{subtask}_{part}.png", title)
+            written["grids"][f"{subtask}_{part}"] = str(path.relative_to(out))
+            parts.append(f"<h3>{html.escape(caption.capitalize())} ({grid.get('scale')} edits)</h3>"
+                         f"<p><img src='{path.relative_to(out)}' alt='{html.escape(title)}'></p>")
+    timings = results.get("timings", {})
+    parts.append("<h2>Timings and versions</h2><p>" + ", ".join(
+        f"{html.escape(k)}: {v:.1f} s" for k, v in timings.items()) + "</p>")
+    parts.append("<p>" + ", ".join(f"{html.escape(k)} {html.escape(str(v))}"
+                                   for k, v in results.get("versions", {}).items()) + "</p>")
+    parts.append("</body></html>")
+    (out / "report.html").write_text("\n".join(parts))
+    log.info("report written to %s", out / "report.html")
+    return written
