@@ -124,3 +124,18 @@ def test_bad_layers_and_options(sd1):
         emcid.edit(sd1, REQUESTS, progress=False, colour="red")
     with pytest.raises(RequestError, match="chain"):
         emcid.edit(sd1, [emcid.EditRequest("a", "b"), emcid.EditRequest("b", "c")], progress=False)
+
+
+def test_batched_stage1_equals_one_concept_at_a_time(sd1):
+    from emcid.cache import TensorCache
+
+    requests = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=4),
+                emcid.EditRequest("castle", "tower", ("{}", "a {} on a hill"), seed=2)]
+    alone = compute_targets(sd1, requests, {"text_encoder": 2}, Stage1Config(steps=6, concept_batch=1),
+                            TensorCache("s1-alone"), progress=False)
+    together = compute_targets(sd1, requests, {"text_encoder": 2}, Stage1Config(steps=6, concept_batch=3),
+                               TensorCache("s1-together"), progress=False)
+    for a, b in zip(alone, together):
+        assert torch.allclose(a.deltas["text_encoder"], b.deltas["text_encoder"], atol=1e-4)
+        assert a.deltas["text_encoder"].norm() > 0
+        assert abs(a.final_loss - b.final_loss) < 1e-4

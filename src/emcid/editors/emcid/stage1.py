@@ -10,13 +10,13 @@ No weight changes here; the result is the target ``z = h + delta`` at ``l*`` per
 
 from __future__ import annotations
 
-import logging
+import hashlib
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ...cache import TensorCache, content_key
@@ -25,8 +25,6 @@ from ...generation import encode_images, generate_cached, pil_to_tensor, resolve
 from ...hooks import add_at_positions, capture_at_positions
 from ...models import ModelBundle
 from ...requests import EditRequest, subject_positions
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,10 +40,11 @@ class Stage1Config:
     target: Literal["teacher", "noise"] = "teacher"  # "noise": regress on the true noise
     image_guidance_scale: float | None = 7.5  # release: source images at guidance 7.5
     image_steps: int | None = 50  # release: 50 sampling steps; None = the model's default
+    concept_batch: int = 8  # concepts optimised side by side in one tensor program (speed only)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.lr <= 0:
-            raise ValueError("Stage I needs steps >= 1 and lr > 0")
+        if self.steps < 1 or self.lr <= 0 or self.concept_batch < 1:
+            raise ValueError("Stage I needs steps >= 1, lr > 0 and concept_batch >= 1")
         if self.target not in ("teacher", "noise"):
             raise ValueError(f"target must be 'teacher' or 'noise', not {self.target!r}")
 
@@ -125,87 +124,141 @@ def _read_block_outputs(bundle: ModelBundle, prompts: list[str], z_layer: dict[s
 def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[str, int],
                   config: Stage1Config, image_settings: dict) -> str:
     """Everything a Stage I result depends on: model, request (prompts, seed, images), config."""
-    images = []
-    for path in request.reference_images:
-        with open(path, "rb") as handle:
-            images.append(content_key(data=handle.read().hex()))
+    images = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in request.reference_images]
+    speed_only = {k: v for k, v in asdict(config).items() if k != "concept_batch"}
     return content_key(model=bundle_fingerprint, request=request.to_dict(), images=images,
-                       z_layer=z_layer, config=asdict(config), image_settings=image_settings)
+                       z_layer=z_layer, config=speed_only, image_settings=image_settings)
+
+
+@dataclass
+class _Batch:
+    """Several concepts' rows laid out as one tensor program (one row per source image)."""
+
+    requests: list[EditRequest]
+    owner: torch.Tensor  # concept index of each row
+    src_prompts: list[str]
+    dst_prompts: list[str]
+    positions: dict[str, torch.Tensor]  # subject token of each row, per text encoder
+    latents: torch.Tensor
+    hidden: dict[str, list[torch.Tensor]]  # per concept: unedited h at l*, (n_prompts, width)
+
+
+def _layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
+            config: Stage1Config, image_cache: TensorCache) -> _Batch:
+    owner, src, dst, latents = [], [], [], []
+    positions: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
+    hidden: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
+    for index, request in enumerate(requests):
+        prompt_positions = {
+            name: subject_positions(bundle.slot(name).tokenizer, request.prompts, request.source)
+            for name in z_layer
+        }
+        read = _read_block_outputs(bundle, request.source_prompts(), z_layer, prompt_positions)
+        image_latents = source_latents(bundle, request, config, image_cache)
+        rows = torch.arange(image_latents.shape[0]) % len(request.prompts)
+        owner += [index] * len(rows)
+        src += [request.source_prompts()[i] for i in rows]
+        dst += [request.destination_prompts()[i] for i in rows]
+        latents.append(image_latents)
+        for name in z_layer:
+            positions[name].append(prompt_positions[name][rows])
+            hidden[name].append(read[name])
+    return _Batch(requests, torch.tensor(owner), src, dst,
+                  {n: torch.cat(p) for n, p in positions.items()}, torch.cat(latents), hidden)
+
+
+def _per_concept_mean(values: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
+    """Mean of per-row values within each concept: (count,)."""
+    sums = torch.zeros(count, dtype=values.dtype, device=values.device)
+    sums.index_add_(0, owner.to(values.device), values)
+    return sums / torch.bincount(owner, minlength=count).to(values)
+
+
+def _draw_noise(batch: _Batch, generators: list[torch.Generator], steps: int):
+    """Timesteps and noise per row, each concept from its own generator (batch-independent)."""
+    timesteps, noise = [], []
+    for index, generator in enumerate(generators):
+        rows = int((batch.owner == index).sum())
+        timesteps.append(torch.randint(0, steps, (rows,), generator=generator))
+        noise.append(torch.randn((rows, *batch.latents.shape[1:]), generator=generator))
+    return torch.cat(timesteps), torch.cat(noise).to(batch.latents)
 
 
 def compute_z(
     bundle: ModelBundle,
-    request: EditRequest,
+    requests: list[EditRequest],
     z_layer: dict[str, int],
     config: Stage1Config,
     image_cache: TensorCache,
-) -> ConceptTarget:
-    """Optimise ``delta`` for one request (the paper's dual self-distillation)."""
-    src_prompts, dst_prompts = request.source_prompts(), request.destination_prompts()
-    positions = {name: subject_positions(bundle.slot(name).tokenizer, request.prompts, request.source)
-                 for name in z_layer}
-    hidden = _read_block_outputs(bundle, src_prompts, z_layer, positions)
-    v_norm = {name: h[0].norm() for name, h in hidden.items()}  # release: first prompt's norm
-    latents = source_latents(bundle, request, config, image_cache)
-    count = latents.shape[0]
-    prompt_index = torch.arange(count) % len(src_prompts)
-    src_prompts = [src_prompts[i] for i in prompt_index]
-    dst_prompts = [dst_prompts[i] for i in prompt_index]
-    positions = {name: p[prompt_index] for name, p in positions.items()}
+) -> list[ConceptTarget]:
+    """Optimise every request's ``delta`` (the paper's dual self-distillation), side by side.
+
+    Concepts are independent: each has its own delta, loss terms, noise generator, norm
+    clamp and Adam state (Adam is element-wise), so batching them changes nothing but speed.
+    """
+    batch = _layout(bundle, requests, z_layer, config, image_cache)
+    count, owner = len(requests), batch.owner
+    v_norm = {name: torch.stack([h[0].norm() for h in rows]).to(bundle.device)  # release: 1st prompt
+              for name, rows in batch.hidden.items()}
     settings = resolve_settings(bundle)
+    size = (settings["height"], settings["width"])
     with torch.no_grad():
-        teacher = bundle.encode(dst_prompts)
+        teacher = bundle.encode(batch.dst_prompts)
         teacher_pooled = [p.float() for p in teacher.pooled]
-    deltas = {name: torch.zeros(h.shape[-1], device=bundle.device, requires_grad=True)
-              for name, h in hidden.items()}
+    deltas = {name: torch.zeros(count, rows[0].shape[-1], device=bundle.device, requires_grad=True)
+              for name, rows in batch.hidden.items()}
     optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr)
-    generator = torch.Generator().manual_seed(request.seed)
+    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
     scheduler = bundle.scheduler
-    steps = scheduler.config.num_train_timesteps
-    loss = torch.tensor(0.0)
+    is_v = scheduler.config.prediction_type == "v_prediction"
+    losses = torch.zeros(count)
     for step in range(config.steps):
-        t = torch.randint(0, steps, (count,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
-        noisy = scheduler.add_noise(latents, noise, t.to(latents.device))
+        t, noise = _draw_noise(batch, generators, scheduler.config.num_train_timesteps)
         t = t.to(bundle.device)
+        noisy = scheduler.add_noise(batch.latents, noise, t)
         with ExitStack() as stack:
             for name, layer in z_layer.items():
                 stack.enter_context(add_at_positions(bundle.slot(name).block(layer),
-                                                     positions[name], deltas[name]))
-            edited = bundle.encode(src_prompts)
-        unet_extra = bundle.unet_kwargs(edited, settings["height"], settings["width"])
-        prediction = bundle.unet(noisy, t, encoder_hidden_states=edited.embeds, **unet_extra).sample
+                                                     batch.positions[name], deltas[name][owner]))
+            edited = bundle.encode(batch.src_prompts)
+        prediction = bundle.unet(noisy, t, encoder_hidden_states=edited.embeds,
+                                 **bundle.unet_kwargs(edited, *size)).sample
         with torch.no_grad():
             if config.target == "noise":
-                is_v = scheduler.config.prediction_type == "v_prediction"
-                goal = scheduler.get_velocity(latents, noise, t) if is_v else noise
+                goal = scheduler.get_velocity(batch.latents, noise, t) if is_v else noise
             else:
                 goal = bundle.unet(noisy, t, encoder_hidden_states=teacher.embeds,
-                                   **bundle.unet_kwargs(teacher, settings["height"],
-                                                        settings["width"])).sample
-        loss = config.noise_weight * F.mse_loss(prediction.float(), goal.float())
+                                   **bundle.unet_kwargs(teacher, *size)).sample
+        row_loss = config.noise_weight * (prediction.float() - goal.float()).pow(2).flatten(1).mean(1)
         if config.align_weight:
-            align = sum(F.mse_loss(e.float(), t_) for e, t_ in zip(edited.pooled, teacher_pooled))
-            loss = loss + config.align_weight * align
+            for edited_pooled, target_pooled in zip(edited.pooled, teacher_pooled):
+                align = (edited_pooled.float() - target_pooled).pow(2).mean(1)
+                row_loss = row_loss + config.align_weight * align
+        losses = _per_concept_mean(row_loss, owner, count)
         for name, delta in deltas.items():
-            loss = loss + config.norm_decay * delta.norm() / v_norm[name] ** 2
-        if not torch.isfinite(loss):
+            losses = losses + config.norm_decay * delta.norm(dim=1) / v_norm[name] ** 2
+        bad = ~torch.isfinite(losses)
+        if bad.any():
+            failed = requests[int(bad.nonzero()[0])]
             raise Stage1DivergedError(
-                f"Stage I diverged for {request.source!r} -> {request.destination!r} at step "
-                f"{step}: loss is {loss.item()}; lower the learning rate (--lr) or check the model"
+                f"Stage I diverged for {failed.source!r} -> {failed.destination!r} at step "
+                f"{step}: the loss is not finite; lower the learning rate (--lr) or check the model"
             )
         optimiser.zero_grad()
-        loss.backward()
+        losses.sum().backward()
         optimiser.step()
         with torch.no_grad():
             for name, delta in deltas.items():
                 limit = config.clamp_factor * v_norm[name]
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
-    return ConceptTarget(
-        request, dict(z_layer), {n: d.detach().float().cpu() for n, d in deltas.items()},
-        {n: h.cpu() for n, h in hidden.items()}, float(loss.detach()),
-    )
+                norms = delta.norm(dim=1)
+                delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)).unsqueeze(1))
+    final = losses.detach().cpu()
+    return [
+        ConceptTarget(request, dict(z_layer),
+                      {n: d[i].detach().float().cpu() for n, d in deltas.items()},
+                      {n: rows[i].cpu() for n, rows in batch.hidden.items()}, float(final[i]))
+        for i, request in enumerate(requests)
+    ]
 
 
 def compute_targets(
@@ -225,15 +278,20 @@ def compute_targets(
     model = bundle.fingerprint()
     image_settings = resolve_settings(bundle, guidance_scale=config.image_guidance_scale,
                                       num_inference_steps=config.image_steps)
-    results = []
-    for request in tqdm(requests, desc="Stage I", unit="concept", disable=not progress):
-        key = cache_key_for(model, request, z_layer, config, image_settings)
+    results: dict[int, ConceptTarget] = {}
+    keys = [cache_key_for(model, r, z_layer, config, image_settings) for r in requests]
+    for index, key in enumerate(keys):
         entry = cache.load(key)
         if entry is not None:
-            results.append(ConceptTarget.from_tensors(request, z_layer, entry[0]))
-            continue
-        target = compute_z(bundle, request, z_layer, config, image_cache)
-        cache.save(key, target.to_tensors(), {"source": request.source,
-                                             "destination": request.destination})
-        results.append(target)
-    return results
+            results[index] = ConceptTarget.from_tensors(requests[index], z_layer, entry[0])
+    missing = [i for i in range(len(requests)) if i not in results]
+    chunks = [missing[i:i + config.concept_batch] for i in range(0, len(missing), config.concept_batch)]
+    with tqdm(total=len(missing), desc="Stage I", unit="concept", disable=not progress) as bar:
+        for chunk in chunks:
+            targets = compute_z(bundle, [requests[i] for i in chunk], z_layer, config, image_cache)
+            for index, target in zip(chunk, targets):
+                cache.save(keys[index], target.to_tensors(),
+                           {"source": target.request.source, "destination": target.request.destination})
+                results[index] = target
+            bar.update(len(chunk))
+    return [results[i] for i in range(len(requests))]
