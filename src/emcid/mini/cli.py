@@ -1,0 +1,76 @@
+"""The `emcid mini ...` command group; argument parsing only, one library call per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `mini train`, `mini render` and `mini judge-check` to an emcid subparsers object."""
+    mini = subparsers.add_parser("mini", help="the embedded procedural world and its model")
+    sub = mini.add_subparsers(dest="mini_command", required=True)
+
+    train = sub.add_parser("train", help="train the embedded model (all stages, resumable)")
+    train.add_argument("--out", required=True, help="output folder (pipeline/, judge/, work/)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue an existing --out")
+    train.add_argument("--unet-steps", type=int, help="UNet training steps (default 12000)")
+    train.add_argument("--text-steps", type=int, help="text encoder pretraining steps")
+    train.add_argument("--vae-steps", type=int, help="VAE training steps")
+    train.add_argument("--judge-steps", type=int, help="judge training steps")
+    train.add_argument("--max-minutes", type=float, help="wall-clock cap of the UNet stage")
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    train.set_defaults(func=cmd_train)
+
+    render = sub.add_parser("render", help="write true renders of concepts as PNG files")
+    render.add_argument("--concept", type=int, nargs="+", required=True)
+    render.add_argument("--seed", type=int, default=0)
+    render.add_argument("--out", required=True)
+    render.set_defaults(func=cmd_render)
+
+    check = sub.add_parser("judge-check", help="judge top-1 on fresh clean renders")
+    check.add_argument("--seed", type=int, default=12345)
+    check.set_defaults(func=cmd_judge_check)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from .train import MiniTrainConfig, train_mini
+
+    torch.set_num_threads(args.threads)
+    cfg = MiniTrainConfig(seed=args.seed, max_minutes=args.max_minutes)
+    cfg.text.seed = cfg.judge.seed = args.seed
+    if args.unet_steps is not None:
+        cfg.unet_steps = args.unet_steps
+    if args.text_steps is not None:
+        cfg.text.steps = args.text_steps
+    if args.vae_steps is not None:
+        cfg.vae_steps = args.vae_steps
+    if args.judge_steps is not None:
+        cfg.judge.steps = args.judge_steps
+    log.info("mini train config: %s", json.dumps(asdict(cfg)))
+    folder = train_mini(args.out, cfg, resume=args.resume)
+    print(folder)
+
+
+def cmd_render(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .world import render
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for c in args.concept:
+        render(c, args.seed).save(out / f"concept{c:04d}_seed{args.seed}.png")
+
+
+def cmd_judge_check(args: argparse.Namespace) -> None:
+    from .judge import judge_accuracy, load_judge
+
+    print(f"judge clean top-1: {judge_accuracy(load_judge(), seed=args.seed):.4f}")

@@ -1,0 +1,46 @@
+"""The CLIP-compatible tokenizer trained on the world's text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import CLIPTokenizer
+
+from emcid.mini import default_model_dir, world
+from emcid.mini.tokenizer import BOS, EOS, _bytes_to_unicode
+
+
+def _folders(trained_tokenizer):
+    folders = [trained_tokenizer]
+    shipped = default_model_dir() / "tokenizer"
+    if (shipped / "vocab.json").exists():
+        folders.append(shipped)
+    return folders
+
+
+def test_clip_format(trained_tokenizer):
+    for folder in _folders(trained_tokenizer):
+        vocab = json.loads((folder / "vocab.json").read_text())
+        base = _bytes_to_unicode()
+        assert all(vocab[b] == i for i, b in enumerate(base))
+        assert all(vocab[b + "</w>"] == 256 + i for i, b in enumerate(base))
+        assert vocab[BOS] == len(vocab) - 2 and vocab[EOS] == len(vocab) - 1
+        assert (folder / "merges.txt").read_text().startswith("#version")
+
+
+@pytest.mark.parametrize("which", [0, -1])
+def test_every_concept_name_round_trips(trained_tokenizer, concepts, which):
+    folder = _folders(trained_tokenizer)[which]
+    tok = CLIPTokenizer.from_pretrained(str(folder))
+    assert tok.bos_token == BOS and tok.eos_token == EOS and tok.pad_token == EOS
+    names = [n for c in concepts for n in c.names]
+    ids = tok(names).input_ids
+    for name, seq in zip(names, ids, strict=True):
+        assert seq[0] == tok.bos_token_id and seq[-1] == tok.eos_token_id
+        assert tok.unk_token_id not in seq[1:-1]
+        text = tok.decode(seq, skip_special_tokens=True)
+        assert "".join(text.split()) == "".join(name.lower().split()), name
+        assert tok(text).input_ids == seq
+    longest = max(len(tok(p).input_ids) for c in concepts[:200] for p, _ in world.free_form_prompts(c))
+    assert longest <= tok.model_max_length
