@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import generation
 from ..cache import TensorCache
+from ..errors import EmcidError
 from ..models import ModelBundle, load_model
 from ..requests import EditRequest
 from . import metrics
@@ -46,6 +47,10 @@ METRICS = ("source_forget_efficacy", "source2dest_efficacy", "source_forget_gene
 SUBTASK_OPTIONS = {("emcid", "aice"): {"alpha": 0.6}}  # release: a = 0.6 for arbitrary editing
 # Options for classes the model cannot draw (reference images, method.md 6).
 REFERENCE_OPTIONS = {"emcid": {"target": "noise", "align_weight": 0.0}}
+
+
+class BenchmarkError(EmcidError, ValueError):
+    """A benchmark cannot run as configured (bad settings, missing model or judge)."""
 
 
 @dataclass
@@ -75,12 +80,12 @@ class IcebConfig:
         self.scales = tuple(sorted({int(s) for s in self.scales}))
         self.subtasks = tuple(self.subtasks)
         if not self.scales or self.scales[0] < 1:
-            raise ValueError(f"scales must be positive edit counts, not {self.scales}")
+            raise BenchmarkError(f"scales must be positive edit counts, not {self.scales}")
         unknown = set(self.subtasks) - set(SUBTASKS)
         if unknown or not self.subtasks:
-            raise ValueError(f"unknown ICEB subtasks {sorted(unknown)}; choose from {SUBTASKS}")
+            raise BenchmarkError(f"unknown ICEB subtasks {sorted(unknown)}; choose from {SUBTASKS}")
         if not 0 < self.holdout_fraction < 1:
-            raise ValueError("holdout_fraction must be between 0 and 1")
+            raise BenchmarkError("holdout_fraction must be between 0 and 1")
         if self.classes is not None:
             self.classes = tuple(int(c) for c in self.classes)
 
@@ -220,7 +225,7 @@ def choose_destinations(edit_classes: Sequence[BenchClass], holdout: Sequence[Be
     seed and its own index only, so a class keeps its destination at every scale.
     """
     if not holdout:
-        raise ValueError("AICE needs at least one holdout class to draw destinations from")
+        raise BenchmarkError("AICE needs at least one holdout class to draw destinations from")
     similarity = torch.nn.functional.normalize(edit_embeddings.double(), dim=-1) @ \
         torch.nn.functional.normalize(holdout_embeddings.double(), dim=-1).T
     destinations = {}
@@ -317,7 +322,7 @@ class IcebRun:
             wanted = set(config.classes)
             classes = [c for c in classes if c.index in wanted]
         if len(judge.class_names) <= max((c.index for c in classes), default=-1):
-            raise ValueError(f"the judge knows {len(judge.class_names)} classes, but ICEB class "
+            raise BenchmarkError(f"the judge knows {len(judge.class_names)} classes, but ICEB class "
                              f"{max(c.index for c in classes)} is used: judge and world do not match")
         self.classes = classes
         self.grid_rows: dict[str, dict] = {}
@@ -422,7 +427,7 @@ class IcebRun:
         largest = max(cap_scales(self.config.scales, len(pool)) or [0])
         edit_classes = pool[:largest]
         if not edit_classes or not holdout:
-            raise ValueError(f"AICE needs edit and holdout classes; have {len(pool)} and {len(holdout)}")
+            raise BenchmarkError(f"AICE needs edit and holdout classes; have {len(pool)} and {len(holdout)}")
         destinations = choose_destinations(
             edit_classes, holdout, class_embeddings(self.bundle, edit_classes),
             class_embeddings(self.bundle, holdout), self.config.seed, self.config.neighbours)
@@ -545,6 +550,7 @@ def run_iceb(
     judge: Judge | str | None = None,
     options: dict | None = None,
     report: bool = True,
+    allow_pickle: bool = False,
     **settings: object,
 ) -> dict:
     """Run ICEB on ``model`` with ``method`` and write ``out/results.json`` and ``out/report.html``.
@@ -557,7 +563,8 @@ def run_iceb(
     started = time.perf_counter()
     config = IcebConfig(scales=tuple(edits), subtasks=tuple(subtasks), seed=seed,
                         options=dict(options or {}), **settings)
-    bundle = model if isinstance(model, ModelBundle) else load_model(model, device=device)
+    bundle = model if isinstance(model, ModelBundle) else load_model(model, device=device,
+                                                                     allow_pickle=allow_pickle)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     judge_name = judge if isinstance(judge, str) else (

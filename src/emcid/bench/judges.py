@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import EmcidError
 from ..models import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ def _preprocessing(path: str, image_size: int) -> tuple[int, list[float], list[f
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(path)
-        size = processor.size.get("height", image_size) if isinstance(processor.size, dict) else image_size
-        return int(size), list(processor.image_mean), list(processor.image_std)
+        size = processor.size
+        height = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
+        return int(height or image_size), list(processor.image_mean), list(processor.image_std)
     except Exception as exc:  # no processor config saved next to the weights
         log.info("no image processor config for %s (%s); using ViT defaults", path, exc)
         return image_size, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
@@ -101,7 +103,13 @@ def load_judge(bundle: ModelBundle, judge: Judge | str | None = None,
         try:
             from ..mini.judge import load_judge as load_mini_judge
         except ImportError as exc:
-            raise RuntimeError("the embedded model's judge (emcid.mini.judge) is not installed") from exc
-        return load_mini_judge(device)
+            raise EmcidError("the embedded model's judge (emcid.mini.judge) is not installed") from exc
+        try:
+            return load_mini_judge(device)
+        except FileNotFoundError as exc:
+            raise EmcidError(f"the embedded model's judge weights are missing: {exc}") from exc
     log.info("loading ViT judge %s", name)
-    return ViTJudge(name, device)
+    try:
+        return ViTJudge(name, device)
+    except (OSError, ValueError) as exc:
+        raise EmcidError(f"cannot load the judge {name!r} as a ViT image classifier: {exc}") from exc

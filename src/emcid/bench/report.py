@@ -168,3 +168,22 @@ def write_report(results: dict, out: Path, grids: dict | None = None) -> dict:
     (out / "report.html").write_text("\n".join(parts))
     log.info("report written to %s", out / "report.html")
     return written
+
+
+def summary_table(results: dict, method: str | None = None) -> str:
+    """A plain-text table of every subtask, scale and metric, for terminals and logs."""
+    short = {"source_forget_efficacy": "forget", "source2dest_efficacy": "s2d",
+             "source_forget_generalization": "forget-gen", "source2dest_generalization": "s2d-gen",
+             "alias2dest": "alias2dest", "holdout_delta": "holdout"}
+    lines = []
+    for subtask, data in results.get("subtasks", {}).items():
+        lines.append(f"{subtask}: {len(data.get('edits', []))} edits available")
+        lines.append("  " + f"{'edits':>6} {'method':<10}" + "".join(f"{v:>11}" for v in short.values()))
+        for scale in sorted(data.get("scales", {}), key=int):
+            for name, entry in sorted(data["scales"][scale].items()):
+                if method is not None and name != method:
+                    continue
+                cells = "".join(f"{'-' if entry.get(m) is None else format(entry[m], '+.3f'):>11}"
+                                for m in short)
+                lines.append("  " + f"{scale:>6} {name:<10}" + cells)
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""Command-line entry points of the benchmarks: ``emcid bench iceb`` and ``emcid demo``.
+
+Argument parsing only; each command is one library call. The main CLI calls
+:func:`register` with its subparsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def cmd_iceb(args: argparse.Namespace) -> None:
+    from .iceb import run_iceb
+    from .report import summary_table
+
+    options = {k: v for k, v in {"steps": args.steps, "lam": args.lam, "alpha": args.alpha,
+                                 "stats_samples": args.stats_samples}.items() if v is not None}
+    settings = {k: v for k, v in {"holdout_eval": args.holdout_eval, "min_pre_score": args.min_pre_score,
+                                  "reference_dir": args.reference_dir}.items() if v is not None}
+    if args.no_cache:
+        settings["cache"] = False
+        options["cache"] = False
+    results = run_iceb(args.model, method=args.method, edits=args.edits, out=args.out,
+                       subtasks=args.subtasks, seed=args.seed, device=args.device, judge=args.judge,
+                       options=options, allow_pickle=args.allow_pickle, **settings)
+    print(summary_table(results, args.method))
+    print(f"wrote {args.out}/results.json and {args.out}/report.html")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+    from .report import summary_table
+
+    results = run_demo(args.out, device=args.device)
+    print(summary_table(results))
+    print(f"wrote {args.out}/results.json and {args.out}/report.html "
+          f"({results['timings']['total_s']:.0f} s)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bench`` (with ``iceb``) and ``demo`` to the main parser's subcommands."""
+    from .iceb import DEFAULT_SCALES, SUBTASKS
+
+    bench = subparsers.add_parser("bench", help="run a benchmark")
+    commands = bench.add_subparsers(dest="benchmark", required=True)
+    iceb = commands.add_parser("iceb", help="ImageNet Concept Editing Benchmark (AICE, rectification)")
+    iceb.add_argument("--model", help="diffusers folder or hub id (default: the embedded model)")
+    iceb.add_argument("--method", default="emcid", help="editing method (default: emcid)")
+    iceb.add_argument("--edits", type=_ints, default=DEFAULT_SCALES,
+                      help="numbers of edits, e.g. 1,10,100 (default: 1,10,50,100,300,1000, capped)")
+    iceb.add_argument("--out", required=True, help="folder for results.json and report.html")
+    iceb.add_argument("--subtasks", type=_names, default=SUBTASKS, help="aice,rectification (default: both)")
+    iceb.add_argument("--seed", type=int, default=0, help="split, order and destination seed")
+    iceb.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
+    iceb.add_argument("--judge", help="ViT classifier folder or hub id, or 'mini' (default: from the model)")
+    iceb.add_argument("--holdout-eval", type=int, help="score at most this many holdout classes")
+    iceb.add_argument("--min-pre-score", type=float,
+                      help="keep only classes the unedited model draws with P(own) >= this")
+    iceb.add_argument("--reference-dir", help="real images of undrawable classes: DIR/<synset>/*.jpg")
+    iceb.add_argument("--steps", type=int, help="EMCID Stage I steps (release: 200)")
+    iceb.add_argument("--lam", type=float, help="EMCID preservation weight (release: 4000)")
+    iceb.add_argument("--alpha", type=float, help="EMCID editing strength (AICE release: 0.6)")
+    iceb.add_argument("--stats-samples", type=int, help="captions for the statistics (100000)")
+    iceb.add_argument("--no-cache", action="store_true", help="regenerate everything")
+    iceb.add_argument("--allow-pickle", action="store_true",
+                      help="allow .bin/.ckpt checkpoints (they can run code when loaded)")
+    iceb.set_defaults(func=cmd_iceb)
+
+    demo = subparsers.add_parser("demo", help="edit a few dozen classes of the embedded model and report")
+    demo.add_argument("--out", default="emcid-demo", help="report folder (default: ./emcid-demo)")
+    demo.add_argument("--device", default="cpu", help="torch device")
+    demo.set_defaults(func=cmd_demo)
