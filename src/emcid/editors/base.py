@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ..models import ModelBundle
 from ..patch import EditPatch
-from ..requests import EditRequest, validate_requests
+from ..requests import EditRequest, subject_positions, validate_requests
 
 
 def package_version() -> str:
@@ -36,6 +36,9 @@ class Editor(ABC):
              progress: bool = True) -> EditPatch:
         """Validate the requests, compute the deltas, and wrap them in a patch."""
         checked = validate_requests(list(requests))
+        for slot in bundle.slots():  # fail before any work if a subject cannot be located
+            for request in checked:
+                subject_positions(slot.tokenizer, request.prompts, request.source)
         base = bundle.fingerprint()
         deltas = self.compute(bundle, checked, progress)
         metadata = {

@@ -1,0 +1,81 @@
+"""Engine timings: Stage I per concept (one at a time vs side by side), Stage II and statistics.
+
+    python benchmarks/engine_speed.py [--model M] [--device cpu] [--steps 50] [--edits 1,10,100]
+
+Without --model it runs on the embedded model (or the tiny random model where that is
+absent). Prints one line per measurement; numbers depend on the machine, so say which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+import emcid
+from emcid.cache import TensorCache
+from emcid.concepts import imagenet1k_classes
+from emcid.editors.emcid import EMCIDEditor
+from emcid.editors.emcid.stage1 import Stage1Config, compute_targets
+from emcid.editors.emcid.stage2 import Stage2Config, compute_deltas
+from emcid.stats import second_moments
+
+
+def requests_for(count: int) -> list[emcid.EditRequest]:
+    classes = imagenet1k_classes()
+    return [emcid.EditRequest(classes[i].name, classes[999 - i].name, seed=i) for i in range(count)]
+
+
+def timed(function, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--edits", default="1,10,100")
+    parser.add_argument("--stats-samples", type=int, default=2000)
+    args = parser.parse_args()
+    os.environ.setdefault("EMCID_CACHE", tempfile.mkdtemp(prefix="emcid-bench-"))
+    bundle = emcid.load_model(args.model, device=args.device)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch threads {torch.get_num_threads()}, device {args.device}; model {bundle.source}")
+    editor = EMCIDEditor.create(bundle)
+    layers = editor.layers_for(bundle)
+    z_layer = {slot: max(indices) for slot, indices in layers.items()}
+    names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
+
+    seconds, _ = timed(second_moments, bundle, names, None, args.stats_samples,
+                       cache=TensorCache("stats", enabled=False), progress=False)
+    print(f"statistics: {args.stats_samples / seconds:.0f} captions/s over {len(names)} layers")
+    moments = second_moments(bundle, names, None, args.stats_samples, progress=False)
+
+    probe = requests_for(8)
+    for batch in (1, 8):
+        config = Stage1Config(steps=args.steps, concept_batch=batch, image_guidance_scale=None,
+                              image_steps=None)
+        compute_targets(bundle, probe[:1], z_layer, config, TensorCache("s1", enabled=False),
+                        progress=False)  # warm-up; source images are cached from here on
+        seconds, _ = timed(compute_targets, bundle, probe, z_layer, config,
+                           TensorCache("s1", enabled=False), progress=False)
+        print(f"Stage I, {args.steps} steps, concept_batch {batch}: {seconds / len(probe):.2f} s/concept")
+
+    largest = max(int(e) for e in args.edits.split(","))
+    quick = Stage1Config(steps=1, concept_batch=32, image_guidance_scale=None, image_steps=None)
+    targets = compute_targets(bundle, requests_for(largest), z_layer, quick, progress=False)
+    for count in sorted(int(e) for e in args.edits.split(",")):
+        seconds, _ = timed(compute_deltas, bundle, targets[:count], layers, moments, Stage2Config(),
+                           progress=False)
+        print(f"Stage II, {count} edits over {len(names)} layers: {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
