@@ -37,6 +37,7 @@ class TextEncoderConfig:
     batch_size: int = 192
     lr: float = 2e-3
     weak_alias_rate: float = 0.01  # how often a weak alias replaces a good name
+    context_rate: float = 0.25  # random-context augmentation (free-form generalization)
     seed: int = 0
 
 
@@ -108,8 +109,14 @@ def sample_items(
     n: int,
     templates: tuple[str, ...] = world.TRAIN_TEMPLATES,
     weak_alias_rate: float = 0.0,
+    context_rate: float = 0.0,
 ) -> list[tuple[world.Concept, str, str]]:
-    """Random training (concept, name, template) triples; weak aliases only rarely."""
+    """Random training (concept, name, template) triples; weak aliases only rarely.
+
+    With probability context_rate the template's suffix is replaced by 1-5 random words
+    of the prompt families, so that the states stay on the concept whatever follows it.
+    """
+    words = world.context_words()
     out = []
     for _ in range(n):
         c = concepts[rng.randrange(len(concepts))]
@@ -117,7 +124,11 @@ def sample_items(
             name = rng.choice(c.weak_aliases)
         else:
             name = rng.choice(c.good_names)
-        out.append((c, name, rng.choice(templates)))
+        template = rng.choice(templates)
+        if context_rate and rng.random() < context_rate:
+            tail = " ".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+            template = template.split("{}")[0] + "{} " + tail
+        out.append((c, name, template))
     return out
 
 
@@ -182,7 +193,10 @@ def pretrain_text_encoder(
     bar = tqdm(range(cfg.steps), desc="text encoder", mininterval=5)
     for step in bar:
         batch = make_batch(
-            tokenizer, sample_items(concepts, rng, cfg.batch_size, weak_alias_rate=cfg.weak_alias_rate)
+            tokenizer, sample_items(
+                concepts, rng, cfg.batch_size, weak_alias_rate=cfg.weak_alias_rate,
+                context_rate=cfg.context_rate,
+            )
         )
         subj, eos, mid = _states(model, batch)
         loss = 0.0
@@ -216,7 +230,7 @@ def probe_text_encoder(
         "free_form": [
             (c, c.name, t)
             for c in concepts
-            for t in random.Random(c.index).sample(world.FREE_FORM_TEMPLATES, 2)
+            for t in random.Random(c.index).sample(world.FREE_FORM_TEMPLATES, 3)
         ],
         "weak_aliases": [(c, a, world.EDIT_TEMPLATES[1]) for c in concepts for a in c.weak_aliases],
     }

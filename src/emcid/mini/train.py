@@ -376,7 +376,8 @@ def stage_unet(
         rng = random.Random(cfg.seed * 1_000_003 + step)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         items = te_mod.sample_items(
-            concepts, rng, cfg.unet_batch, weak_alias_rate=cfg.text.weak_alias_rate
+            concepts, rng, cfg.unet_batch, weak_alias_rate=cfg.text.weak_alias_rate,
+            context_rate=cfg.text.context_rate,
         )
         ids = te_mod.encode_prompts(tok, [t.format(n) for _, n, t in items])
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.uncond_prob

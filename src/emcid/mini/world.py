@@ -93,22 +93,20 @@ _SUFFIXES = (
     ", high quality",
     " in a museum",
     " by the road",
-)
-#: (prefix, suffix) combinations held out of training for free-form prompts.
-_HELD_OUT_COMBOS = frozenset(
-    (p, s)
-    for i, p in enumerate(_PREFIXES[3:], start=3)
-    for j, s in enumerate(_SUFFIXES[1:], start=1)
-    if (i * 7 + j * 3) % 5 == 0
-)
-#: Free-form suffixes never seen in training at all.
-_FREE_SUFFIXES = (
     " resting on a wooden shelf",
     " seen from far away",
     " in a quiet garden",
     " beside a calm lake",
     " on a sunny afternoon",
     " inside an old house",
+)
+#: (prefix, suffix) combinations held out of training: the free-form prompts. Every word
+#: of them is seen in training (in other combinations), as SD has seen every word.
+_HELD_OUT_COMBOS = frozenset(
+    (p, s)
+    for i, p in enumerate(_PREFIXES[3:], start=3)
+    for j, s in enumerate(_SUFFIXES[1:], start=1)
+    if (i * 7 + j * 3) % 5 == 0
 )
 
 #: The training family: every prefix x suffix except the held-out combinations.
@@ -117,12 +115,8 @@ TRAIN_TEMPLATES: tuple[str, ...] = tuple(
     for p, s in itertools.product(_PREFIXES, _SUFFIXES)
     if (p, s) not in _HELD_OUT_COMBOS
 )
-#: Pool of free-form templates: held-out combinations plus unseen suffixes.
-FREE_FORM_TEMPLATES: tuple[str, ...] = tuple(
-    sorted(f"{p} {{}}{s}" for p, s in _HELD_OUT_COMBOS)
-) + tuple(f"a photo of a {{}}{s}" for s in _FREE_SUFFIXES) + tuple(
-    f"{{}}{s}" for s in _FREE_SUFFIXES
-)
+#: Pool of free-form templates: the held-out combinations.
+FREE_FORM_TEMPLATES: tuple[str, ...] = tuple(sorted(f"{p} {{}}{s}" for p, s in _HELD_OUT_COMBOS))
 
 #: Filler sentences without a concept; part of the caption corpus and of training (as
 #: unconditional-like prompts).
@@ -266,6 +260,12 @@ def _build_concepts() -> tuple[Concept, ...]:
             weak = [names[-1]]
         concepts.append(Concept(i, synset, names, split, s, f, b, weak))  # type: ignore[arg-type]
     return tuple(concepts)
+
+
+def context_words() -> list[str]:
+    """Every word of the prompt families (used for random-context augmentation)."""
+    text = " ".join(_PREFIXES + _SUFFIXES + FILLER_SENTENCES)
+    return sorted({w.strip(",") for w in text.split() if w.strip(",")})
 
 
 def load_concepts() -> list[Concept]:
