@@ -54,3 +54,17 @@ def test_other_methods_are_kept_from_an_earlier_run(tmp_path):
     # another seed is another experiment: nothing is carried over
     path.write_text(json.dumps(_results("uce", -0.4, seed=1)))
     assert set(_merge_previous(_results("emcid", 0.0), path)["subtasks"]["aice"]["scales"]["1"]) == {"emcid"}
+
+
+def test_demo_refuses_without_the_embedded_model(monkeypatch, tmp_path):
+    pytest.importorskip("emcid.mini")
+    import emcid.mini
+    from emcid.bench.demo import DEMO_HOLDOUT, DEMO_POOL, demo_classes, run_demo
+    from emcid.errors import EmcidError
+
+    monkeypatch.setattr(emcid.mini, "weights_present", lambda: False)
+    with pytest.raises(EmcidError, match="not installed"):
+        run_demo(tmp_path)
+    classes = demo_classes(0)
+    assert classes == demo_classes(0) and len(classes) == DEMO_POOL + DEMO_HOLDOUT
+    assert sum(i >= 1000 for i in classes) == DEMO_HOLDOUT  # the extra concepts are the holdout
