@@ -51,7 +51,3 @@ def sdxl(sdxl_dir):
 
     return load_model(sdxl_dir)
 
-
-# Small-model settings: the release lam (4000) is calibrated for SD's 3072-wide keys; the tiny
-# encoders have 128-wide keys, so a proportionally small preservation weight is used.
-FAST = {"steps": 20, "stats_samples": 300, "lam": 1.0}

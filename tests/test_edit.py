@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAST
-from helpers import block_output_at_subject
+from edit_helpers import FAST, block_output_at_subject
 
 import emcid
 from emcid.editors.emcid import EMCIDEditor

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import FAST
+from edit_helpers import FAST
 
 import emcid
 from emcid import EditPatch

@@ -1,4 +1,5 @@
-"""Reading hidden states at subject tokens, shared by the editing tests."""
+"""Settings and readers shared by the editing tests (a unique module name: test folders of
+other parts have their own conftest)."""
 
 from __future__ import annotations
 
@@ -15,3 +16,8 @@ def block_output_at_subject(bundle, slot_name: str, layer: int, templates, subje
     with torch.no_grad(), capture_at_positions({"b": slot.block(layer)}, positions) as records:
         bundle.encode([t.format(subject) for t in templates])
     return records["b"][0]
+
+
+# Small-model settings: the release lam (4000) is calibrated for SD's 3072-wide keys; the tiny
+# encoders have 128-wide keys, so a proportionally small preservation weight is used.
+FAST = {"steps": 20, "stats_samples": 300, "lam": 1.0}
