@@ -150,3 +150,12 @@ def test_unlocatable_subject_fails_before_any_work(sd1, monkeypatch):
                 emcid.EditRequest("zebra", "horse", ("a " * 80 + "{}",))]
     with pytest.raises(RequestError, match="token window"):
         emcid.edit(sd1, requests, progress=False)
+
+
+def test_stage1_works_with_an_euler_sampler(sd1):
+    from diffusers import EulerDiscreteScheduler
+
+    sd1.pipeline.scheduler = EulerDiscreteScheduler.from_config(sd1.scheduler.config)
+    (target,) = compute_targets(sd1, [emcid.EditRequest("lobster", "crab")], {"text_encoder": 2},
+                                Stage1Config(steps=3), progress=False)
+    assert torch.isfinite(target.deltas["text_encoder"]).all() and target.deltas["text_encoder"].norm() > 0

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from ...cache import TensorCache, content_key
@@ -209,7 +210,9 @@ def compute_z(
               for name, rows in batch.hidden.items()}
     optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr)
     generators = [torch.Generator().manual_seed(r.seed) for r in requests]
-    scheduler = bundle.scheduler
+    # Training-time noising is DDPM's whatever the sampler (Euler's add_noise only accepts
+    # timesteps of an inference schedule and skips the alpha scaling the UNet expects).
+    scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
     is_v = scheduler.config.prediction_type == "v_prediction"
     losses = torch.zeros(count)
     for step in range(config.steps):
