@@ -462,36 +462,38 @@ class IcebRun:
         name_groups = {c.index: [_template_group(self.bank, self.world, c, n, n, c.index) for n in c.names]
                        for c in candidates}
         pre = self.scorer.ensure_pre()
-        items, skipped, name_scores = [], [], {}
+        sources, skipped, name_scores = [], [], {}
         for cls in candidates:
             scores = metrics.own_class_score(pre, name_groups[cls.index]).per_class
             name_scores[cls.name] = scores
             best = max(cls.names, key=lambda n: (scores[n], -cls.names.index(n)))
             bad = [n for n in cls.names if n != best and scores[n] < config.bad_alias_threshold]
-            if not bad:
-                continue
             drawable = scores[best] >= config.drawable_threshold
+            sources.extend((cls, alias, best, drawable) for alias in bad)
+        random.Random(f"iceb-rectification-{config.seed}").shuffle(sources)
+        # Only the edits some scale uses get images: the largest scale's first sources.
+        items = []
+        for cls, alias, best, drawable in sources:
+            if len(items) >= max(config.scales):
+                break
             references = () if drawable else tuple(self.world.reference_images(cls, self.out))
             if not drawable and not references:
-                skipped.extend(bad)
+                skipped.append(alias)
                 continue
-            for alias in bad:
-                request = EditRequest(alias, best, self.world.templates, references, seed=config.seed)
-                others = [n for n in cls.names if n != alias]
-                items.append(EditItem(
-                    request, cls.index, cls.index,
-                    _template_group(self.bank, self.world, cls, alias, alias, cls.index, cls.index),
-                    _free_form_group(self.bank, cls, alias, alias, cls.index, cls.index),
-                    [_template_group(self.bank, self.world, cls, n, f"{alias} / {n}", cls.index, cls.index)
-                     for n in others],
-                    needs_references=not drawable,
-                ))
+            request = EditRequest(alias, best, self.world.templates, references, seed=config.seed)
+            others = [n for n in cls.names if n != alias]
+            items.append(EditItem(
+                request, cls.index, cls.index,
+                _template_group(self.bank, self.world, cls, alias, alias, cls.index, cls.index),
+                _free_form_group(self.bank, cls, alias, alias, cls.index, cls.index),
+                [_template_group(self.bank, self.world, cls, n, f"{alias} / {n}", cls.index, cls.index)
+                 for n in others],
+                needs_references=not drawable,
+            ))
         if skipped:
             log.warning("rectification: %d aliases of undrawable classes skipped (no reference images;"
                         " give reference_dir)", len(skipped))
-        random.Random(f"iceb-rectification-{config.seed}").shuffle(items)
-        largest = max(cap_scales(config.scales, len(items)) or [0])
-        rectified = {i.source_index for i in items[:largest]}
+        rectified = {i.source_index for i in items}
         holdout_groups = self._holdout_groups([c for c in holdout if c.index not in rectified])
         scales = self._sweep("rectification", items, holdout_groups) if items else {}
         if not items:
@@ -500,6 +502,7 @@ class IcebRun:
         self.timings["rectification_s"] = time.perf_counter() - started
         return {
             "edits": [i.describe() for i in items],
+            "badly_drawn_aliases": len(sources),
             "skipped_aliases": skipped,
             "name_scores": name_scores,
             "holdout_scored": [g.key for g in holdout_groups],
