@@ -159,3 +159,30 @@ def test_stage1_works_with_an_euler_sampler(sd1):
     (target,) = compute_targets(sd1, [emcid.EditRequest("lobster", "crab")], {"text_encoder": 2},
                                 Stage1Config(steps=3), progress=False)
     assert torch.isfinite(target.deltas["text_encoder"]).all() and target.deltas["text_encoder"].norm() > 0
+
+
+def test_multi_process_stage1_shares_work_through_the_cache(sd1, monkeypatch):
+    """Under accelerate launch each process optimises its share first (here: process 1 of 2)."""
+    from types import SimpleNamespace
+
+    import emcid.editors.emcid as emcid_editor
+    from emcid.editors.emcid import stage1
+
+    barrier = []
+    state = SimpleNamespace(process_index=1, num_processes=2, wait_for_everyone=lambda: barrier.append(1))
+    monkeypatch.setattr(emcid_editor, "distributed_state", lambda: state)
+    computed = []
+    original = stage1.compute_z
+
+    def recording(bundle, reqs, *args, **kwargs):
+        computed.append([r.source for r in reqs])
+        return original(bundle, reqs, *args, **kwargs)
+
+    monkeypatch.setattr(stage1, "compute_z", recording)
+    requests = [emcid.EditRequest(s, d) for s, d in [("lobster", "crab"), ("owl", "heron"),
+                                                     ("otter", "beaver"), ("fox", "dog")]]
+    emcid.edit(sd1, requests, progress=False, **{**FAST, "steps": 2})
+    assert computed[0] == ["owl", "fox"]  # this process's share, before the barrier
+    assert barrier == [1]
+    # the other share (no other process here) is computed after the barrier; nothing twice
+    assert sorted(sum(computed, [])) == sorted(r.source for r in requests)

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def parse_layers(values: list[str] | None) -> dict[str, list[int]] | None:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="diffusers folder or hub id (default: the embedded model)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device (cpu, cuda, cuda:1) or 'auto': this process's device under "
+                             "accelerate launch")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow .bin/.ckpt checkpoints (they can run code when loaded)")
 
@@ -42,7 +45,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     from . import load_model
 
-    return load_model(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    device = args.device
+    if device == "auto":
+        from accelerate import PartialState
+
+        device = PartialState().device
+    return load_model(args.model, device=device, allow_pickle=args.allow_pickle)
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
@@ -57,8 +65,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
     if args.no_cache:
         options["cache"] = False
     patch = edit(bundle, load_requests(args.requests), method=args.method, **options)
-    patch.save(args.out)
-    print(f"wrote {args.out}: {len(patch.metadata['requests'])} edits in {len(patch.deltas)} modules")
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, one process writes
+        patch.save(args.out)
+        print(f"wrote {args.out}: {len(patch.metadata['requests'])} edits in {len(patch.deltas)} modules")
 
 
 def cmd_apply(args: argparse.Namespace) -> None:

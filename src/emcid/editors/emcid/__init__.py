@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def _split_options(options: dict) -> tuple[dict, dict, dict]:
     stage2 = {k: v for k, v in options.items() if k in names2}
     rest = {k: v for k, v in options.items() if k not in names1 | names2}
     return stage1, stage2, rest
+
+
+def distributed_state():
+    """accelerate's process state when launched on several processes (``accelerate launch``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None  # single process: skip importing accelerate
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 @register
@@ -79,11 +89,16 @@ class EMCIDEditor(Editor):
         layers = self.layers_for(bundle)
         z_layer = {slot: max(indices) for slot, indices in layers.items()}
         root_enabled = config.cache
-        targets = compute_targets(
-            bundle, requests, z_layer, config.stage1,
-            TensorCache("stage1", enabled=root_enabled), TensorCache("images", enabled=root_enabled),
-            progress,
-        )
+        caches = (TensorCache("stage1", enabled=root_enabled), TensorCache("images", enabled=root_enabled))
+        state = distributed_state()
+        if state is not None:
+            if not root_enabled:
+                raise ValueError("multi-process Stage I shares results through the cache: enable it")
+            # Each process computes its share into the shared cache; then all read everything.
+            mine = requests[state.process_index::state.num_processes]
+            compute_targets(bundle, mine, z_layer, config.stage1, *caches, progress)
+            state.wait_for_everyone()
+        targets = compute_targets(bundle, requests, z_layer, config.stage1, *caches, progress)
         names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
         moments = second_moments(bundle, names, corpus, config.stats_samples,
