@@ -53,12 +53,13 @@ def add_at_positions(
 
 
 @contextmanager
-def capture_at_positions(
-    modules: dict[str, nn.Module], positions: torch.Tensor, what: str = "output"
+def capture(
+    modules: dict[str, nn.Module], positions: torch.Tensor | None = None, what: str = "output"
 ) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record each module's input or output at one token per row, per forward call.
+    """Record each module's input or output per forward call: at one token per row
+    (``positions``; (batch, width) tensors) or whole (``positions=None``, detached).
 
-    Yields a dict name -> list of (batch, width) tensors, one per forward pass.
+    Yields a dict name -> list of tensors, one per forward pass.
     """
     if what not in ("input", "output"):
         raise ValueError(f"what must be 'input' or 'output', not {what!r}")
@@ -68,25 +69,8 @@ def capture_at_positions(
 
         def hook(_module, inputs, output, name=name):
             hidden = inputs[0] if what == "input" else _main_tensor(output)
-            records[name].append(gather_positions(hidden, positions))
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record each module's whole input tensor, per forward call (for statistics)."""
-    records: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    handles = []
-    for name, module in modules.items():
-
-        def hook(_module, inputs, _output, name=name):
-            records[name].append(inputs[0].detach())
+            records[name].append(hidden.detach() if positions is None
+                                 else gather_positions(hidden, positions))
 
         handles.append(module.register_forward_hook(hook))
     try:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .cache import TensorCache, content_key
 from .errors import StatsMismatchError
-from .hooks import capture_inputs
+from .hooks import capture
 from .models import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _accumulate(bundle: ModelBundle, names: list[str], captions: Sequence[str],
                                      max_length=slot.tokenizer.model_max_length,
                                      return_tensors="pt")
             mask = encoded.attention_mask.bool().to(bundle.device)
-            with capture_inputs(modules) as records:
+            with capture(modules, what="input") as records:
                 slot.encoder(encoded.input_ids.to(bundle.device), attention_mask=mask.long())
             tokens += int(mask.sum())
             for name in slot_names:

@@ -23,7 +23,7 @@ from PIL import Image
 from ...cache import TensorCache, content_key
 from ...errors import Stage1DivergedError
 from ...generation import encode_images, generate_cached, pil_to_tensor, resolve_settings
-from ...hooks import add_at_positions, capture_at_positions
+from ...hooks import add_at_positions, capture
 from ...models import ModelBundle
 from ...requests import EditRequest, subject_positions
 
@@ -112,7 +112,7 @@ def _read_block_outputs(bundle: ModelBundle, prompts: list[str], z_layer: dict[s
     hidden = {}
     with torch.no_grad(), ExitStack() as stack:
         records = {
-            name: stack.enter_context(capture_at_positions(
+            name: stack.enter_context(capture(
                 {name: bundle.slot(name).block(layer)}, positions[name]))
             for name, layer in z_layer.items()
         }

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from ...hooks import capture_at_positions
+from ...hooks import capture
 from ...models import ModelBundle
 from ...requests import subject_positions
 from .stage1 import ConceptTarget
@@ -80,7 +80,7 @@ def _read(bundle: ModelBundle, slot_name: str, prompts: list[str], positions: to
     encoder = bundle.slot(slot_name)
     for start in range(0, len(prompts), batch_size):
         stop = start + batch_size
-        with capture_at_positions(modules, positions[start:stop], what) as records:
+        with capture(modules, positions[start:stop], what) as records:
             encoder.encoder(encoder.tokenize(prompts[start:stop]))
         for name in modules:
             gathered[name].append(records[name][0].float().cpu())
