@@ -186,3 +186,16 @@ def test_multi_process_stage1_shares_work_through_the_cache(sd1, monkeypatch):
     assert barrier == [1]
     # the other share (no other process here) is computed after the barrier; nothing twice
     assert sorted(sum(computed, [])) == sorted(r.source for r in requests)
+
+
+@pytest.mark.parametrize("target", ["teacher", "noise"])
+def test_sd2_v_prediction_edit(tmp_path_factory, target):
+    from emcid.tiny import save_tiny_model
+
+    bundle = emcid.load_model(save_tiny_model(tmp_path_factory.mktemp("sd2"), "sd2"))
+    before = bundle.encode(["a photo of lobster"]).embeds
+    patch = emcid.edit(bundle, [emcid.EditRequest("lobster", "crab")], progress=False,
+                       **{**FAST, "steps": 4, "target": target})
+    assert patch.metadata["family"] == "sd2"
+    patch.apply(bundle)
+    assert not torch.allclose(before, bundle.encode(["a photo of lobster"]).embeds)

@@ -90,3 +90,11 @@ def test_default_model_falls_back_to_tiny_when_embedded_missing(monkeypatch, tmp
 
     monkeypatch.setattr(emcid.mini, "default_model_dir", lambda: tmp_path / "absent")
     assert (default_model_path() / "model_index.json").exists()
+
+
+def test_sd2_tiny_model_is_detected_and_uses_v_prediction(tmp_path):
+    from emcid.tiny import save_tiny_model
+
+    bundle = load_model(save_tiny_model(tmp_path / "sd2", "sd2"))
+    assert bundle.family == "sd2"
+    assert bundle.scheduler.config.prediction_type == "v_prediction"

@@ -203,7 +203,7 @@ def default_layers(family: str, num_layers: list[int], task: str = "object") -> 
 
 
 def detect_family(pipeline: object) -> str:
-    """SDXL has a second text encoder; SD 2.x an OpenCLIP-width (1024) first encoder."""
+    """SDXL has a second text encoder; SD 2.x an OpenCLIP encoder (width 1024, exact GELU)."""
     if getattr(pipeline, "text_encoder", None) is None or getattr(pipeline, "unet", None) is None:
         raise ModelLoadError(
             f"{type(pipeline).__name__} has no text_encoder/unet: emcid edits Stable Diffusion "
@@ -211,7 +211,10 @@ def detect_family(pipeline: object) -> str:
         )
     if getattr(pipeline, "text_encoder_2", None) is not None:
         return "sdxl"
-    return "sd2" if pipeline.text_encoder.config.hidden_size == 1024 else "sd1"
+    config = pipeline.text_encoder.config
+    # OpenCLIP encoders (SD 2.x) use exact GELU; OpenAI's CLIP (SD 1.x) uses quick_gelu.
+    openclip = config.hidden_size == 1024 or getattr(config, "hidden_act", "") == "gelu"
+    return "sd2" if openclip else "sd1"
 
 
 def fingerprint(bundle: ModelBundle, sample: int = 4096) -> str:

@@ -73,10 +73,11 @@ def tiny_vocabulary() -> list[str]:
     return text.replace("{}", " ").split()
 
 
-def _text_config(tokenizer, hidden: int, layers: int, projection: int = 0):
+def _text_config(tokenizer, hidden: int, layers: int, projection: int = 0, act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
+        hidden_act=act,
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 4,
@@ -129,8 +130,12 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
-    if family == "sd1":
-        text_encoder = _text_encoder(CLIPTextModel, _text_config(tokenizer, 32, 4))
+    if family in ("sd1", "sd2"):
+        # SD 2.x: an OpenCLIP-style encoder (exact GELU) and v-prediction, as the 768-v models
+        act = "gelu" if family == "sd2" else "quick_gelu"
+        if family == "sd2":
+            scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
+        text_encoder = _text_encoder(CLIPTextModel, _text_config(tokenizer, 32, 4, act=act))
         unet = UNet2DConditionModel(cross_attention_dim=32, **unet_args)
         return StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -150,7 +155,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
             tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
         )
-    raise ValueError(f"tiny pipelines exist for 'sd1' and 'sdxl', not {family!r}")
+    raise ValueError(f"tiny pipelines exist for 'sd1', 'sd2' and 'sdxl', not {family!r}")
 
 
 def save_tiny_model(folder: str | os.PathLike, family: str = "sd1", seed: int = 0) -> Path:
