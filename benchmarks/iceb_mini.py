@@ -51,6 +51,7 @@ def main() -> None:
         from emcid.mini.judge import load_judge
 
         judge = load_judge("cpu", args.judge_dir)
+        judge.source = args.judge_dir  # recorded in results.json
     options = {"steps": args.steps} if args.steps else {}
     started = time.perf_counter()
     results = run_iceb(bundle, edits=[int(e) for e in args.edits.split(",")], out=args.out,

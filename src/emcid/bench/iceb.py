@@ -571,7 +571,7 @@ def run_iceb(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     judge_name = judge if isinstance(judge, str) else (
-        default_judge_name(bundle) if judge is None else type(judge).__name__)
+        default_judge_name(bundle) if judge is None else str(getattr(judge, "source", type(judge).__name__)))
     judge_obj = load_judge(bundle, judge, device)
     world = world_for(bundle, config.reference_dir)
     run = IcebRun(bundle, method, judge_obj, world, config, out, judge_name)

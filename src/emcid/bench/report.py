@@ -117,6 +117,25 @@ def _table(scales: dict) -> str:
     return "\n".join(lines)
 
 
+SCORE_LABELS = {"pre_source_efficacy": "pre P(src)", "post_source_efficacy": "post P(src)",
+                "pre_destination_efficacy": "pre P(dst)", "post_destination_efficacy": "post P(dst)",
+                "pre_holdout": "pre P(own), holdout", "post_holdout": "post P(own), holdout"}
+
+
+def _scores_table(scales: dict) -> str:
+    """Absolute mean probabilities behind the differences (editing-template images)."""
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in SCORE_LABELS.values())
+    lines = [f"<table><tr><th>edits</th><th>method</th>{head}</tr>"]
+    for scale in sorted(scales, key=int):
+        for method, entry in sorted(scales[scale].items()):
+            scores = entry.get("scores", {})
+            cells = "".join("<td>{}</td>".format("&ndash;" if scores.get(k) is None else f"{scores[k]:.3f}")
+                            for k in SCORE_LABELS)
+            lines.append(f"<tr><td>{scale}</td><td>{html.escape(method)}</td>{cells}</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f0f0f0}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"""
@@ -140,12 +159,15 @@ def write_report(results: dict, out: Path, grids: dict | None = None) -> dict:
     for subtask, data in results.get("subtasks", {}).items():
         scales = data.get("scales", {})
         parts.append(f"<h2>{html.escape(SUBTASK_TITLES.get(subtask, subtask))}</h2>")
-        parts.append(f"<p>{len(data.get('edits', []))} edits available, "
-                     f"{len(data.get('holdout_scored', []))} holdout classes scored.</p>")
+        found = data.get("badly_drawn_aliases")
+        parts.append(f"<p>{len(data.get('edits', []))} edits at the largest scale"
+                     + (f" (of {found} badly drawn aliases found)" if found is not None else "")
+                     + f", {len(data.get('holdout_scored', []))} holdout classes scored.</p>")
         if not scales:
             parts.append("<p>Nothing to edit for this subtask.</p>")
             continue
         parts.append(_table(scales))
+        parts.append("<p>Absolute scores (editing-template images):</p>" + _scores_table(scales))
         plot = plot_metrics(subtask, scales, out / "plots" / f"{subtask}.png")
         written["plots"][subtask] = str(plot.relative_to(out))
         parts.append(f"<p><img src='{written['plots'][subtask]}' alt='{subtask} metrics'></p>")
@@ -177,7 +199,7 @@ def summary_table(results: dict, method: str | None = None) -> str:
              "alias2dest": "alias2dest", "holdout_delta": "holdout"}
     lines = []
     for subtask, data in results.get("subtasks", {}).items():
-        lines.append(f"{subtask}: {len(data.get('edits', []))} edits available")
+        lines.append(f"{subtask}: up to {len(data.get('edits', []))} edits")
         lines.append("  " + f"{'edits':>6} {'method':<10}" + "".join(f"{v:>11}" for v in short.values()))
         for scale in sorted(data.get("scales", {}), key=int):
             for name, entry in sorted(data["scales"][scale].items()):
