@@ -34,6 +34,7 @@ def test_two_class_run_writes_results_and_report(tiny_bundle, fake_judge, fast_e
     results = run_iceb(tiny_bundle, edits=(1, 2), out=out, judge=fake_judge, options=fast_emcid,
                        classes=CLASSES, progress=False, **RECTIFY_ALL)
     saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] is True
     assert saved["subtasks"].keys() == {"aice", "rectification"}
     for subtask in ("aice", "rectification"):
         scales = saved["subtasks"][subtask]["scales"]
@@ -71,6 +72,28 @@ def test_pre_edit_images_are_generated_once(tiny_bundle, fake_judge, fast_emcid,
     run_iceb(tiny_bundle, edits=(1, 2, 3), out=tmp_path / "b", **kwargs)
     assert not [c for c in calls if c[0] == base]  # a second sweep takes them all from the cache
     assert len(calls) == len(post)  # ... and draws the same post-edit images again
+
+
+def test_a_failed_sweep_keeps_the_scales_it_measured(tiny_bundle, fake_judge, fast_emcid, tmp_path,
+                                                     monkeypatch):
+    import emcid
+
+    original, calls = emcid.edit, []
+
+    def failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash in the second edit")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(emcid, "edit", failing_second)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_iceb(tiny_bundle, edits=(1, 2), out=tmp_path, judge=fake_judge, options=fast_emcid,
+                 classes=CLASSES, subtasks=("aice",), progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is False
+    assert list(saved["subtasks"]["aice"]["scales"]) == ["1"]
+    assert tiny_bundle.fingerprint() == saved["model_fingerprint"]
 
 
 def test_unknown_subtask_is_refused(tiny_bundle, fake_judge, tmp_path):

@@ -36,7 +36,7 @@ def cmd_iceb(args: argparse.Namespace) -> None:
         options["cache"] = False
     results = run_iceb(args.model, method=args.method, edits=args.edits, out=args.out,
                        subtasks=args.subtasks, seed=args.seed, device=args.device, judge=args.judge,
-                       options=options, allow_pickle=args.allow_pickle, **settings)
+                       options=options, allow_pickle=args.allow_pickle, dtype=args.dtype, **settings)
     print(summary_table(results, args.method))
     print(f"wrote {args.out}/results.json and {args.out}/report.html")
 
@@ -66,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     iceb.add_argument("--subtasks", type=_names, default=SUBTASKS, help="aice,rectification (default: both)")
     iceb.add_argument("--seed", type=int, default=0, help="split, order and destination seed")
     iceb.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
+    iceb.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                      help="model weights' dtype (default: float32)")
     iceb.add_argument("--judge", help="ViT classifier folder or hub id, or 'mini' (default: from the model)")
     iceb.add_argument("--holdout-eval", type=int, help="score at most this many holdout classes")
     iceb.add_argument("--min-pre-score", type=float,

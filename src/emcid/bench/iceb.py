@@ -20,7 +20,7 @@ import logging
 import platform
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -326,6 +326,7 @@ class IcebRun:
                              f"{max(c.index for c in classes)} is used: judge and world do not match")
         self.classes = classes
         self.grid_rows: dict[str, dict] = {}
+        self.on_scale: Callable[[str, dict], None] = lambda subtask, scales: None
 
     # -- shared steps
 
@@ -390,6 +391,7 @@ class IcebRun:
             entry["n_edits"] = scale
             entry["timings"] = {"edit_s": edited - started, "post_images_s": scored - edited}
             results[str(scale)] = {self.method: entry}
+            self.on_scale(subtask, {k: dict(v) for k, v in results.items()})
             log.info("%s %d edits: %s", subtask, scale,
                      ", ".join(f"{k}={entry[k]:.3f}" for k in METRICS if entry[k] is not None))
         return results
@@ -521,14 +523,15 @@ def _versions() -> dict:
             "platform": platform.platform()}
 
 
-def _merge_previous(results: dict, path: Path) -> dict:
-    """Keep other methods' entries from an earlier run of the same model, world and seed."""
-    if not path.exists():
-        return results
+def _read_previous(path: Path) -> dict:
     try:
-        previous = json.loads(path.read_text())
+        return json.loads(path.read_text()) if path.exists() else {}
     except (OSError, json.JSONDecodeError):
-        return results
+        return {}
+
+
+def _merge_previous(results: dict, previous: dict) -> dict:
+    """Keep other methods' entries from an earlier run of the same model, world, judge and seed."""
     same = all(previous.get(k) == results.get(k) for k in ("model_fingerprint", "world", "judge")) and \
         previous.get("settings", {}).get("seed") == results["settings"]["seed"]
     if not same:
@@ -554,6 +557,7 @@ def run_iceb(
     options: dict | None = None,
     report: bool = True,
     allow_pickle: bool = False,
+    dtype: str = "float32",
     **settings: object,
 ) -> dict:
     """Run ICEB on ``model`` with ``method`` and write ``out/results.json`` and ``out/report.html``.
@@ -561,21 +565,35 @@ def run_iceb(
     ``model`` is a loaded bundle, a diffusers folder / hub id, or None (the embedded model).
     ``judge`` is a judge object, a ViT checkpoint path / id, ``"mini"``, or None (chosen from
     the model). ``options`` go to the editor; ``settings`` are :class:`IcebConfig` fields.
+    ``results.json`` is rewritten after every scale (``"complete": false`` until the end), so
+    a long sweep that stops keeps what it measured; its caches make a rerun cheap.
     Returns the results dictionary.
     """
     started = time.perf_counter()
     config = IcebConfig(scales=tuple(edits), subtasks=tuple(subtasks), seed=seed,
                         options=dict(options or {}), **settings)
-    bundle = model if isinstance(model, ModelBundle) else load_model(model, device=device,
-                                                                     allow_pickle=allow_pickle)
+    bundle = model if isinstance(model, ModelBundle) else load_model(
+        model, device=device, dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = _read_previous(out / "results.json")
     judge_name = judge if isinstance(judge, str) else (
         default_judge_name(bundle) if judge is None else str(getattr(judge, "source", type(judge).__name__)))
     judge_obj = load_judge(bundle, judge, device)
     world = world_for(bundle, config.reference_dir)
     run = IcebRun(bundle, method, judge_obj, world, config, out, judge_name)
     base_fingerprint = bundle.fingerprint()
+
+    def write(complete: bool) -> None:
+        merged = _merge_previous(results, previous)
+        merged["complete"] = complete
+        (out / "results.json").write_text(json.dumps(merged, indent=2))
+
+    def on_scale(subtask: str, scales: dict) -> None:
+        results["subtasks"].setdefault(subtask, {})["scales"] = scales
+        write(complete=False)
+
+    run.on_scale = on_scale
     results: dict = {
         "benchmark": "ICEB",
         "model": bundle.source,
@@ -589,6 +607,7 @@ def run_iceb(
         "sampling": dict(bundle.sampling),
         "versions": _versions(),
         "device": str(device),
+        "dtype": str(bundle.dtype),
         "subtasks": {},
     }
     for subtask in config.subtasks:
@@ -598,11 +617,11 @@ def run_iceb(
     results["timings"] = {**run.timings, "pre_images_s": run.scorer.pre_seconds,
                           "total_s": time.perf_counter() - started}
     results["images"] = {"unique_prompts": len(run.bank)}
-    results = _merge_previous(results, out / "results.json")
+    results = _merge_previous(results, previous)
     if report:
         from .report import write_report
 
         results["report"] = write_report(results, out, run.grid_images())
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write(complete=True)
     log.info("ICEB results written to %s", out / "results.json")
     return results
