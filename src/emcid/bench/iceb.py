@@ -170,8 +170,9 @@ class Scorer:
 
         With a ``label``, the images of rows in ``keep`` are kept under it for the report.
         """
-        pre = self.ensure_pre()
-        table = torch.full_like(pre, float("nan"))
+        if self.pre.shape[0] != len(self.bank):  # pre-edit images must come from the unedited model
+            raise RuntimeError("score every pre-edit image (ensure_pre) before editing the model")
+        table = torch.full_like(self.pre, float("nan"))
         unique = sorted(set(rows))
         if unique:
             table[unique] = self._score(unique, False, "post-edit images", label)
