@@ -83,3 +83,16 @@ def test_imagenet_world_names_and_prompts():
     seeds = [s for c in world.classes for _, s in c.free_form]
     assert len(seeds) == len(set(seeds))
     assert {t for c in world.classes for t, _ in c.free_form} <= set(FREE_FORM_TEMPLATES)
+
+
+def test_class_embeddings_use_every_text_encoder(sdxl):
+    from emcid.bench.iceb import class_embeddings
+
+    classes = imagenet_world().classes[:3]
+    embeddings = class_embeddings(sdxl, classes, batch_size=2)
+    widths = [p.shape[-1] for p in sdxl.encode(["an image of x"]).pooled]
+    assert len(widths) == 2 and embeddings.shape == (3, sum(widths))
+    # each encoder's part is unit length, so neither dominates the distance
+    first = embeddings[:, :widths[0]].norm(dim=-1)
+    assert torch.allclose(first, torch.ones(3), atol=1e-5)
+    assert torch.allclose(embeddings.norm(dim=-1) ** 2, torch.full((3,), 2.0), atol=1e-4)
