@@ -34,9 +34,9 @@ JUDGE_SIZE = 32
 class JudgeConfig:
     """Judge shape and training hyperparameters."""
 
-    width: int = 32
-    steps: int = 1500
-    batch_size: int = 128
+    width: int = 16
+    steps: int = 1200
+    batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
 
@@ -52,8 +52,8 @@ class JudgeNet(nn.Module):
             return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
 
         self.features = nn.Sequential(
-            block(3, w), block(w, w), nn.MaxPool2d(2),  # 16
-            block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),  # 8
+            block(3, w), nn.MaxPool2d(2),  # 16
+            block(w, 2 * w), nn.MaxPool2d(2),  # 8
             block(2 * w, 4 * w), nn.MaxPool2d(2),  # 4
         )  # fmt: skip
         self.colour = nn.Linear(3 * 4, 2 * len(world.PALETTE))  # fg/bg also from mean colours

@@ -61,8 +61,10 @@ class MiniTrainConfig:
     text: te_mod.TextEncoderConfig = field(default_factory=te_mod.TextEncoderConfig)
     judge: judge_mod.JudgeConfig = field(default_factory=judge_mod.JudgeConfig)
     vae_channels: tuple[int, ...] = (16, 32, 32)
-    vae_steps: int = 500
-    vae_batch: int = 64
+    vae_latent_channels: int = 8
+    vae_steps: int = 2500
+    vae_batch: int = 16  # many small steps converge much faster than few large ones
+    vae_lr: float = 2e-3
     unet_channels: tuple[int, ...] = (32, 96, 96)
     unet_steps: int = 12000
     unet_batch: int = 64
@@ -80,8 +82,11 @@ class MiniTrainConfig:
 # --- model builders ----------------------------------------------------------------
 
 
-def build_vae(channels: tuple[int, ...]) -> AutoencoderKL:
-    """AutoencoderKL with len(channels)-1 downsamplings (3 levels: 32 -> 8)."""
+def build_vae(channels: tuple[int, ...], latent_channels: int = 8) -> AutoencoderKL:
+    """AutoencoderKL with len(channels)-1 downsamplings (3 levels: 32 -> 8).
+
+    No attention in the mid block: it costs time and solid shapes do not need it.
+    """
     n = len(channels)
     return AutoencoderKL(
         in_channels=3,
@@ -90,21 +95,24 @@ def build_vae(channels: tuple[int, ...]) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(channels),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=32,
+        mid_block_add_attention=False,
     )
 
 
-def build_unet(channels: tuple[int, ...], cross_dim: int, sample_size: int = 8):
+def build_unet(
+    channels: tuple[int, ...], cross_dim: int, latent_channels: int = 8, sample_size: int = 8
+) -> UNet2DConditionModel:
     """UNet2DConditionModel; no attention at the finest level (cost), cross-attention below."""
     n = len(channels)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
     up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         block_out_channels=tuple(channels),
         layers_per_block=1,
         down_block_types=down,
@@ -253,12 +261,13 @@ def stage_vae(work: Path, cfg: MiniTrainConfig, bank: torch.Tensor) -> Autoencod
     if not _done(path):
         t0 = time.time()
         torch.manual_seed(cfg.seed + 3)
-        vae = build_vae(cfg.vae_channels)
-        opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+        vae = build_vae(cfg.vae_channels, cfg.vae_latent_channels)
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
         sched = te_mod.warmup_cosine(opt, cfg.vae_steps, warmup=20)
         gen = torch.Generator().manual_seed(cfg.seed + 3)
         vae.train()
-        for _step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=5):
+        bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=5)
+        for _step in bar:
             idx = torch.randint(len(bank), (cfg.vae_batch,), generator=gen)
             x = bank[idx].float() / 127.5 - 1
             post = vae.encode(x).latent_dist
@@ -269,6 +278,7 @@ def stage_vae(work: Path, cfg: MiniTrainConfig, bank: torch.Tensor) -> Autoencod
             loss.backward()
             opt.step()
             sched.step()
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
         vae.eval()
         with torch.no_grad():
             x = bank[torch.randint(len(bank), (512,), generator=gen)].float() / 127.5 - 1
@@ -325,8 +335,9 @@ def stage_unet(
     if _done(path):
         return UNet2DConditionModel.from_pretrained(path / "ema")
     torch.manual_seed(cfg.seed + 5)
-    unet = build_unet(cfg.unet_channels, text_encoder.config.hidden_size)
-    ema = build_unet(cfg.unet_channels, text_encoder.config.hidden_size)
+    lat = vae.config.latent_channels
+    unet = build_unet(cfg.unet_channels, text_encoder.config.hidden_size, lat)
+    ema = build_unet(cfg.unet_channels, text_encoder.config.hidden_size, lat)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
