@@ -1,0 +1,117 @@
+"""Baselines that edit the UNet's cross-attention key/value projections in closed form.
+
+Both map the text embedding ``c`` of each source concept (at its subject token) to what the
+unedited projection makes of the destination's embedding, ``v* = W c_dst``:
+
+- **TIME** (Orgad et al., 2023): ``W' = (lam W + sum_e v* c^T)(lam I + sum_e c c^T)^{-1}``.
+- **UCE** (Gandikota et al., 2024) adds concepts to preserve, whose outputs are kept:
+  ``W' = (lam W + sum_e v* c^T + sum_p W c c^T)(lam I + sum_e c c^T + sum_p c c^T)^{-1}``.
+
+The keys are the prompt embeddings the UNet sees (SDXL: both encoders' states, concatenated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..models import ModelBundle
+from ..requests import EditRequest, subject_positions
+from .base import Editor, register
+
+
+@dataclass
+class CrossAttentionConfig:
+    lam: float = 0.1  # both papers' regulariser towards the original weights
+    preserve: list[str] = field(default_factory=list)  # UCE: concepts whose outputs are kept
+    preserve_scale: float = 1.0  # UCE: weight of each preserved concept
+    edit_keys: bool = True  # edit to_k as well as to_v (both papers do)
+
+
+@torch.no_grad()
+def subject_embeddings(bundle: ModelBundle, prompts: list[str], subjects: list[str],
+                       templates: list[str]) -> torch.Tensor:
+    """The UNet's text conditioning at each prompt's subject token: (n, width), float64."""
+    tokenizer = bundle.slots()[0].tokenizer
+    positions = torch.cat([subject_positions(tokenizer, [t], s) for t, s in zip(templates, subjects)])
+    embeds = bundle.encode(prompts).embeds
+    rows = torch.arange(len(prompts), device=embeds.device)
+    return embeds[rows, positions.to(embeds.device)].double().cpu()
+
+
+def _pairs(requests: list[EditRequest]) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+    src, dst, templates, src_names, dst_names = [], [], [], [], []
+    for request in requests:
+        src += request.source_prompts()
+        dst += request.destination_prompts()
+        templates += list(request.prompts)
+        src_names += [request.source] * len(request.prompts)
+        dst_names += [request.destination] * len(request.prompts)
+    return src, dst, templates, src_names, dst_names
+
+
+def cross_attention_projections(bundle: ModelBundle, edit_keys: bool) -> dict[str, torch.nn.Linear]:
+    """Every ``attn2.to_k`` / ``attn2.to_v`` of the UNet, by pipeline module name."""
+    suffixes = ("attn2.to_k", "attn2.to_v") if edit_keys else ("attn2.to_v",)
+    return {f"unet.{name}": module for name, module in bundle.unet.named_modules()
+            if name.endswith(suffixes)}
+
+
+def closed_form_projection(weight: torch.Tensor, sources: torch.Tensor, destinations: torch.Tensor,
+                           preserved: torch.Tensor, lam: float, preserve_scale: float) -> torch.Tensor:
+    """The new weight minus the old one, for one projection (float64 solve)."""
+    w = weight.double().cpu()
+    targets = destinations @ w.T  # v* = W c_dst, one row per edit
+    width = w.shape[1]
+    left = lam * w + targets.T @ sources + preserve_scale * (preserved @ w.T).T @ preserved
+    right = lam * torch.eye(width, dtype=torch.float64) + sources.T @ sources
+    right = right + preserve_scale * preserved.T @ preserved
+    # W' = left @ right^{-1}; right is symmetric, so solve right X = left^T.
+    return torch.linalg.solve(right, left.T).T - w
+
+
+class CrossAttentionEditor(Editor):
+    """Shared machinery of TIME and UCE; subclasses only differ in what they preserve."""
+
+    uses_preservation = False
+
+    def __init__(self, config: CrossAttentionConfig | None = None):
+        self.config = config or CrossAttentionConfig()
+
+    @classmethod
+    def create(cls, bundle: ModelBundle | None = None, **options) -> CrossAttentionEditor:
+        unknown = set(options) - set(CrossAttentionConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown {cls.name} options: {sorted(unknown)}")
+        if options.get("preserve") and not cls.uses_preservation:
+            raise ValueError(f"{cls.name} has no preservation set; use uce")
+        return cls(CrossAttentionConfig(**options))
+
+    def hparams(self) -> dict:
+        return asdict(self.config)
+
+    def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
+        src, dst, templates, src_names, dst_names = _pairs(requests)
+        sources = subject_embeddings(bundle, src, src_names, templates)
+        destinations = subject_embeddings(bundle, dst, dst_names, templates)
+        preserved = torch.zeros(0, sources.shape[1], dtype=torch.float64)
+        if self.config.preserve:
+            names = list(self.config.preserve)
+            preserved = subject_embeddings(bundle, names, names, ["{}"] * len(names))
+        return {
+            name: closed_form_projection(module.weight, sources, destinations, preserved,
+                                         self.config.lam, self.config.preserve_scale).float()
+            for name, module in cross_attention_projections(bundle, self.config.edit_keys).items()
+        }
+
+
+@register
+class TIMEEditor(CrossAttentionEditor):
+    name = "time"
+
+
+@register
+class UCEEditor(CrossAttentionEditor):
+    name = "uce"
+    uses_preservation = True
