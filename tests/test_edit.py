@@ -199,3 +199,16 @@ def test_sd2_v_prediction_edit(tmp_path_factory, target):
     assert patch.metadata["family"] == "sd2"
     patch.apply(bundle)
     assert not torch.allclose(before, bundle.encode(["a photo of lobster"]).embeds)
+
+
+def test_memit_variant_uses_text_targets_only(sd1, monkeypatch):
+    from emcid.editors.emcid import stage1
+
+    monkeypatch.setattr(stage1, "source_latents", lambda *a, **k: pytest.fail("images generated"))
+    patch = emcid.edit(sd1, REQUESTS, method="memit", progress=False, **FAST)
+    assert patch.metadata["method"] == "memit"
+    assert patch.metadata["hparams"]["stage1"]["noise_weight"] == 0.0
+    before = block_output_at_subject(sd1, "text_encoder", 2, REQUESTS[0].prompts, "lobster")
+    patch.apply(sd1)
+    after = block_output_at_subject(sd1, "text_encoder", 2, REQUESTS[0].prompts, "lobster")
+    assert (after - before).norm() > 0.1 * before.norm()

@@ -52,6 +52,7 @@ def distributed_state():
 @register
 class EMCIDEditor(Editor):
     name = "emcid"
+    stage1_defaults: dict = {}  # what a variant changes in Stage I
 
     def __init__(self, config: EMCIDConfig | None = None):
         self.config = config or EMCIDConfig()
@@ -60,6 +61,7 @@ class EMCIDEditor(Editor):
     def create(cls, bundle: ModelBundle | None = None, **options) -> EMCIDEditor:
         """Flat options (``steps=50, lam=6000, layers=...``) over the family's defaults."""
         stage1, stage2, rest = _split_options(options)
+        stage1 = {**cls.stage1_defaults, **stage1}
         if bundle is not None and bundle.family == "sdxl":
             stage1 = {**SDXL_STAGE1, **stage1}
         if bundle is not None and bundle.is_embedded:
@@ -104,3 +106,12 @@ class EMCIDEditor(Editor):
         moments = second_moments(bundle, names, corpus, config.stats_samples,
                                  cache=TensorCache("stats", enabled=root_enabled), progress=progress)
         return compute_deltas(bundle, targets, layers, moments, config.stage2, progress=progress)
+
+
+@register
+class MEMITEditor(EMCIDEditor):
+    """MEMIT-style baseline: EMCID's multi-layer Stage II with targets from the text side only
+    (pooled-output alignment to the destination; no diffusion distillation, no images)."""
+
+    name = "memit"
+    stage1_defaults = {"noise_weight": 0.0, "align_weight": 1.0}

@@ -24,7 +24,7 @@ from ...cache import TensorCache, content_key
 from ...errors import Stage1DivergedError
 from ...generation import encode_images, generate_cached, pil_to_tensor, resolve_settings
 from ...hooks import add_at_positions, capture
-from ...models import ModelBundle
+from ...models import ModelBundle, PromptEncoding
 from ...requests import EditRequest, subject_positions
 
 
@@ -140,7 +140,7 @@ class _Batch:
     src_prompts: list[str]
     dst_prompts: list[str]
     positions: dict[str, torch.Tensor]  # subject token of each row, per text encoder
-    latents: torch.Tensor
+    latents: torch.Tensor | None  # None when the noise-prediction loss is off
     hidden: dict[str, list[torch.Tensor]]  # per concept: unedited h at l*, (n_prompts, width)
 
 
@@ -155,17 +155,20 @@ def _layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str,
             for name in z_layer
         }
         read = _read_block_outputs(bundle, request.source_prompts(), z_layer, prompt_positions)
-        image_latents = source_latents(bundle, request, config, image_cache)
-        rows = torch.arange(image_latents.shape[0]) % len(request.prompts)
+        if config.noise_weight:
+            latents.append(source_latents(bundle, request, config, image_cache))
+            rows = torch.arange(latents[-1].shape[0]) % len(request.prompts)
+        else:  # text-only targets need no images
+            rows = torch.arange(len(request.prompts))
         owner += [index] * len(rows)
         src += [request.source_prompts()[i] for i in rows]
         dst += [request.destination_prompts()[i] for i in rows]
-        latents.append(image_latents)
         for name in z_layer:
             positions[name].append(prompt_positions[name][rows])
             hidden[name].append(read[name])
     return _Batch(requests, torch.tensor(owner), src, dst,
-                  {n: torch.cat(p) for n, p in positions.items()}, torch.cat(latents), hidden)
+                  {n: torch.cat(p) for n, p in positions.items()},
+                  torch.cat(latents) if latents else None, hidden)
 
 
 def _per_concept_mean(values: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
@@ -185,6 +188,26 @@ def _draw_noise(batch: _Batch, generators: list[torch.Generator], steps: int):
     return torch.cat(timesteps), torch.cat(noise).to(batch.latents)
 
 
+def _noise_loss(bundle: ModelBundle, scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                t: torch.Tensor, edited: PromptEncoding, teacher: PromptEncoding,
+                target: str) -> torch.Tensor:
+    """Per-row MSE between the UNet's prediction under the edited conditioning and the
+    unedited model's prediction under the destination's (or the true noise / velocity)."""
+    settings = resolve_settings(bundle)
+    size = (settings["height"], settings["width"])
+    noisy = scheduler.add_noise(latents, noise, t)
+    prediction = bundle.unet(noisy, t, encoder_hidden_states=edited.embeds,
+                             **bundle.unet_kwargs(edited, *size)).sample
+    with torch.no_grad():
+        if target == "noise":
+            is_v = scheduler.config.prediction_type == "v_prediction"
+            goal = scheduler.get_velocity(latents, noise, t) if is_v else noise
+        else:
+            goal = bundle.unet(noisy, t, encoder_hidden_states=teacher.embeds,
+                               **bundle.unet_kwargs(teacher, *size)).sample
+    return (prediction.float() - goal.float()).pow(2).flatten(1).mean(1)
+
+
 def compute_z(
     bundle: ModelBundle,
     requests: list[EditRequest],
@@ -201,8 +224,6 @@ def compute_z(
     count, owner = len(requests), batch.owner
     v_norm = {name: torch.stack([h[0].norm() for h in rows]).to(bundle.device)  # release: 1st prompt
               for name, rows in batch.hidden.items()}
-    settings = resolve_settings(bundle)
-    size = (settings["height"], settings["width"])
     with torch.no_grad():
         teacher = bundle.encode(batch.dst_prompts)
         teacher_pooled = [p.float() for p in teacher.pooled]
@@ -213,26 +234,19 @@ def compute_z(
     # Training-time noising is DDPM's whatever the sampler (Euler's add_noise only accepts
     # timesteps of an inference schedule and skips the alpha scaling the UNet expects).
     scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
-    is_v = scheduler.config.prediction_type == "v_prediction"
     losses = torch.zeros(count)
     for step in range(config.steps):
-        t, noise = _draw_noise(batch, generators, scheduler.config.num_train_timesteps)
-        t = t.to(bundle.device)
-        noisy = scheduler.add_noise(batch.latents, noise, t)
         with ExitStack() as stack:
             for name, layer in z_layer.items():
                 stack.enter_context(add_at_positions(bundle.slot(name).block(layer),
                                                      batch.positions[name], deltas[name][owner]))
             edited = bundle.encode(batch.src_prompts)
-        prediction = bundle.unet(noisy, t, encoder_hidden_states=edited.embeds,
-                                 **bundle.unet_kwargs(edited, *size)).sample
-        with torch.no_grad():
-            if config.target == "noise":
-                goal = scheduler.get_velocity(batch.latents, noise, t) if is_v else noise
-            else:
-                goal = bundle.unet(noisy, t, encoder_hidden_states=teacher.embeds,
-                                   **bundle.unet_kwargs(teacher, *size)).sample
-        row_loss = config.noise_weight * (prediction.float() - goal.float()).pow(2).flatten(1).mean(1)
+        row_loss = torch.zeros(len(batch.src_prompts), device=bundle.device)
+        if batch.latents is not None:
+            t, noise = _draw_noise(batch, generators, scheduler.config.num_train_timesteps)
+            row_loss = config.noise_weight * _noise_loss(bundle, scheduler, batch.latents, noise,
+                                                         t.to(bundle.device), edited, teacher,
+                                                         config.target)
         if config.align_weight:
             for edited_pooled, target_pooled in zip(edited.pooled, teacher_pooled):
                 align = (edited_pooled.float() - target_pooled).pow(2).mean(1)
