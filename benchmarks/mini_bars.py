@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -26,9 +27,18 @@ from emcid.mini import default_model_dir, world
 from emcid.mini.judge import judge_accuracy, load_judge
 
 
-def top1(judge, images: list[Image.Image], labels: list[int]) -> float:
-    pred = judge.predict_proba(images).argmax(-1)
-    return float((pred == torch.tensor(labels)).float().mean()) if labels else float("nan")
+def top1(judge, images: list[Image.Image], labels: list[int]) -> tuple[float, str]:
+    """Top-1 and, as a diagnostic, how often each attribute of the prediction is right."""
+    if not labels:
+        return float("nan"), ""
+    pred = judge.predict_proba(images).argmax(-1).tolist()
+    concepts = world.load_concepts()
+    parts = []
+    for attr in ("shape", "fg", "bg"):
+        ok = [getattr(concepts[p], attr) == getattr(concepts[t], attr) for p, t in zip(pred, labels)]
+        parts.append(f"{attr} {sum(ok) / len(ok):.3f}")
+    acc = sum(p == t for p, t in zip(pred, labels)) / len(labels)
+    return acc, ", ".join(parts)
 
 
 def throughput(bundle, n_batches: int = 3, batch: int = 64) -> float:
@@ -115,17 +125,20 @@ def main() -> None:
     for key, items in groups.items():
         t0 = time.perf_counter()
         images = generate(bundle, [p for p, _, _ in items], [s for _, s, _ in items])
-        acc = top1(judge, images, [i for _, _, i in items])
+        acc, attrs = top1(judge, images, [i for _, _, i in items])
         results[key] = acc
         bar = f"(bar >= {bars[key]:.2f}: {'met' if acc >= bars[key] else 'NOT met'})" if key in bars else ""
-        print(f"{key}: {len(items)} images, top-1 {acc:.4f} {bar}  "
+        print(f"{key}: {len(items)} images, top-1 {acc:.4f} {bar} ({attrs})  "
               f"[{time.perf_counter() - t0:.0f} s]")  # fmt: skip
 
     if not args.skip_throughput:
         ips = throughput(bundle)
         results["images_per_s"] = ips
+        load = os.getloadavg()[0]
+        results["load_average_1min"] = load
         print(f"throughput: {ips:.1f} images/s at batch 64 with guidance "
-              f"({'met' if ips >= 25 else 'NOT met'}, bar >= 25)")  # fmt: skip
+              f"({'met' if ips >= 25 else 'NOT met'}, bar >= 25; 1-min load average {load:.1f} "
+              f"on {os.cpu_count()} CPUs)")  # fmt: skip
     if args.grid:
         sample_grid(bundle, world.load_concepts(), args.grid)
         print(f"grid written to {args.grid}")

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="output folder (pipeline/, judge/, work/)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue an existing --out")
-    train.add_argument("--unet-steps", type=int, help="UNet training steps (default 12000)")
+    train.add_argument("--unet-steps", type=int, help="UNet training steps (default 9500)")
     train.add_argument("--text-steps", type=int, help="text encoder pretraining steps")
     train.add_argument("--vae-steps", type=int, help="VAE training steps")
     train.add_argument("--judge-steps", type=int, help="judge training steps")

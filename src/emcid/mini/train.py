@@ -66,7 +66,7 @@ class MiniTrainConfig:
     vae_batch: int = 16  # many small steps converge much faster than few large ones
     vae_lr: float = 2e-3
     unet_channels: tuple[int, ...] = (32, 96, 96)
-    unet_steps: int = 12000
+    unet_steps: int = 9500
     unet_batch: int = 64
     unet_lr: float = 6e-4
     uncond_prob: float = 0.1  # classifier-free guidance dropout
