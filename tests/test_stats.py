@@ -40,9 +40,9 @@ def test_statistics_of_another_model_refused(sd1, sdxl):
     (entry,) = list(cache.folder.glob("*.safetensors"))
     # plant the SD-1.x file where the SDXL model's entry for the same module would be
     from emcid.cache import content_key
-    from emcid.stats import corpus_hash
+    from emcid.stats import corpus_hash, encoder_fingerprint
 
-    key = content_key(model=sdxl.fingerprint(), module=name, corpus=corpus_hash(CAPTIONS),
+    key = content_key(model=encoder_fingerprint(sdxl, name), module=name, corpus=corpus_hash(CAPTIONS),
                       samples=len(CAPTIONS))
     shutil.copy(entry, cache.path(key))
     with pytest.raises(StatsMismatchError, match="computed for model"):
@@ -59,3 +59,15 @@ def test_corrupted_statistics_recomputed(sd1):
     entry.write_bytes(bytes(data))
     again = second_moments(sd1, [name], CAPTIONS, cache=cache, progress=False)
     assert torch.equal(first[name], again[name])
+
+
+def test_statistics_survive_a_new_unet(sd1, monkeypatch):
+    """They depend on the text encoder only: retraining the UNet must not recompute them."""
+    from emcid import stats
+
+    name = sd1.slot("text_encoder").fc2_name(2)
+    second_moments(sd1, [name], CAPTIONS[:7], progress=False)
+    with torch.no_grad():
+        next(sd1.unet.parameters()).add_(1.0)
+    monkeypatch.setattr(stats, "_accumulate", lambda *a, **k: pytest.fail("recomputed"))
+    second_moments(sd1, [name], CAPTIONS[:7], progress=False)

@@ -27,6 +27,7 @@ FC2_TEMPLATE = "text_model.encoder.layers.{}.mlp.fc2"
 BLOCK_TEMPLATE = "text_model.encoder.layers.{}"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SETTINGS_FILE = "emcid.json"
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # what a fingerprint covers
 
 # Sampling defaults of each family's reference pipeline; a model folder may override them
 # with an ``emcid.json`` file (the embedded model does).
@@ -135,8 +136,8 @@ class ModelBundle:
         component, _, rest = name.partition(".")
         return get_submodule(getattr(self.pipeline, component), rest)
 
-    def fingerprint(self) -> str:
-        return fingerprint(self)
+    def fingerprint(self, components: tuple[str, ...] = COMPONENTS) -> str:
+        return fingerprint(self, components)
 
     def encode(self, prompts: list[str]) -> PromptEncoding:
         """Encode prompts exactly as the family's diffusers pipeline does (gradients kept)."""
@@ -217,7 +218,7 @@ def detect_family(pipeline: object) -> str:
     return "sd2" if openclip else "sd1"
 
 
-def fingerprint(bundle: ModelBundle, sample: int = 4096) -> str:
+def fingerprint(bundle: ModelBundle, components: tuple[str, ...] = COMPONENTS, sample: int = 4096) -> str:
     """A fast content hash of the model as it is now.
 
     Hashes the family, every tensor's name, shape and a strided sample of its values (rounded
@@ -225,7 +226,7 @@ def fingerprint(bundle: ModelBundle, sample: int = 4096) -> str:
     weight changes nearly every entry, so the sample sees it.
     """
     digest = hashlib.sha256(bundle.family.encode())
-    for component in ("text_encoder", "text_encoder_2", "unet", "vae"):
+    for component in components:
         module = getattr(bundle.pipeline, component, None)
         if module is None:
             continue

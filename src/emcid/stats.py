@@ -48,11 +48,17 @@ def corpus_hash(captions: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
 
 
+def encoder_fingerprint(bundle: ModelBundle, module_name: str) -> str:
+    """Statistics depend on the module's own text encoder only (not on the UNet or VAE)."""
+    return bundle.fingerprint(components=(module_name.split(".")[0],))
+
+
 def _check(name: str, matrix: torch.Tensor, meta: dict, bundle: ModelBundle, width: int) -> None:
-    if meta.get("fingerprint") != bundle.fingerprint() or tuple(matrix.shape) != (width, width):
+    expected = encoder_fingerprint(bundle, name)
+    if meta.get("fingerprint") != expected or tuple(matrix.shape) != (width, width):
         raise StatsMismatchError(
             f"statistics for {name} were computed for model {meta.get('fingerprint')} with shape "
-            f"{tuple(matrix.shape)}, but this model is {bundle.fingerprint()} with {width} fc2 "
+            f"{tuple(matrix.shape)}, but this model is {expected} with {width} fc2 "
             "inputs; delete the file or recompute"
         )
 
@@ -100,9 +106,9 @@ def second_moments(
     captions = list(captions) if captions is not None else default_corpus(bundle, sample_count)
     captions = captions[:sample_count]
     cache = cache or TensorCache("stats")
-    model = bundle.fingerprint()
     corpus = corpus_hash(captions)
-    keys = {n: content_key(model=model, module=n, corpus=corpus, samples=len(captions))
+    models = {n: encoder_fingerprint(bundle, n) for n in module_names}
+    keys = {n: content_key(model=models[n], module=n, corpus=corpus, samples=len(captions))
             for n in module_names}
     result: dict[str, torch.Tensor] = {}
     for name, key in keys.items():
@@ -116,7 +122,7 @@ def second_moments(
         fresh = _accumulate(bundle, missing, captions, batch_size, progress)
         for name, matrix in fresh.items():
             cache.save(keys[name], {"second_moment": matrix},
-                       {"fingerprint": model, "module": name, "corpus": corpus,
+                       {"fingerprint": models[name], "module": name, "corpus": corpus,
                         "samples": len(captions)})
             result[name] = matrix
     return {n: result[n] for n in module_names}
