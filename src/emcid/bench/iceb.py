@@ -159,11 +159,14 @@ class Scorer:
             self.pre_seconds += time.perf_counter() - start
         return self.pre
 
+    def images(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        """Images of the model as it is now, through the cache (for the report's grids)."""
+        return generation.generate_cached(self.bundle, list(prompts), list(seeds), self.cache,
+                                          batch_size=self.config.batch_size, progress=False)
+
     def pre_images(self, rows: Sequence[int]) -> torch.Tensor:
-        """Pre-edit images of a few rows (from the cache), for the report's grids."""
-        return generation.generate_cached(
-            self.bundle, [self.bank.prompts[r] for r in rows], [self.bank.seeds[r] for r in rows],
-            self.cache, batch_size=self.config.batch_size, progress=False)
+        """Pre-edit images of bank rows (from the cache)."""
+        return self.images([self.bank.prompts[r] for r in rows], [self.bank.seeds[r] for r in rows])
 
     def post(self, rows: Sequence[int], label: str | None) -> torch.Tensor:
         """Probabilities of the (edited) model now loaded for ``rows``; other rows are NaN.
@@ -400,24 +403,36 @@ class IcebRun:
     def _remember_grid(self, subtask: str, items: list[EditItem], holdout: list[metrics.ImageGroup],
                        largest: int) -> None:
         count = self.config.grid_samples
-        edits = [(f"{i.request.source} -> {i.request.destination}", i.efficacy.rows) for i in items[:count]]
-        kept = [(g.key, g.rows) for g in holdout[:count]]
-        for _, rows in edits + kept:
+        template = self.world.templates[0]
+        # Each edit row ends with the unedited model's image of the destination, for comparison.
+        edits = [(f"{i.request.source} -> {i.request.destination}", i.efficacy.rows,
+                  (template.format(i.request.destination), template_seed(i.destination_index, 0)))
+                 for i in items[:count]]
+        kept = [(g.key, g.rows, None) for g in holdout[:count]]
+        for _, rows, _ in edits + kept:
             self.scorer.keep.update(rows)
         self.grid_rows[subtask] = {"edits": edits, "holdout": kept, "scale": largest}
 
     def grid_images(self) -> dict:
-        """{subtask: {"scale", "edits"/"holdout": [(label, pre images, post images)]}} for the report."""
+        """{subtask: {"scale", "edits"/"holdout": [(label, pre, post, reference)]}} for the report.
+
+        Call it with the model unedited: pre-edit and destination images come from the cache.
+        """
         grids = {}
         for subtask, spec in self.grid_rows.items():
             post = self.scorer.kept.get(f"{subtask} {spec['scale']}", {})
             entry: dict = {"scale": spec["scale"]}
             for part in ("edits", "holdout"):
                 entry[part] = []
-                for label, rows in spec[part]:
-                    if all(r in post for r in rows):
-                        pre = self.scorer.pre_images(rows)
-                        entry[part].append((label, list(pre), [post[r] for r in rows]))
+                for label, rows, reference in spec[part]:
+                    if not all(r in post for r in rows):
+                        continue
+                    pre = list(self.scorer.pre_images(rows))
+                    extra = []
+                    if reference is not None:
+                        prompt, seed = reference
+                        extra = list(self.scorer.images([prompt], [seed]))
+                    entry[part].append((label, pre, [post[r] for r in rows], extra))
             grids[subtask] = entry
         return grids
 

@@ -72,22 +72,25 @@ def plot_metrics(subtask: str, scales: dict, path: Path) -> Path:
     return path
 
 
-def plot_grid(rows: Sequence[tuple[str, list[torch.Tensor], list[torch.Tensor]]], path: Path,
-              title: str) -> Path:
-    """Each row: the pre-edit images, then the post-edit images of the same prompts and seeds."""
+def plot_grid(rows: Sequence[tuple], path: Path, title: str) -> Path:
+    """Each row: pre-edit images, post-edit images of the same prompts and seeds, then optional
+    reference images (the unedited model drawing the destination)."""
     plt = _pyplot()
-    width = max(len(pre) + len(post) for _, pre, post in rows)
+    rows = [tuple(r) + ([],) * (4 - len(r)) for r in rows]
+    width = max(len(pre) + len(post) + len(ref) for _, pre, post, ref in rows)
     figure, axes = plt.subplots(len(rows), width, figsize=(1.6 * width, 1.8 * len(rows) + 0.4),
                                 squeeze=False)
-    for r, (label, pre, post) in enumerate(rows):
-        images = list(pre) + list(post)
+    for r, (label, pre, post, ref) in enumerate(rows):
+        images = list(pre) + list(post) + list(ref)
+        titles = ["pre"] * len(pre) + ["post"] * len(post) + ["destination"] * len(ref)
         for c in range(width):
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
             if c < len(images):
-                ax.imshow(images[c].numpy() if isinstance(images[c], torch.Tensor) else images[c])
-                ax.set_title(("pre" if c < len(pre) else "post"), fontsize=7)
+                image = images[c]
+                ax.imshow(image.numpy() if isinstance(image, torch.Tensor) else image)
+                ax.set_title(titles[c], fontsize=7)
             else:
                 ax.axis("off")
         axes[r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
