@@ -134,3 +134,19 @@ def _vit(tmp_path):
                            num_attention_heads=2, intermediate_size=64, num_labels=1000)
         ViTForImageClassification(config).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.mark.parametrize("method", ["uce", "time"])
+def test_baselines_run_through_the_same_benchmark(method, tiny_bundle, fake_judge, tmp_path):
+    """Any registered editor runs ICEB; its entries sit beside EMCID's in one results.json."""
+    from emcid.editors import EDITORS, get_editor
+
+    get_editor("emcid")  # registers the built-in editors
+    if method not in EDITORS:
+        pytest.skip(f"{method} is not registered")
+    run_iceb(tiny_bundle, method=method, edits=(1,), out=tmp_path, judge=fake_judge, classes=CLASSES,
+             subtasks=("aice",), progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    entry = saved["subtasks"]["aice"]["scales"]["1"][method]
+    assert all(isinstance(entry[m], float) for m in METRICS if m != "alias2dest")
+    assert saved["settings"]["method_options"]["aice"] == {}  # EMCID's alpha is not forced on others
