@@ -60,3 +60,9 @@ def test_cli_registers_mini_group():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["mini", "train", "--out", "x", "--seed", "3", "--resume"])
     assert args.seed == 3 and args.resume and args.func.__name__ == "cmd_train"
+
+
+def test_smoke_pipeline_tokenizer_is_clip_format(smoke_run):
+    folder = smoke_run / "pipeline" / "tokenizer"
+    assert (folder / "vocab.json").exists() and (folder / "merges.txt").exists()
+    assert not (folder / "tokenizer.json").exists()
