@@ -4,7 +4,7 @@ Stages (each writes its result under `out/work/` and is skipped on --resume when
 
 1. tokenizer: CLIP-format BPE on the world's text.
 2. text encoder: CLIPTextModel pretrained to name -> signature, then frozen (as in SD).
-3. VAE: a small AutoencoderKL, 32x32x3 <-> 8x8x4 latents (factor 4 like SD's 8, so the
+3. VAE: a small AutoencoderKL, 32x32x3 <-> 8x8x8 latents (factor 4, SD has 8; so the
    UNet works on 64 positions: cheap enough for the sampling-throughput bar).
 4. judge: the world's classifier (also evaluates the UNet during training).
 5. UNet: UNet2DConditionModel, v-prediction (issue 3: the decisive choice), classifier-
