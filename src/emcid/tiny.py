@@ -18,8 +18,9 @@ from .cache import cache_root
 MAX_TOKENS = 77  # as CLIP
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2 / CLIP byte-to-unicode table: 256 printable stand-ins for the 256 bytes."""
+def byte_symbols() -> list[str]:
+    """GPT-2 / CLIP byte-to-unicode table: 256 printable stand-ins for the 256 bytes, in CLIP's
+    order (every CLIP-format tokenizer here starts its vocabulary with them)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
     codes = printable[:]
@@ -49,7 +50,7 @@ def build_tokenizer(folder: Path, words: list[str] | None = None):
     from transformers import CLIPTokenizer
 
     merges = word_merges(sorted({w.lower() for w in words or [] if w.isascii() and w.isalpha()}))
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     vocab_list = symbols + [s + "</w>" for s in symbols]
     vocab_list += list(dict.fromkeys(m.replace(" ", "") for m in merges))
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]

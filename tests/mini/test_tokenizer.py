@@ -8,7 +8,8 @@ import pytest
 from transformers import CLIPTokenizer
 
 from emcid.mini import default_model_dir, world
-from emcid.mini.tokenizer import BOS, EOS, _bytes_to_unicode
+from emcid.mini.tokenizer import BOS, EOS
+from emcid.tiny import byte_symbols
 
 
 def _folders(trained_tokenizer):
@@ -22,7 +23,7 @@ def _folders(trained_tokenizer):
 def test_clip_format(trained_tokenizer):
     for folder in _folders(trained_tokenizer):
         vocab = json.loads((folder / "vocab.json").read_text())
-        base = _bytes_to_unicode()
+        base = byte_symbols()
         assert all(vocab[b] == i for i, b in enumerate(base))
         assert all(vocab[b + "</w>"] == 256 + i for i, b in enumerate(base))
         assert vocab[BOS] == len(vocab) - 2 and vocab[EOS] == len(vocab) - 1

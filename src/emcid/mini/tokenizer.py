@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
+from ..tiny import byte_symbols
 from . import world
 
 log = logging.getLogger(__name__)
@@ -27,20 +28,6 @@ _CLIP_SPLIT = (
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
     r"""[^\s\p{L}\p{N}]+"""
 )
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP/GPT-2's reversible byte -> printable character table, in CLIP's order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def tokenizer_corpus() -> list[str]:
@@ -59,7 +46,7 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 4096) -> CLIPTokenize
     """Learn BPE merges on the world's text and write CLIP-format vocab.json/merges.txt."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = _bytes_to_unicode()
+    base = byte_symbols()
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
