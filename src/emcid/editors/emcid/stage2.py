@@ -73,18 +73,20 @@ def _mean_by_owner(rows: torch.Tensor, owner: torch.Tensor, count: int) -> torch
 
 
 @torch.no_grad()
-def _read(bundle: ModelBundle, slot_name: str, prompts: list[str], positions: torch.Tensor,
-          modules: dict, what: str, batch_size: int) -> dict[str, torch.Tensor]:
-    """Input or output of each module at the subject tokens, over all prompts in batches."""
-    gathered: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+def _read_keys_and_current(bundle: ModelBundle, slot_name: str, prompts: list[str],
+                           positions: torch.Tensor, fc2: torch.nn.Module, current: torch.nn.Module,
+                           batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc2's input (the keys) and ``current``'s output at the subject tokens, in one pass."""
+    keys, outputs = [], []
     encoder = bundle.slot(slot_name)
     for start in range(0, len(prompts), batch_size):
         stop = start + batch_size
-        with capture(modules, positions[start:stop], what) as records:
+        with capture({"k": fc2}, positions[start:stop], "input") as key_records, \
+                capture({"c": current}, positions[start:stop], "output") as current_records:
             encoder.encoder(encoder.tokenize(prompts[start:stop]))
-        for name in modules:
-            gathered[name].append(records[name][0].float().cpu())
-    return {name: torch.cat(rows) for name, rows in gathered.items()}
+        keys.append(key_records["k"][0].float().cpu())
+        outputs.append(current_records["c"][0].float().cpu())
+    return torch.cat(keys), torch.cat(outputs)
 
 
 def compute_deltas(
@@ -113,14 +115,11 @@ def compute_deltas(
             for i, layer in enumerate(bar):
                 fc2 = slot.fc2(layer)
                 name = slot.fc2_name(layer)
-                keys_in = _read(bundle, slot_name, prompts, positions, {"k": fc2}, "input", batch_size)
-                if config.residual == "memit":
-                    current = _read(bundle, slot_name, prompts, positions, {"h": z_block}, "output",
-                                    batch_size)["h"]
-                else:  # the authors' release: against this block's current MLP output
-                    current = _read(bundle, slot_name, prompts, positions, {"m": fc2}, "output",
-                                    batch_size)["m"]
-                keys = _mean_by_owner(keys_in["k"], owner, len(targets)).T
+                # memit: against block l*'s output; release: against this block's MLP output
+                reference = z_block if config.residual == "memit" else fc2
+                keys_in, current = _read_keys_and_current(bundle, slot_name, prompts, positions, fc2,
+                                                          reference, batch_size)
+                keys = _mean_by_owner(keys_in, owner, len(targets)).T
                 residual = _mean_by_owner(z - current, owner, len(targets)).T / (len(ordered) - i)
                 delta = closed_form_update(keys, residual, second_moments[name], config.lam,
                                            config.alpha).float()
