@@ -27,10 +27,9 @@ FILLERS = (
 )
 
 
-@dataclass(frozen=True)
-class ImageNetClass:
-    index: int
-    synset: str
+class NamedConcept:
+    """A concept whose ``names[0]`` is its class name and the rest its aliases."""
+
     names: tuple[str, ...]
 
     @property
@@ -40,6 +39,13 @@ class ImageNetClass:
     @property
     def aliases(self) -> tuple[str, ...]:
         return self.names[1:]
+
+
+@dataclass(frozen=True)
+class ImageNetClass(NamedConcept):
+    index: int
+    synset: str
+    names: tuple[str, ...]
 
 
 def _rows(filename: str) -> list[dict[str, str]]:

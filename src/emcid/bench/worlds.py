@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..concepts import imagenet1k_classes
+from ..concepts import NamedConcept, imagenet1k_classes
 from ..models import ModelBundle
 from .prompts import free_form_templates
 
@@ -24,7 +24,7 @@ NAME_OVERRIDES = {264: "Cardigan Welsh corgi", 517: "construction crane", 639: "
 
 
 @dataclass(frozen=True)
-class BenchClass:
+class BenchClass(NamedConcept):
     """One ICEB class; ``names[0]`` is its class name, the rest its aliases."""
 
     index: int
@@ -32,14 +32,6 @@ class BenchClass:
     free_form: tuple[tuple[str, int], ...]  # (template with "{}", image seed)
     holdout_only: bool = False
     synset: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.names[0]
-
-    @property
-    def aliases(self) -> tuple[str, ...]:
-        return self.names[1:]
 
 
 @dataclass
