@@ -78,3 +78,29 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def replay_prefix(blocks: list[nn.Module], output: torch.Tensor) -> Iterator[None]:
+    """Skip ``blocks`` (the first blocks of an encoder, in order): the last returns ``output``.
+
+    Stage I reruns the encoder hundreds of times while only what follows the edited block
+    changes; replaying that block's recorded output saves the prefix's forward and backward
+    passes. Blocks before the last pass their input through, so only hidden states from the
+    last replayed block on are meaningful (every pipeline reads them from there).
+    """
+
+    def passthrough(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+    def replayed(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return output.to(hidden_states.dtype)
+
+    for block in blocks[:-1]:
+        block.forward = passthrough
+    blocks[-1].forward = replayed
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again

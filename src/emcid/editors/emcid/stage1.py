@@ -23,7 +23,7 @@ from PIL import Image
 from ...cache import TensorCache, content_key
 from ...errors import Stage1DivergedError
 from ...generation import encode_images, generate_cached, pil_to_tensor, resolve_settings
-from ...hooks import add_at_positions, capture
+from ...hooks import add_at_positions, capture, replay_prefix
 from ...models import ModelBundle, PromptEncoding
 from ...requests import EditRequest, subject_positions
 
@@ -120,6 +120,15 @@ def _read_block_outputs(bundle: ModelBundle, prompts: list[str], z_layer: dict[s
     for name in z_layer:
         hidden[name] = records[name][name][0].float()
     return hidden
+
+
+def _block_outputs(bundle: ModelBundle, prompts: list[str],
+                   z_layer: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Unedited outputs of every edited encoder's block l* (all tokens), to replay in Stage I."""
+    with torch.no_grad(), capture({name: bundle.slot(name).block(layer)
+                                   for name, layer in z_layer.items()}) as records:
+        bundle.encode(prompts)
+    return {name: outputs[0] for name, outputs in records.items()}
 
 
 def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[str, int],
@@ -227,6 +236,7 @@ def compute_z(
     with torch.no_grad():
         teacher = bundle.encode(batch.dst_prompts)
         teacher_pooled = [p.float() for p in teacher.pooled]
+    prefix = _block_outputs(bundle, batch.src_prompts, z_layer)
     deltas = {name: torch.zeros(count, rows[0].shape[-1], device=bundle.device, requires_grad=True)
               for name, rows in batch.hidden.items()}
     optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr)
@@ -238,8 +248,10 @@ def compute_z(
     for step in range(config.steps):
         with ExitStack() as stack:
             for name, layer in z_layer.items():
-                stack.enter_context(add_at_positions(bundle.slot(name).block(layer),
-                                                     batch.positions[name], deltas[name][owner]))
+                slot = bundle.slot(name)
+                stack.enter_context(replay_prefix([slot.block(i) for i in range(layer + 1)], prefix[name]))
+                stack.enter_context(add_at_positions(slot.block(layer), batch.positions[name],
+                                                     deltas[name][owner]))
             edited = bundle.encode(batch.src_prompts)
         row_loss = torch.zeros(len(batch.src_prompts), device=bundle.device)
         if batch.latents is not None:
