@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(edit)
     edit.add_argument("--requests", required=True, help="YAML, JSON or CSV file of edit requests")
     edit.add_argument("--out", required=True, help="patch file to write (.safetensors)")
-    edit.add_argument("--method", default="emcid")
+    edit.add_argument("--method", default="emcid", help="emcid (default), memit, refact, time or uce")
     edit.add_argument("--layers", action="append", help="edited blocks, e.g. 0-10 or text_encoder_2=26-30")
     edit.add_argument("--task", choices=["object", "artist"], help="selects the default layers")
     edit.add_argument("--steps", type=int, help="Stage I optimisation steps (release: 200)")

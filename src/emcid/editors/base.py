@@ -63,7 +63,7 @@ def register(cls: type[Editor]) -> type[Editor]:
 
 def get_editor(name: str, bundle: ModelBundle | None = None, **options) -> Editor:
     """An editor by name; ``options`` override its hyperparameters."""
-    from . import crossattn, emcid  # noqa: F401  (registers the built-in editors)
+    from . import crossattn, emcid, refact  # noqa: F401  (registers the built-in editors)
 
     if name not in EDITORS:
         raise ValueError(f"unknown editing method {name!r}; available: {sorted(EDITORS)}")

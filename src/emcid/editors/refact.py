@@ -1,0 +1,171 @@
+"""ReFACT (Arad, Orgad and Belinkov, NAACL 2024): a rank-one edit of one text encoder MLP.
+
+Per request, a vector ``delta`` is added to the output of ``fc2`` in block ``layer`` at the
+subject's last token, and optimised so that the pooled text output of the source prompts
+moves to the unedited model's pooled output of the destination word and away from the
+source word (contrastive loss over the two, L2 distances as logits). ``delta`` is then
+written into ``fc2`` as the ROME rank-one update
+
+    u = C^{-1} k_mean / ||C^{-1} k_mean||,   dW = delta u^T / (u . k),
+
+with ``k_mean`` the subject's key averaged over the request's prompts, ``k`` its key in the
+first prompt and ``C = E[k k^T]`` the preservation statistics; so ``dW k = delta`` and keys
+C-orthogonal to ``k_mean`` are untouched. Several requests are edited one after another, each
+on the model already holding the earlier ones, as ReFACT does.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import TensorCache
+from ..hooks import add_at_positions, capture
+from ..models import ModelBundle
+from ..requests import EditRequest, subject_positions
+from ..stats import DEFAULT_SAMPLES, read_corpus, second_moments
+from .base import Editor, register
+
+
+@dataclass
+class ReFACTConfig:
+    """Defaults are ReFACT's released values (text-target variant, L2 similarity)."""
+
+    layer: int | None = None  # None: a third of the depth (4 of 12 for CLIP ViT-L)
+    steps: int = 100  # release: at most 100 steps
+    lr: float = 0.5  # release: Adam 0.5
+    weight_decay: float = 0.1  # release: 0.1 * ||delta|| / ||v_init||^2
+    clamp_factor: float = 4.0  # release: ||delta|| <= 4 ||v_init||
+    prob_threshold: float = 0.99  # release: stop once P(destination) exceeds this
+    stats_samples: int = DEFAULT_SAMPLES
+    corpus: str | None = None  # caption file for the statistics; None: the default corpus
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.lr <= 0 or self.clamp_factor <= 0:
+            raise ValueError("ReFACT needs steps >= 1, lr > 0 and clamp_factor > 0")
+
+
+def default_layer(bundle: ModelBundle) -> int:
+    return bundle.slots()[0].num_layers // 3
+
+
+def rank_one_update(key: torch.Tensor, key_mean: torch.Tensor, delta: torch.Tensor,
+                    second_moment: torch.Tensor) -> torch.Tensor:
+    """ROME's closed form: ``dW`` (out x in) with ``dW key = delta``, float64."""
+    direction = torch.linalg.solve(second_moment.double(), key_mean.double())
+    direction = direction / direction.norm()
+    return torch.outer(delta.double() / (direction @ key.double()), direction)
+
+
+@contextmanager
+def _weights_restored(modules: list[torch.nn.Linear]):
+    """Sequential edits write into the live weights; put the originals back afterwards."""
+    originals = [m.weight.detach().clone() for m in modules]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, weight in zip(modules, originals, strict=True):
+                module.weight.copy_(weight)
+
+
+def _contrastive_loss(pooled: torch.Tensor, destination: torch.Tensor,
+                      source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log P(destination) with negative L2 distances as logits; also P(destination) per row."""
+    candidates = torch.stack([destination, source])
+    log_probs = torch.log_softmax(-torch.cdist(pooled.float(), candidates.float()), dim=1)[:, 0]
+    return -log_probs.mean(), log_probs.detach().exp()
+
+
+def optimise_delta(bundle: ModelBundle, request: EditRequest, layer: int,
+                   config: ReFACTConfig) -> dict[str, torch.Tensor]:
+    """ReFACT's value search: one ``delta`` per text encoder at ``fc2``'s output (width,)."""
+    prompts = request.source_prompts()
+    positions = {s.name: subject_positions(s.tokenizer, request.prompts, request.source)
+                 for s in bundle.slots()}
+    with torch.no_grad():
+        words = bundle.encode([request.destination, request.source]).pooled
+        with capture({s.name: s.fc2(layer) for s in bundle.slots()}) as outputs:
+            bundle.encode(prompts[:1])
+    initial_norm = {name: out[0][0, positions[name][0]].norm() for name, out in outputs.items()}
+    deltas = {s.name: torch.zeros(s.hidden_size, device=bundle.device, requires_grad=True)
+              for s in bundle.slots()}
+    optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr)
+    for _ in range(config.steps):
+        with ExitStack() as stack:
+            for slot in bundle.slots():
+                stack.enter_context(add_at_positions(slot.fc2(layer), positions[slot.name],
+                                                     deltas[slot.name]))
+            pooled = bundle.encode(prompts).pooled
+        losses, probs = zip(*(_contrastive_loss(p, w[0], w[1]) for p, w in zip(pooled, words)))
+        if min(float(p.mean()) for p in probs) > config.prob_threshold:
+            break
+        loss = sum(losses) + sum(config.weight_decay * d.norm() / initial_norm[n] ** 2
+                                 for n, d in deltas.items())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                limit = config.clamp_factor * initial_norm[name]
+                if delta.norm() > limit:
+                    delta.mul_(limit / delta.norm())
+    return {name: delta.detach() for name, delta in deltas.items()}
+
+
+def subject_keys(bundle: ModelBundle, request: EditRequest, layer: int) -> dict[str, torch.Tensor]:
+    """The input of ``fc2`` at the subject's last token in every source prompt: (n, in)."""
+    keys = {}
+    for slot in bundle.slots():
+        positions = subject_positions(slot.tokenizer, request.prompts, request.source)
+        with torch.no_grad(), capture({"k": slot.fc2(layer)}, positions, what="input") as records:
+            bundle.encode(request.source_prompts())
+        keys[slot.name] = records["k"][0]
+    return keys
+
+
+@register
+class ReFACTEditor(Editor):
+    name = "refact"
+
+    def __init__(self, config: ReFACTConfig | None = None):
+        self.config = config or ReFACTConfig()
+
+    @classmethod
+    def create(cls, bundle: ModelBundle | None = None, **options) -> ReFACTEditor:
+        unknown = set(options) - set(ReFACTConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown refact options: {sorted(unknown)}")
+        return cls(ReFACTConfig(**options))
+
+    def hparams(self) -> dict:
+        return asdict(self.config)
+
+    def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
+        config = self.config
+        layer = default_layer(bundle) if config.layer is None else config.layer
+        depth = min(s.num_layers for s in bundle.slots())
+        if not 0 <= layer < depth:
+            raise ValueError(f"refact layer {layer}: choose from 0..{depth - 1}")
+        names = {s.name: s.fc2_name(layer) for s in bundle.slots()}
+        corpus = read_corpus(Path(config.corpus)) if config.corpus else None
+        moments = second_moments(bundle, list(names.values()), corpus, config.stats_samples,
+                                 cache=TensorCache("stats", enabled=config.cache), progress=progress)
+        modules = {s.name: s.fc2(layer) for s in bundle.slots()}
+        totals = {name: torch.zeros_like(m.weight, dtype=torch.float64) for name, m in modules.items()}
+        with _weights_restored(list(modules.values())):
+            for request in tqdm(requests, desc="ReFACT", unit="edit", disable=not progress):
+                deltas = optimise_delta(bundle, request, layer, config)
+                keys = subject_keys(bundle, request, layer)
+                for name, module in modules.items():
+                    update = rank_one_update(keys[name][0], keys[name].mean(0), deltas[name],
+                                             moments[names[name]])
+                    totals[name] += update.to(totals[name].device)
+                    with torch.no_grad():
+                        module.weight += update.to(module.weight)
+        return {names[name]: total.float().cpu() for name, total in totals.items()}
