@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+STAGE1_METHODS = {"emcid", "memit"}  # editors that take Stage I options
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -28,6 +30,8 @@ def main() -> None:
     parser.add_argument("--judge-dir", help="judge folder (default: the shipped judge)")
     parser.add_argument("--embedded", action="store_true", help="treat --model as the embedded world")
     parser.add_argument("--edits", default="1,10,100,300,1000")
+    parser.add_argument("--methods", default="emcid",
+                        help="comma-separated editors, run one after another into the same --out")
     parser.add_argument("--subtasks", default="aice,rectification")
     parser.add_argument("--holdout-eval", type=int, help="score at most this many holdout classes")
     parser.add_argument("--steps", type=int, help="Stage I steps (release: 200)")
@@ -54,18 +58,24 @@ def main() -> None:
 
         judge = load_judge("cpu", args.judge_dir)
         judge.source = args.judge_dir  # recorded in results.json
-    options = {"concept_batch": args.concept_batch, **({"steps": args.steps} if args.steps else {})}
+    stage1_options = {"concept_batch": args.concept_batch, **({"steps": args.steps} if args.steps else {})}
     started = time.perf_counter()
-    results = run_iceb(bundle, edits=[int(e) for e in args.edits.split(",")], out=args.out,
-                       subtasks=args.subtasks.split(","), seed=args.seed, judge=judge, options=options,
-                       holdout_eval=args.holdout_eval)
-    print(summary_table(results))
-    print(json.dumps(results["timings"], indent=1))
-    for subtask, data in results["subtasks"].items():
-        for scale, methods in sorted(data["scales"].items(), key=lambda kv: int(kv[0])):
-            timings = methods["emcid"]["timings"]
-            print(f"{subtask} {scale:>5} edits: edit {timings['edit_s']:.0f} s, "
-                  f"post-edit images {timings['post_images_s']:.0f} s")
+    for method in args.methods.split(","):
+        method_started = time.perf_counter()
+        results = run_iceb(bundle, method=method, edits=[int(e) for e in args.edits.split(",")],
+                           out=args.out, subtasks=args.subtasks.split(","), seed=args.seed, judge=judge,
+                           options=stage1_options if method in STAGE1_METHODS else {},
+                           holdout_eval=args.holdout_eval)
+        print(summary_table(results, method))
+        print(json.dumps(results["timings"], indent=1))
+        for subtask, data in results["subtasks"].items():
+            for scale, methods in sorted(data["scales"].items(), key=lambda kv: int(kv[0])):
+                if method not in methods:
+                    continue
+                timings = methods[method]["timings"]
+                print(f"{method} {subtask} {scale:>5} edits: edit {timings['edit_s']:.0f} s, "
+                      f"post-edit images {timings['post_images_s']:.0f} s")
+        print(f"{method}: {time.perf_counter() - method_started:.0f} s")
     print(f"total {time.perf_counter() - started:.0f} s; results in {Path(args.out) / 'results.json'}")
 
 
