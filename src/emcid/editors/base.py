@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import asdict, fields
 from importlib.metadata import PackageNotFoundError, version
 
 from ..models import ModelBundle
@@ -51,6 +52,25 @@ class Editor(ABC):
             "emcid_version": package_version(),
         }
         return EditPatch.from_dense(deltas, metadata)
+
+
+class ConfiguredEditor(Editor):
+    """An editor whose options are exactly the fields of one config dataclass."""
+
+    config_class: type
+
+    def __init__(self, config=None):
+        self.config = config or self.config_class()
+
+    @classmethod
+    def create(cls, bundle: ModelBundle | None = None, **options) -> ConfiguredEditor:
+        unknown = set(options) - {f.name for f in fields(cls.config_class)}
+        if unknown:
+            raise ValueError(f"unknown {cls.name} options: {sorted(unknown)}")
+        return cls(cls.config_class(**options))
+
+    def hparams(self) -> dict:
+        return asdict(self.config)
 
 
 EDITORS: dict[str, type[Editor]] = {}

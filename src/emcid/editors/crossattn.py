@@ -12,13 +12,13 @@ The keys are the prompt embeddings the UNet sees (SDXL: both encoders' states, c
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from ..models import ModelBundle
 from ..requests import EditRequest, subject_positions
-from .base import Editor, register
+from .base import ConfiguredEditor, register
 
 
 @dataclass
@@ -71,25 +71,17 @@ def closed_form_projection(weight: torch.Tensor, sources: torch.Tensor, destinat
     return torch.linalg.solve(right, left.T).T - w
 
 
-class CrossAttentionEditor(Editor):
+class CrossAttentionEditor(ConfiguredEditor):
     """Shared machinery of TIME and UCE; subclasses only differ in what they preserve."""
 
+    config_class = CrossAttentionConfig
     uses_preservation = False
-
-    def __init__(self, config: CrossAttentionConfig | None = None):
-        self.config = config or CrossAttentionConfig()
 
     @classmethod
     def create(cls, bundle: ModelBundle | None = None, **options) -> CrossAttentionEditor:
-        unknown = set(options) - set(CrossAttentionConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown {cls.name} options: {sorted(unknown)}")
         if options.get("preserve") and not cls.uses_preservation:
             raise ValueError(f"{cls.name} has no preservation set; use uce")
-        return cls(CrossAttentionConfig(**options))
-
-    def hparams(self) -> dict:
-        return asdict(self.config)
+        return super().create(bundle, **options)
 
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         src, dst, templates, src_names, dst_names = _pairs(requests)

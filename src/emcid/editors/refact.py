@@ -17,7 +17,7 @@ on the model already holding the earlier ones, as ReFACT does.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from ..hooks import add_at_positions, capture
 from ..models import ModelBundle
 from ..requests import EditRequest, subject_positions
 from ..stats import DEFAULT_SAMPLES, read_corpus, second_moments
-from .base import Editor, register
+from .base import ConfiguredEditor, register
 
 
 @dataclass
@@ -130,21 +130,9 @@ def subject_keys(bundle: ModelBundle, request: EditRequest, layer: int) -> dict[
 
 
 @register
-class ReFACTEditor(Editor):
+class ReFACTEditor(ConfiguredEditor):
     name = "refact"
-
-    def __init__(self, config: ReFACTConfig | None = None):
-        self.config = config or ReFACTConfig()
-
-    @classmethod
-    def create(cls, bundle: ModelBundle | None = None, **options) -> ReFACTEditor:
-        unknown = set(options) - set(ReFACTConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown refact options: {sorted(unknown)}")
-        return cls(ReFACTConfig(**options))
-
-    def hparams(self) -> dict:
-        return asdict(self.config)
+    config_class = ReFACTConfig
 
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         config = self.config
