@@ -7,6 +7,9 @@ with its release hyperparameters (AICE alpha 0.6), every holdout class scored. P
 images and Stage I targets are cached ($EMCID_CACHE), so a rerun or a larger sweep reuses
 them. ``--model``/``--judge-dir`` point at a development checkpoint instead of the shipped
 weights (``--embedded`` marks a checkpoint whose emcid.json lacks ``"world": "mini"``).
+``--methods emcid,uce,time,refact,memit`` runs several editors into one report; ``--option
+lam=667`` passes an editor option. Uses both cores (``--threads``) and 64 concepts per Stage I
+batch (speed only).
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ import torch
 STAGE1_METHODS = {"emcid", "memit"}  # editors that take Stage I options
 
 
+def parse_option(text: str) -> tuple[str, object]:
+    """``key=value`` with a JSON value where it parses (numbers, lists), else the string."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,6 +47,8 @@ def main() -> None:
     parser.add_argument("--subtasks", default="aice,rectification")
     parser.add_argument("--holdout-eval", type=int, help="score at most this many holdout classes")
     parser.add_argument("--steps", type=int, help="Stage I steps (release: 200)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an editor option for every method, e.g. lam=667 (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concept-batch", type=int, default=64,
                         help="Stage I concepts optimised side by side (speed only; results are identical)")
@@ -59,12 +73,13 @@ def main() -> None:
         judge = load_judge("cpu", args.judge_dir)
         judge.source = args.judge_dir  # recorded in results.json
     stage1_options = {"concept_batch": args.concept_batch, **({"steps": args.steps} if args.steps else {})}
+    extra = dict(parse_option(text) for text in args.option)
     started = time.perf_counter()
     for method in args.methods.split(","):
         method_started = time.perf_counter()
         results = run_iceb(bundle, method=method, edits=[int(e) for e in args.edits.split(",")],
                            out=args.out, subtasks=args.subtasks.split(","), seed=args.seed, judge=judge,
-                           options=stage1_options if method in STAGE1_METHODS else {},
+                           options={**(stage1_options if method in STAGE1_METHODS else {}), **extra},
                            holdout_eval=args.holdout_eval)
         print(summary_table(results, method))
         print(json.dumps(results["timings"], indent=1))
