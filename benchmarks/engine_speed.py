@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--edits", default="1,10,100")
     parser.add_argument("--stats-samples", type=int, default=2000)
+    parser.add_argument("--batches", default="1,8,64", help="Stage I concept_batch values to time")
     args = parser.parse_args()
     os.environ.setdefault("EMCID_CACHE", tempfile.mkdtemp(prefix="emcid-bench-"))
     bundle = emcid.load_model(args.model, device=args.device)
@@ -58,8 +59,9 @@ def main() -> None:
     print(f"statistics: {args.stats_samples / seconds:.0f} captions/s over {len(names)} layers")
     moments = second_moments(bundle, names, None, args.stats_samples, progress=False)
 
-    probe = requests_for(8)
-    for batch in (1, 8):
+    batches = [int(b) for b in args.batches.split(",")]
+    probe = requests_for(max(max(batches), 8))
+    for batch in batches:
         config = Stage1Config(steps=args.steps, concept_batch=batch, image_guidance_scale=None,
                               image_steps=None)
         compute_targets(bundle, probe[:1], z_layer, config, TensorCache("s1", enabled=False),
