@@ -3,8 +3,8 @@
 It runs a small ICEB (AICE and rectification, up to a few dozen edits) on the miniature
 model that ships with the package, so anyone can see what EMCID does, with numbers and
 images, on a laptop CPU in minutes. To stay that short it works on a seeded sample of the
-embedded world (150 editable concepts, 300 holdout concepts) and runs Stage I for 50 steps
-instead of the release's 200; `benchmarks/iceb_mini.py` runs the full benchmark.
+embedded world (150 editable concepts, 300 holdout concepts); EMCID runs with its release
+hyperparameters. `benchmarks/iceb_mini.py` runs the full benchmark.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 DEMO_SCALES = (1, 10, 30)  # a few dozen edits: enough to see scaling, quick on a CPU
 DEMO_POOL = 150  # editable (ImageNet-1k) concepts sampled for the demo
 DEMO_HOLDOUT = 300  # holdout (extra) concepts sampled for the demo
-DEMO_STEPS = 50  # Stage I steps (release: 200), for a run of minutes on a CPU
 
 
 def demo_classes(seed: int = 0) -> tuple[int, ...]:
@@ -44,4 +43,4 @@ def run_demo(out: str | Path = "emcid-demo", device: str = "cpu", seed: int = 0,
             "the embedded model is not installed (src/emcid/mini/weights is empty); train it with "
             "`emcid mini train` or run ICEB on another model with `emcid bench iceb --model ...`")
     return run_iceb(default_model_dir(), method="emcid", edits=edits, out=out, seed=seed, device=device,
-                    options={"steps": DEMO_STEPS}, classes=demo_classes(seed), progress=progress)
+                    classes=demo_classes(seed), progress=progress)

@@ -65,8 +65,9 @@ class EMCIDEditor(Editor):
         if bundle is not None and bundle.family == "sdxl":
             stage1 = {**SDXL_STAGE1, **stage1}
         if bundle is not None and bundle.is_embedded:
-            # The miniature model's own sampler settings stand in for SD's 7.5 / 50 steps.
-            stage1 = {"image_guidance_scale": None, "image_steps": None, **stage1}
+            # The miniature model's own sampler settings stand in for SD's 7.5 / 50 steps, and
+            # its small UNet is fastest with many concepts per Stage I batch (speed only).
+            stage1 = {"image_guidance_scale": None, "image_steps": None, "concept_batch": 64, **stage1}
         unknown = set(rest) - {f.name for f in fields(EMCIDConfig)}
         if unknown:
             raise ValueError(f"unknown EMCID options: {sorted(unknown)}")
