@@ -212,3 +212,32 @@ def test_memit_variant_uses_text_targets_only(sd1, monkeypatch):
     patch.apply(sd1)
     after = block_output_at_subject(sd1, "text_encoder", 2, REQUESTS[0].prompts, "lobster")
     assert (after - before).norm() > 0.1 * before.norm()
+
+
+def test_reference_requests_get_their_stage1_options_and_share_one_stage2(sd1, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from emcid.editors.emcid import stage2
+
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "ref.png")
+    referenced = emcid.EditRequest("owl", "heron", reference_images=(str(tmp_path / "ref.png"),))
+    seen, solves = {}, []
+    real_targets, real_deltas = compute_targets, stage2.compute_deltas
+
+    def spy_targets(bundle, requests, z_layer, config, *args):
+        seen.update({r.source: config for r in requests})
+        return real_targets(bundle, requests, z_layer, config, *args)
+
+    def spy_deltas(bundle, targets, *args, **kwargs):
+        solves.append([t.request.source for t in targets])
+        return real_deltas(bundle, targets, *args, **kwargs)
+
+    monkeypatch.setattr("emcid.editors.emcid.compute_targets", spy_targets)
+    monkeypatch.setattr("emcid.editors.emcid.compute_deltas", spy_deltas)
+    emcid.edit(sd1, [REQUESTS[0], referenced], progress=False, cache=False,
+               reference_stage1={"target": "noise", "align_weight": 0.0}, **FAST)
+    assert (seen["owl"].target, seen["owl"].align_weight) == ("noise", 0.0)
+    assert (seen["lobster"].target, seen["lobster"].align_weight) == ("teacher", 0.01)
+    assert solves == [["lobster", "owl"]]  # one closed form over both groups, in request order
+    with pytest.raises(ValueError, match="reference_stage1"):
+        emcid.edit(sd1, [referenced], progress=False, reference_stage1={"colour": "red"})

@@ -46,7 +46,7 @@ METRICS = ("source_forget_efficacy", "source2dest_efficacy", "source_forget_gene
 # Hyperparameters a method uses on a subtask unless the caller overrides them.
 SUBTASK_OPTIONS = {("emcid", "aice"): {"alpha": 0.6}}  # release: a = 0.6 for arbitrary editing
 # Options for classes the model cannot draw (reference images, method.md 6).
-REFERENCE_OPTIONS = {"emcid": {"target": "noise", "align_weight": 0.0}}
+REFERENCE_OPTIONS = {"emcid": {"reference_stage1": {"target": "noise", "align_weight": 0.0}}}
 
 
 class BenchmarkError(EmcidError, ValueError):
@@ -355,23 +355,14 @@ class IcebRun:
         return [_template_group(self.bank, self.world, c, c.name, c.name, c.index) for c in chosen]
 
     def _edit(self, subtask: str, items: Sequence[EditItem]):
-        """One patch for all items; undrawable sources are edited with reference options."""
+        """One patch for all items; undrawable sources use reference images (method.md 6)."""
         options = {**SUBTASK_OPTIONS.get((self.method, subtask), {}), **self.config.options}
+        if any(i.needs_references for i in items):
+            options = {**options, **REFERENCE_OPTIONS.get(self.method, {})}
         from .. import edit
 
-        plain = [i.request for i in items if not i.needs_references]
-        referenced = [i.request for i in items if i.needs_references]
-        patches = []
-        if plain:
-            patches.append(edit(self.bundle, plain, self.method, progress=self.config.progress, **options))
-        if referenced:
-            # Solved separately and summed: one closed form per group (method.md 6).
-            extra = {**options, **REFERENCE_OPTIONS.get(self.method, {})}
-            patches.append(edit(self.bundle, referenced, self.method, progress=self.config.progress, **extra))
-        patch = patches[0]
-        for other in patches[1:]:
-            patch = patch.merge(other)
-        return patch
+        return edit(self.bundle, [i.request for i in items], self.method, progress=self.config.progress,
+                    **options)
 
     def _sweep(self, subtask: str, items: list[EditItem], holdout: list[metrics.ImageGroup]) -> dict:
         """Edit, score and revert at each scale; returns {scale: {method: metrics}}."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ...cache import TensorCache
@@ -29,6 +29,19 @@ class EMCIDConfig:
     stats_samples: int = DEFAULT_SAMPLES
     corpus: str | None = None  # caption file for the statistics; None: the default corpus
     cache: bool = True
+    # Stage I options for requests with reference images (ICEB's undrawable classes: true-noise
+    # target, text alignment off); all requests still share one Stage II solve.
+    reference_stage1: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.reference_stage1) - {f.name for f in fields(Stage1Config)}
+        if unknown:
+            raise ValueError(f"unknown Stage I options in reference_stage1: {sorted(unknown)}")
+
+    def stage1_for(self, request: EditRequest) -> Stage1Config:
+        if request.reference_images and self.reference_stage1:
+            return replace(self.stage1, **self.reference_stage1)
+        return self.stage1
 
 
 def _split_options(options: dict) -> tuple[dict, dict, dict]:
@@ -98,15 +111,30 @@ class EMCIDEditor(Editor):
             if not root_enabled:
                 raise ValueError("multi-process Stage I shares results through the cache: enable it")
             # Each process computes its share into the shared cache; then all read everything.
-            mine = requests[state.process_index::state.num_processes]
-            compute_targets(bundle, mine, z_layer, config.stage1, *caches, progress)
+            self._stage1(bundle, requests[state.process_index::state.num_processes], z_layer, caches,
+                         progress)
             state.wait_for_everyone()
-        targets = compute_targets(bundle, requests, z_layer, config.stage1, *caches, progress)
+        targets = self._stage1(bundle, requests, z_layer, caches, progress)
         names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
         moments = second_moments(bundle, names, corpus, config.stats_samples,
                                  cache=TensorCache("stats", enabled=root_enabled), progress=progress)
         return compute_deltas(bundle, targets, layers, moments, config.stage2, progress=progress)
+
+    def _stage1(self, bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
+                caches: tuple[TensorCache, TensorCache], progress: bool) -> list:
+        """Stage I per group of requests sharing a config, returned in the requests' order."""
+        groups: dict[str, tuple[Stage1Config, list[int]]] = {}
+        for index, request in enumerate(requests):
+            config = self.config.stage1_for(request)
+            groups.setdefault(repr(config), (config, []))[1].append(index)
+        targets: list = [None] * len(requests)
+        for config, indices in groups.values():
+            chosen = [requests[i] for i in indices]
+            found = compute_targets(bundle, chosen, z_layer, config, *caches, progress)
+            for index, target in zip(indices, found, strict=True):
+                targets[index] = target
+        return targets
 
 
 @register
