@@ -35,3 +35,23 @@ def test_replaying_the_prefix_encodes_exactly_like_the_full_encoder(family, requ
     # Leaving the context restores every block's own forward.
     torch.testing.assert_close(bundle.encode(PROMPTS).embeds, plain.embeds)
 
+
+
+def test_replay_puts_back_a_forward_set_on_the_instance(sd1):
+    block = sd1.slot("text_encoder").block(0)
+    calls = []
+    original = block.forward
+
+    def wrapped(*args, **kwargs):  # as accelerate's offloading hooks wrap forward
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = wrapped
+    with torch.no_grad(), capture({"b": block}) as records:
+        sd1.encode(PROMPTS)
+    with torch.no_grad(), replay_prefix([block], records["b"][0]):
+        sd1.encode(PROMPTS)
+    assert block.forward is wrapped and len(calls) == 1
+    with torch.no_grad():
+        sd1.encode(PROMPTS)
+    assert len(calls) == 2

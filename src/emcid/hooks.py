@@ -96,11 +96,16 @@ def replay_prefix(blocks: list[nn.Module], output: torch.Tensor) -> Iterator[Non
     def replayed(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return output.to(hidden_states.dtype)
 
+    # A forward set on the instance (accelerate's offloading hooks do this) is put back after.
+    own = [block.__dict__.get("forward") for block in blocks]
     for block in blocks[:-1]:
         block.forward = passthrough
     blocks[-1].forward = replayed
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward  # the class's forward again
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = forward
