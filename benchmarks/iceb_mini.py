@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="an editor option for every method, e.g. lam=667 (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--concept-batch", type=int, default=64,
-                        help="Stage I concepts optimised side by side (speed only; results are identical)")
+    parser.add_argument("--concept-batch", type=int,
+                        help="Stage I concepts optimised side by side (speed only; the embedded model's "
+                             "default is 64)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (our machines have 2 cores)")
     args = parser.parse_args()
 
@@ -72,7 +73,8 @@ def main() -> None:
 
         judge = load_judge("cpu", args.judge_dir)
         judge.source = args.judge_dir  # recorded in results.json
-    stage1_options = {"concept_batch": args.concept_batch, **({"steps": args.steps} if args.steps else {})}
+    stage1_options = {k: v for k, v in {"concept_batch": args.concept_batch, "steps": args.steps}.items()
+                      if v is not None}
     extra = dict(parse_option(text) for text in args.option)
     started = time.perf_counter()
     for method in args.methods.split(","):

@@ -36,7 +36,6 @@ def test_replaying_the_prefix_encodes_exactly_like_the_full_encoder(family, requ
     torch.testing.assert_close(bundle.encode(PROMPTS).embeds, plain.embeds)
 
 
-
 def test_replay_puts_back_a_forward_set_on_the_instance(sd1):
     block = sd1.slot("text_encoder").block(0)
     calls = []

@@ -108,27 +108,17 @@ def source_latents(bundle: ModelBundle, request: EditRequest, config: Stage1Conf
 
 
 def _read_block_outputs(bundle: ModelBundle, prompts: list[str], z_layer: dict[str, int],
-                        positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    hidden = {}
+                        positions: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Unedited outputs of every edited encoder's block l*: at the subject token of each
+    prompt (``positions``), or every token (``None``, what Stage I replays)."""
     with torch.no_grad(), ExitStack() as stack:
         records = {
             name: stack.enter_context(capture(
-                {name: bundle.slot(name).block(layer)}, positions[name]))
+                {name: bundle.slot(name).block(layer)}, None if positions is None else positions[name]))
             for name, layer in z_layer.items()
         }
         bundle.encode(prompts)
-    for name in z_layer:
-        hidden[name] = records[name][name][0].float()
-    return hidden
-
-
-def _block_outputs(bundle: ModelBundle, prompts: list[str],
-                   z_layer: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Unedited outputs of every edited encoder's block l* (all tokens), to replay in Stage I."""
-    with torch.no_grad(), capture({name: bundle.slot(name).block(layer)
-                                   for name, layer in z_layer.items()}) as records:
-        bundle.encode(prompts)
-    return {name: outputs[0] for name, outputs in records.items()}
+    return {name: records[name][name][0].float() for name in z_layer}
 
 
 def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[str, int],
@@ -236,7 +226,7 @@ def compute_z(
     with torch.no_grad():
         teacher = bundle.encode(batch.dst_prompts)
         teacher_pooled = [p.float() for p in teacher.pooled]
-    prefix = _block_outputs(bundle, batch.src_prompts, z_layer)
+    prefix = _read_block_outputs(bundle, batch.src_prompts, z_layer)
     deltas = {name: torch.zeros(count, rows[0].shape[-1], device=bundle.device, requires_grad=True)
               for name, rows in batch.hidden.items()}
     optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr)
