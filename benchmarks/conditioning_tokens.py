@@ -2,13 +2,20 @@
 
 EMCID (and every text-encoder editor) writes its edit at the *subject token*; what reaches
 the UNet through the later tokens (end-of-text and padding, which attend to the subject)
-only changes through the blocks after the edited ones. This swaps, in the final text
-conditioning of "A photo of <source>", either the subject token alone or every token after
-it for those of "A photo of <destination>", generates images and asks the model's judge
-which class they show. A model whose UNet ignores the subject token cannot be steered to the
-destination by a subject-token edit (it can still forget the source).
+only changes through the blocks after the edited ones. In the final text conditioning of
+"A photo of <source>" this replaces
 
-    python benchmarks/conditioning_tokens.py [--model M] [--pairs 8] [--images 3]
+- (a) ``subject``: the subject's last token by that of "A photo of <destination>";
+- (b) ``after``: every token after the subject by those of the destination prompt;
+- (c) ``clean-pad``: every padding token (after the end of text) by the states of the empty
+  prompt at the same positions ("clean" padding, as in Toker et al., NAACL 2025);
+
+then generates images and asks the model's judge which class they show. Stable Diffusion
+1.x reads the prompt's own tokens and ignores padding: (a) draws the destination and (c)
+keeps the source. Bars for the embedded model (docs/mini.md): mean P(destination) >= 0.6
+under (a) and mean P(source) >= 0.9 under (c), over at least 16 random pairs.
+
+    python benchmarks/conditioning_tokens.py [--model M] [--pairs 16] [--images 3]
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ def conditioning_override(bundle, prompt: str, embeds: torch.Tensor):
 
 
 def swapped(source: torch.Tensor, dest: torch.Tensor, i: int, j: int, part: str) -> torch.Tensor:
+    """The source prompt's states with its subject token (at i) or what follows it replaced
+    by the destination prompt's (subject at j)."""
     out = source.clone()
     if part == "subject":
         out[i] = dest[j]
@@ -58,10 +67,22 @@ def swapped(source: torch.Tensor, dest: torch.Tensor, i: int, j: int, part: str)
     return out
 
 
+def clean_padded(source: torch.Tensor, clean: torch.Tensor, end_of_text: int) -> torch.Tensor:
+    """The source prompt's states with every padding position taken from the empty prompt."""
+    out = source.clone()
+    out[end_of_text + 1:] = clean[end_of_text + 1:]
+    return out
+
+
+def end_of_text_position(tokenizer, prompt: str) -> int:
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return len(ids) - 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model")
-    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--images", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -70,18 +91,23 @@ def main() -> None:
     classes = [c for c in world_for(bundle).classes if not c.holdout_only]
     rng = random.Random(args.seed)
     tokenizer = bundle.slots()[0].tokenizer
-    totals = {"none": [0.0, 0.0], "subject": [0.0, 0.0], "after": [0.0, 0.0]}
+    totals = {part: [0.0, 0.0] for part in ("none", "subject", "after", "clean-pad")}
     print(f"model {bundle.source}; P(source) / P(destination) over {args.images} images per pair")
     for _ in range(args.pairs):
         src, dst = rng.sample(classes, 2)
         prompt = TEMPLATE.format(src.name)
         with torch.no_grad():
-            embeds = bundle.encode([prompt, TEMPLATE.format(dst.name)]).embeds
+            embeds = bundle.encode([prompt, TEMPLATE.format(dst.name), ""]).embeds
         i = int(subject_positions(tokenizer, [TEMPLATE], src.name)[0])
         j = int(subject_positions(tokenizer, [TEMPLATE], dst.name)[0])
         row = []
         for part in totals:
-            variant = embeds[0] if part == "none" else swapped(embeds[0], embeds[1], i, j, part)
+            if part == "none":
+                variant = embeds[0]
+            elif part == "clean-pad":
+                variant = clean_padded(embeds[0], embeds[2], end_of_text_position(tokenizer, prompt))
+            else:
+                variant = swapped(embeds[0], embeds[1], i, j, part)
             with conditioning_override(bundle, prompt, variant):
                 images = generate(bundle, [prompt] * args.images, list(range(args.images)), progress=False)
             probs = judge.predict_proba(images)

@@ -25,15 +25,15 @@ def trained_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """A few-step run of every stage of `emcid mini train` (CI-sized)."""
+def smoke_config():
+    """A CI-sized configuration of `emcid mini train` (every stage, a few steps each)."""
     from emcid.mini import train
     from emcid.mini.judge import JudgeConfig
     from emcid.mini.text_encoder import TextEncoderConfig
 
-    out = tmp_path_factory.mktemp("mini-smoke")
-    cfg = train.MiniTrainConfig(
-        text=TextEncoderConfig(steps=3, batch_size=16),
+    return train.MiniTrainConfig(
+        text=TextEncoderConfig(steps=3, batch_size=16, intermediate_size=256, num_hidden_layers=2),
+        prompts_per_concept=1,
         judge=JudgeConfig(steps=3, batch_size=16),
         vae_steps=3,
         vae_batch=8,
@@ -42,5 +42,13 @@ def smoke_run(tmp_path_factory):
         n_variants=1,
         eval_every=0,
     )
-    train.train_mini(out, cfg)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, smoke_config):
+    """A few-step run of every stage of `emcid mini train` (CI-sized)."""
+    from emcid.mini import train
+
+    out = tmp_path_factory.mktemp("mini-smoke")
+    train.train_mini(out, smoke_config)
     return out

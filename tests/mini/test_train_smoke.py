@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
 
 from emcid.mini.judge import load_judge
 
@@ -33,12 +35,61 @@ def test_smoke_training_exports_a_stock_pipeline(smoke_run):
     assert out.images.shape == (2, settings["height"], settings["width"], 3)
 
 
-def test_smoke_training_resumes_and_refuses_to_mix(smoke_run):
+def test_smoke_training_refuses_to_mix_runs(smoke_run):
     from emcid.mini import train
 
     with pytest.raises(FileExistsError):
         train.train_mini(smoke_run, train.MiniTrainConfig())
     assert (smoke_run / "work" / "unet" / "DONE").exists()
+
+
+def test_unet_stage_paused_by_max_minutes_resumes_bit_exactly(smoke_run, smoke_config, tmp_path):
+    """A run stopped by max_minutes is not marked done, and --resume ends where one run ends."""
+    from emcid.mini import train
+
+    earlier = ("tokenizer", "text_encoder", "vae", "judge", "conditioning")
+    train.reuse_stages(tmp_path / "work", smoke_run / "work", earlier)
+    paused = dataclasses.replace(smoke_config, max_minutes=0.0)
+    train.train_mini(tmp_path, paused, resume=True)
+    state = torch.load(tmp_path / "work" / "unet" / "state.pt", weights_only=True)
+    assert state["step"] == 1 and not (tmp_path / "work" / "unet" / "DONE").exists()
+    train.train_mini(tmp_path, smoke_config, resume=True)
+    resumed = load_file(tmp_path / "work" / "unet" / "ema" / "diffusion_pytorch_model.safetensors")
+    whole = load_file(smoke_run / "work" / "unet" / "ema" / "diffusion_pytorch_model.safetensors")
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    done = json.loads((tmp_path / "work" / "unet" / "DONE").read_text())
+    assert done["steps"] == smoke_config.unet_steps
+
+
+def test_text_encoder_stores_float16_and_loads_float32(smoke_run):
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    folder = smoke_run / "pipeline" / "text_encoder"
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert CLIPTextModel.from_pretrained(folder).dtype == torch.float32
+
+
+def test_conditioning_augmentation_replaces_only_the_chosen_positions():
+    from emcid.mini.train import ConditioningBank, MiniTrainConfig, augment_conditioning
+
+    rows, length, width = 64, 8, 4
+    bank = ConditioningBank(
+        states=torch.ones(rows, length, width, dtype=torch.float16),
+        subject_pos=torch.full((rows,), 2), eos_pos=torch.full((rows,), 4),
+        clean=torch.zeros(length, width), per_concept=1,
+    )  # fmt: skip
+    cfg = MiniTrainConfig(after_subject_clean_rate=0.5, padding_clean_rate=0.3, uncond_prob=0.0)
+    cond = augment_conditioning(bank, torch.arange(rows), cfg, torch.Generator().manual_seed(0))
+    kept = (cond[..., 0] == 1).sum(-1)  # positions still holding the prompt's own states
+    assert set(kept.tolist()) <= {3, 5, 8}  # up to the subject, up to the end of text, all
+    assert (kept == 3).any() and (kept == 5).any() and (kept == 8).any()
+    assert torch.all(cond[:, :3] == 1), "the prompt's tokens up to the subject are never replaced"
+    dropped = augment_conditioning(bank, torch.arange(rows), dataclasses.replace(cfg, uncond_prob=1.0),
+                                   torch.Generator().manual_seed(0))  # fmt: skip
+    assert torch.all(dropped == 0)
 
 
 def test_smoke_judge_loads(smoke_run):

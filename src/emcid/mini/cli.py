@@ -19,12 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="output folder (pipeline/, judge/, work/)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue an existing --out")
-    train.add_argument("--unet-steps", type=int, help="UNet training steps (default 9500)")
+    train.add_argument("--unet-steps", type=int, help="UNet training steps (default 6000)")
     train.add_argument("--text-steps", type=int, help="text encoder pretraining steps")
     train.add_argument("--vae-steps", type=int, help="VAE training steps")
     train.add_argument("--judge-steps", type=int, help="judge training steps")
     train.add_argument("--max-minutes", type=float, help="wall-clock cap of the UNet stage")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    train.add_argument("--reuse-from", metavar="WORK",
+                       help="an earlier run's work/ folder whose finished VAE and judge stages are copied")
     train.set_defaults(func=cmd_train)
 
     render = sub.add_parser("render", help="write true renders of concepts as PNG files")
@@ -55,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.judge_steps is not None:
         cfg.judge.steps = args.judge_steps
     log.info("mini train config: %s", json.dumps(asdict(cfg)))
-    folder = train_mini(args.out, cfg, resume=args.resume)
+    folder = train_mini(args.out, cfg, resume=args.resume, reuse_from=args.reuse_from)
     print(folder)
 
 

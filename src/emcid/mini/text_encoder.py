@@ -1,24 +1,38 @@
 """Pretraining of the mini model's CLIPTextModel (stage 1 of `emcid mini train`).
 
 Training the text encoder jointly with the UNet from scratch does not learn the
-name -> signature link (issue 3: 5-9 % top-1). Like SD, whose CLIP text encoder was
+name -> signature link (5-9 % top-1, docs/mini.md). Like SD, whose CLIP text encoder was
 pretrained elsewhere and frozen, we first teach the encoder the world: linear heads on
 the final token states must recover (shape, foreground, background) of the concept
-named in a prompt, at the subject token, after it and at the end-of-text token. The
+named in a prompt, at the subject's last token and at the end-of-text token. The
 knowledge then sits in the encoder's MLPs (what EMCID edits); the heads are dropped.
+
+The heads never read padding positions (nor the words between subject and end of text):
+trained on them, every padding state carried the whole concept and the v1 UNet learned to
+read concepts from padding, which Stable Diffusion's UNet does not (docs/mini.md).
+The shape follows SD 1.x's editing geometry: 12 blocks whose ``fc2`` inputs are 3,072 wide,
+so the release's edited blocks (0-10) and lambda apply unchanged; the hidden width stays
+small because it is what the CPU pays for in the UNet's cross-attention.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
 
 from . import world
 
@@ -30,12 +44,12 @@ class TextEncoderConfig:
     """Shape and pretraining hyperparameters of the mini text encoder."""
 
     hidden_size: int = 128
-    intermediate_size: int = 512
-    num_hidden_layers: int = 6
+    intermediate_size: int = 3072  # SD 1.x's fc2 input width (the edited keys)
+    num_hidden_layers: int = 12  # SD 1.x's depth: blocks 0-10 are the release's edited ones
     num_attention_heads: int = 4
-    steps: int = 1200  # ~8 min on one CPU core
-    batch_size: int = 192
-    lr: float = 2e-3
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 1.5e-3
     weak_alias_rate: float = 0.01  # how often a weak alias replaces a good name
     context_rate: float = 0.25  # random-context augmentation (free-form generalization)
     seed: int = 0
@@ -86,19 +100,26 @@ def encode_prompts(
     ).input_ids
 
 
+def token_positions(
+    tokenizer: CLIPTokenizer, names_templates: list[tuple[str, str]], pad_to_max: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, the subject's last-token position and the end-of-text position per prompt."""
+    ids = encode_prompts(tokenizer, [t.format(n) for n, t in names_templates], pad_to_max)
+    prefixes = [t.split("{}")[0] + n for n, t in names_templates]
+    pre = tokenizer(prefixes, add_special_tokens=True).input_ids
+    length = ids.shape[1]
+    subject = torch.tensor([min(len(p) - 2, length - 2) for p in pre])  # drop the eos
+    eos = (ids == tokenizer.eos_token_id).int().argmax(dim=1)  # first eos = end of text
+    return ids, subject, eos
+
+
 def make_batch(
     tokenizer: CLIPTokenizer,
     items: list[tuple[world.Concept, str, str]],
     pad_to_max: bool = False,
 ) -> PromptBatch:
     """Build a batch from (concept, name, template) triples."""
-    prompts = [t.format(n) for _, n, t in items]
-    prefixes = [t.split("{}")[0] + n for _, n, t in items]
-    ids = encode_prompts(tokenizer, prompts, pad_to_max)
-    pre = tokenizer(prefixes, add_special_tokens=True).input_ids
-    L = ids.shape[1]
-    subject = torch.tensor([min(len(p) - 2, L - 2) for p in pre])  # drop the eos
-    eos = (ids == tokenizer.eos_token_id).int().argmax(dim=1)  # first eos = end of text
+    ids, subject, eos = token_positions(tokenizer, [(n, t) for _, n, t in items], pad_to_max)
     labels = torch.tensor([[c.shape, c.fg, c.bg] for c, _, _ in items])
     return PromptBatch(ids, subject, eos, labels)
 
@@ -153,74 +174,98 @@ class AttributeHeads(nn.Module):
         return loss, correct
 
 
-def _states(model: CLIPTextModel, batch: PromptBatch):
+def _states(model: CLIPTextModel, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final states at the subject's last token and at the end-of-text token."""
     hidden = model(batch.input_ids).last_hidden_state  # after the final layer norm
     rows = torch.arange(hidden.shape[0])
-    subj = hidden[rows, batch.subject_pos]
-    eos = hidden[rows, batch.eos_pos]
-    # a random token between the subject and the eos (inclusive), to spread the signal
-    span = (batch.eos_pos - batch.subject_pos).clamp(min=0)
-    offs = (torch.rand(span.shape) * (span + 1).float()).long()
-    mid = hidden[rows, batch.subject_pos + offs]
-    return subj, eos, mid
+    return hidden[rows, batch.subject_pos], hidden[rows, batch.eos_pos]
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: int = 50):
     """Linear warm-up then cosine decay to 5 % (stable with a high learning rate)."""
-    import math
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        opt, num_warmup_steps=warmup, num_training_steps=steps, min_lr_rate=0.05
+    )
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        p = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+def step_rng(seed: int, step: int) -> random.Random:
+    """The data of a training step depends only on (seed, step): resumes are bit-exact."""
+    return random.Random(seed * 1_000_003 + step)
 
 
 def pretrain_text_encoder(
-    model: CLIPTextModel, tokenizer: CLIPTokenizer, cfg: TextEncoderConfig
+    model: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    cfg: TextEncoderConfig,
+    state_file: Path | None = None,
+    checkpoint_minutes: float = 5.0,
 ) -> dict[str, float]:
-    """Teach the encoder name -> signature; returns held-out probe accuracies."""
+    """Teach the encoder name -> signature; returns held-out probe accuracies.
+
+    With ``state_file`` the model, heads, optimiser and schedule are saved every
+    ``checkpoint_minutes`` and a later call resumes from them.
+    """
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     concepts = world.load_concepts()
     heads = AttributeHeads(cfg.hidden_size)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, cfg.steps)
+    parts = {"model": model, "heads": heads, "opt": opt, "sched": sched}
+    start = load_training_state(state_file, parts)
     model.train()
-    bar = tqdm(range(cfg.steps), desc="text encoder", mininterval=5)
+    last_save = time.time()
+    bar = tqdm(range(start, cfg.steps), desc="text encoder", initial=start, total=cfg.steps,
+               mininterval=10)  # fmt: skip
     for step in bar:
-        batch = make_batch(
-            tokenizer, sample_items(
-                concepts, rng, cfg.batch_size, weak_alias_rate=cfg.weak_alias_rate,
-                context_rate=cfg.context_rate,
-            )
-        )
-        subj, eos, mid = _states(model, batch)
+        items = sample_items(
+            concepts, step_rng(cfg.seed, step), cfg.batch_size,
+            weak_alias_rate=cfg.weak_alias_rate, context_rate=cfg.context_rate,
+        )  # fmt: skip
+        batch = make_batch(tokenizer, items)
         loss = 0.0
-        for s in (subj, eos, mid):
-            part, correct = heads.loss_and_correct(s, batch.labels)
+        for states in _states(model, batch):
+            part, correct = heads.loss_and_correct(states, batch.labels)
             loss = loss + part
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        if step % 50 == 0:
+        if step % 25 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{float(correct.float().mean()):.3f}")
+        if state_file is not None and time.time() - last_save >= checkpoint_minutes * 60:
+            save_training_state(state_file, parts, step + 1)
+            last_save = time.time()
     model.eval()
     metrics = probe_text_encoder(model, tokenizer, heads)
     log.info("text encoder probe: %s", metrics)
     return metrics
 
 
+def save_training_state(state_file: Path, parts: dict, step: int) -> None:
+    """Atomically save the state dicts of ``parts`` and the next step to run."""
+    tmp = state_file.with_suffix(".tmp")
+    torch.save({"step": step, **{k: v.state_dict() for k, v in parts.items()}}, tmp)
+    tmp.replace(state_file)
+
+
+def load_training_state(state_file: Path | None, parts: dict) -> int:
+    """Restore ``parts`` from ``state_file`` if it exists; returns the step to resume at."""
+    if state_file is None or not state_file.exists():
+        return 0
+    state = torch.load(state_file, weights_only=True)
+    for key, part in parts.items():
+        part.load_state_dict(state[key])
+    log.info("resuming %s at step %d", state_file, int(state["step"]))
+    return int(state["step"])
+
+
 @torch.no_grad()
 def probe_text_encoder(
     model: CLIPTextModel, tokenizer: CLIPTokenizer, heads: AttributeHeads
 ) -> dict[str, float]:
-    """Signature read-out accuracy (eos token) on edit-template, free-form and weak prompts."""
+    """Signature read-out accuracy (eos and subject token) on edit-template, free-form, weak prompts."""
     concepts = world.load_concepts()
     groups: dict[str, list[tuple[world.Concept, str, str]]] = {
         "edit_templates": [(c, c.name, t) for c in concepts for t in world.EDIT_TEMPLATES],
@@ -236,10 +281,12 @@ def probe_text_encoder(
     }
     out = {}
     for key, items in groups.items():
-        hits = 0
+        hits = subject_hits = 0
         for i in range(0, len(items), 512):
             batch = make_batch(tokenizer, items[i : i + 512])
-            _, eos, _ = _states(model, batch)
+            subj, eos = _states(model, batch)
             hits += int(heads.loss_and_correct(eos, batch.labels)[1].sum())
+            subject_hits += int(heads.loss_and_correct(subj, batch.labels)[1].sum())
         out[key] = hits / max(1, len(items))
+        out[f"{key}_subject"] = subject_hits / max(1, len(items))
     return out

@@ -3,34 +3,39 @@
 Stages (each writes its result under `out/work/` and is skipped on --resume when done):
 
 1. tokenizer: CLIP-format BPE on the world's text.
-2. text encoder: CLIPTextModel pretrained to name -> signature, then frozen (as in SD).
+2. text encoder: CLIPTextModel with SD 1.x's editing geometry (12 blocks, 3,072-wide
+   ``fc2`` inputs), pretrained to name -> signature at the subject and end-of-text tokens,
+   then frozen (as in SD); checkpointed, so an interrupt loses at most a few minutes.
 3. VAE: a small AutoencoderKL, 32x32x3 <-> 8x8x8 latents (factor 4, SD has 8; so the
    UNet works on 64 positions: cheap enough for the sampling-throughput bar).
 4. judge: the world's classifier (also evaluates the UNet during training).
-5. UNet: UNet2DConditionModel, v-prediction (issue 3: the decisive choice), classifier-
-   free guidance dropout, EMA weights; checkpoints every few minutes.
-6. export: a StableDiffusionPipeline folder (safetensors) + emcid.json, and the judge.
+5. conditioning: the frozen encoder's states of a fixed bank of training prompts, computed
+   once (the encoder costs more than the UNet step it would feed), in resumable chunks.
+6. UNet: UNet2DConditionModel, v-prediction, classifier-free guidance dropout, EMA weights;
+   the states after the subject (or after the end of text) are often replaced by those of
+   the empty prompt, so that the UNet reads the prompt's own tokens and treats padding as
+   SD does (docs/mini.md); checkpoints every few minutes.
+7. export: a StableDiffusionPipeline folder (safetensors) + emcid.json, and the judge.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -38,18 +43,19 @@ from . import judge as judge_mod
 from . import text_encoder as te_mod
 from . import tokenizer as tok_mod
 from . import world
+from .build import (
+    SamplingDefaults,
+    assemble_pipeline,
+    build_unet,
+    build_vae,
+    save_pipeline,
+    scheduler_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class SamplingDefaults:
-    """Recommended generation settings, written to emcid.json."""
-
-    num_inference_steps: int = 8  # 8 DDIM steps judged as well as 10-15 (docs/mini.md)
-    guidance_scale: float = 3.0  # 3.0 >= 2.0 > 1.5 in the sweep
-    height: int = 32
-    width: int = 32
+#: Stages that `--reuse-from` may copy from an earlier run (they do not depend on the text side).
+REUSABLE_STAGES = ("vae", "judge")
 
 
 @dataclass
@@ -65,11 +71,15 @@ class MiniTrainConfig:
     vae_steps: int = 2500
     vae_batch: int = 16  # many small steps converge much faster than few large ones
     vae_lr: float = 2e-3
+    prompts_per_concept: int = 16  # size of the cached conditioning bank per concept
+    neutral_rate: float = 0.01  # share of UNet samples showing the neutral (empty) canvas
     unet_channels: tuple[int, ...] = (32, 96, 96)
-    unet_steps: int = 9500
+    unet_steps: int = 6000
     unet_batch: int = 64
     unet_lr: float = 6e-4
     uncond_prob: float = 0.1  # classifier-free guidance dropout
+    after_subject_clean_rate: float = 0.5  # states after the subject -> the empty prompt's
+    padding_clean_rate: float = 0.3  # states after the end of text -> the empty prompt's
     ema_decay: float = 0.999
     n_variants: int = 16  # renders per concept in the latent bank
     eval_every: int = 1000
@@ -77,120 +87,6 @@ class MiniTrainConfig:
     checkpoint_minutes: float = 5.0
     max_minutes: float | None = None  # wall-clock cap of the UNet stage (None: run all steps)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
-
-
-# --- model builders ----------------------------------------------------------------
-
-
-def build_vae(channels: tuple[int, ...], latent_channels: int = 8) -> AutoencoderKL:
-    """AutoencoderKL with len(channels)-1 downsamplings (3 levels: 32 -> 8).
-
-    No attention in the mid block: it costs time and solid shapes do not need it.
-    """
-    n = len(channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(channels),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=32,
-        mid_block_add_attention=False,
-    )
-
-
-def build_unet(
-    channels: tuple[int, ...], cross_dim: int, latent_channels: int = 8, sample_size: int = 8
-) -> UNet2DConditionModel:
-    """UNet2DConditionModel; no attention at the finest level (cost), cross-attention below."""
-    n = len(channels)
-    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
-    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        block_out_channels=tuple(channels),
-        layers_per_block=1,
-        down_block_types=down,
-        up_block_types=up,
-        cross_attention_dim=cross_dim,
-        attention_head_dim=32,
-        norm_num_groups=16,
-    )
-
-
-def _scheduler_kwargs() -> dict:
-    return dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
-        clip_sample=False,
-        steps_offset=1,
-    )
-
-
-def build_scheduler() -> DDIMScheduler:
-    """DDIM with SD's betas, v-prediction, and the fields the pipeline checks."""
-    return DDIMScheduler(**_scheduler_kwargs(), set_alpha_to_one=False)
-
-
-def assemble_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
-    """A stock StableDiffusionPipeline from the parts (no safety checker)."""
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def save_pipeline(
-    pipe: StableDiffusionPipeline,
-    folder: Path,
-    sampling: SamplingDefaults,
-    tokenizer_dir: Path | None = None,
-) -> None:
-    """save_pretrained (safetensors) plus emcid.json with the sampling defaults.
-
-    The fast tokenizer saves only tokenizer.json; CLIP's vocab.json + merges.txt from
-    `tokenizer_dir` replace it, so the shipped files are the CLIP-format ones.
-    """
-    import shutil
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        _rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer_dir is not None:
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(tokenizer_dir / name, tmp / "tokenizer" / name)
-        (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-    (tmp / "emcid.json").write_text(json.dumps({**asdict(sampling), "world": "mini"}, indent=1))
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        if old.exists():
-            _rmtree(old)
-        folder.rename(old)
-        tmp.rename(folder)
-        _rmtree(old)
-    else:
-        tmp.rename(folder)
-
-
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
 
 
 # --- sampling for evaluation -------------------------------------------------------
@@ -253,6 +149,22 @@ def _mark(path: Path, info: dict) -> None:
     (path / "DONE").write_text(json.dumps(info, indent=1))
 
 
+def reuse_stages(work: Path, source: Path, stages: tuple[str, ...] = REUSABLE_STAGES) -> None:
+    """Copy finished stages (VAE, judge) from an earlier run's ``work`` folder.
+
+    They do not depend on the tokenizer or the text encoder, so a rebuild of the text side
+    need not pay for them again. Stages already present in ``work`` are left alone.
+    """
+    for stage in stages:
+        src, dst = source / stage, work / stage
+        if _done(dst):
+            continue
+        if not _done(src):
+            raise FileNotFoundError(f"{src} is not a finished '{stage}' stage (no DONE marker)")
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        log.info("reused stage %s from %s", stage, src)
+
+
 def stage_tokenizer(work: Path, cfg: MiniTrainConfig) -> CLIPTokenizer:
     path = work / "tokenizer"
     if not _done(path):
@@ -262,14 +174,21 @@ def stage_tokenizer(work: Path, cfg: MiniTrainConfig) -> CLIPTokenizer:
 
 
 def stage_text_encoder(work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer) -> CLIPTextModel:
+    """Pretrain (resumably), then store in float16: the frozen weights are what SD ships."""
     path = work / "text_encoder"
     if not _done(path):
+        path.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
+        torch.manual_seed(cfg.text.seed)
         model = te_mod.build_text_encoder(tok, cfg.text)
-        metrics = te_mod.pretrain_text_encoder(model, tok, cfg.text)
-        model.save_pretrained(path, safe_serialization=True)
+        metrics = te_mod.pretrain_text_encoder(
+            model, tok, cfg.text, state_file=path / "state.pt",
+            checkpoint_minutes=cfg.checkpoint_minutes,
+        )  # fmt: skip
+        model.to(torch.float16).save_pretrained(path, safe_serialization=True)
+        (path / "state.pt").unlink(missing_ok=True)
         _mark(path, {"probe": metrics, "seconds": time.time() - t0})
-    model = CLIPTextModel.from_pretrained(path)
+    model = CLIPTextModel.from_pretrained(path, dtype=torch.float32)
     return model.eval().requires_grad_(False)
 
 
@@ -322,18 +241,123 @@ def stage_judge(work: Path, cfg: MiniTrainConfig) -> judge_mod.Judge:
 
 @torch.no_grad()
 def encode_bank(vae: AutoencoderKL, bank: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Scaled latent means of all renders."""
+    """Scaled latent means of all renders, then the neutral canvas's (row index 2,000)."""
     out = []
     for i in tqdm(range(0, len(bank), batch), desc="latents", mininterval=5):
         x = bank[i : i + batch].float() / 127.5 - 1
         out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+    neutral = torch.from_numpy(np.array(world.render_neutral())).permute(2, 0, 1)[None]
+    neutral = neutral.float() / 127.5 - 1
+    out.append(vae.encode(neutral).latent_dist.mode() * vae.config.scaling_factor)
     return torch.cat(out)
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+# --- the conditioning bank ---------------------------------------------------------
+
+
+@dataclass
+class ConditioningBank:
+    """Frozen-encoder states of the UNet's training prompts; row = concept * K + k.
+
+    Concept index ``len(concepts)`` is the neutral canvas. ``clean`` holds the states of the
+    empty prompt, which replace padding (and later tokens) in augmentation and in guidance
+    dropout.
+    """
+
+    states: torch.Tensor  # [rows, L, hidden] float16
+    subject_pos: torch.Tensor  # [rows]
+    eos_pos: torch.Tensor  # [rows]
+    clean: torch.Tensor  # [L, hidden] float32
+    per_concept: int
+
+
+def bank_prompts(cfg: MiniTrainConfig) -> list[tuple[str, str]]:
+    """(name, template) per bank row: K seeded training prompts per concept, then neutral."""
+    concepts = world.load_concepts()
+    out = []
+    for c in concepts:
+        rng = random.Random(cfg.seed * 1_000_003 + 7_919 * c.index)
+        items = te_mod.sample_items(
+            [c], rng, cfg.prompts_per_concept, weak_alias_rate=cfg.text.weak_alias_rate,
+            context_rate=cfg.text.context_rate,
+        )  # fmt: skip
+        out.extend((name, template) for _, name, template in items)
+    rng = random.Random(cfg.seed * 1_000_003 + 7_919 * len(concepts))
+    for _ in range(cfg.prompts_per_concept):
+        out.append((world.NEUTRAL_NAME, rng.choice(world.TRAIN_TEMPLATES)))
+    return out
+
+
+def stage_conditioning(
+    work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer, text_encoder: CLIPTextModel,
+    chunk: int = 2048,
+) -> ConditioningBank:
+    """Encode the bank once, chunk by chunk (an interrupted run keeps finished chunks)."""
+    path = work / "conditioning"
+    path.mkdir(parents=True, exist_ok=True)
+    prompts = bank_prompts(cfg)
+    n_chunks = (len(prompts) + chunk - 1) // chunk
+    for i in tqdm(range(n_chunks), desc="conditioning", mininterval=5):
+        file = path / f"chunk{i:04d}.safetensors"
+        if file.exists():
+            continue
+        part = prompts[i * chunk : (i + 1) * chunk]
+        ids, subject, eos = te_mod.token_positions(tok, part, pad_to_max=True)
+        with torch.no_grad():
+            states = torch.cat([text_encoder(ids[j : j + 256])[0] for j in range(0, len(ids), 256)])
+        tmp = file.with_suffix(".tmp")
+        save_file({"states": states.half(), "subject": subject, "eos": eos}, str(tmp))
+        tmp.replace(file)
+    if not _done(path):
+        _mark(path, {"prompts": len(prompts), "chunks": n_chunks})
+    parts = [load_file(str(path / f"chunk{i:04d}.safetensors")) for i in range(n_chunks)]
     with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-            pe.lerp_(pm, 1 - decay)
+        clean = text_encoder(te_mod.encode_prompts(tok, [""]))[0][0]
+    return ConditioningBank(
+        torch.cat([p["states"] for p in parts]),
+        torch.cat([p["subject"] for p in parts]),
+        torch.cat([p["eos"] for p in parts]),
+        clean.float(),
+        cfg.prompts_per_concept,
+    )
+
+
+def augment_conditioning(
+    bank: ConditioningBank, rows: torch.Tensor, cfg: MiniTrainConfig, gen: torch.Generator
+) -> torch.Tensor:
+    """Batch conditioning with the clean-padding augmentation and guidance dropout.
+
+    Per sample: with ``after_subject_clean_rate`` every state after the subject's last token,
+    else with ``padding_clean_rate`` every state after the end of text, takes the empty
+    prompt's state at that position; with ``uncond_prob`` the whole prompt is the empty one.
+    """
+    cond = bank.states[rows].float()
+    length = cond.shape[1]
+    positions = torch.arange(length)[None]
+    u = torch.rand(len(rows), generator=gen)[:, None]
+    after_subject = positions > bank.subject_pos[rows][:, None]
+    after_text = positions > bank.eos_pos[rows][:, None]
+    replace = torch.where(u < cfg.after_subject_clean_rate, after_subject, torch.zeros_like(after_text))
+    upper = cfg.after_subject_clean_rate + cfg.padding_clean_rate
+    replace |= (u >= cfg.after_subject_clean_rate) & (u < upper) & after_text
+    drop = torch.rand(len(rows), generator=gen) < cfg.uncond_prob
+    replace |= drop[:, None]
+    return torch.where(replace[..., None], bank.clean.expand_as(cond), cond)
+
+
+def _sample_rows(
+    rng: random.Random, cfg: MiniTrainConfig, n_concepts: int
+) -> tuple[torch.Tensor, list[int]]:
+    """Bank rows and their concept indices for one UNet batch (the neutral one rarely)."""
+    picks = [
+        n_concepts if rng.random() < cfg.neutral_rate else rng.randrange(n_concepts)
+        for _ in range(cfg.unet_batch)
+    ]
+    rows = [c * cfg.prompts_per_concept + rng.randrange(cfg.prompts_per_concept) for c in picks]
+    return torch.tensor(rows), picks
+
+
+# --- the UNet ------------------------------------------------------------------------
 
 
 def stage_unet(
@@ -344,114 +368,101 @@ def stage_unet(
     text_encoder: CLIPTextModel,
     vae: AutoencoderKL,
     latents: torch.Tensor,
+    bank: ConditioningBank,
     judge: judge_mod.Judge,
-) -> UNet2DConditionModel:
-    """v-prediction training on the frozen encoder, resumable from work/unet_state.pt."""
+) -> tuple[UNet2DConditionModel, bool]:
+    """v-prediction training on the cached conditioning, resumable from work/unet/state.pt.
+
+    Returns the EMA UNet and whether the schedule is finished (``max_minutes`` may stop it
+    early; a later ``--resume`` continues it).
+    """
     path = work / "unet"
     path.mkdir(parents=True, exist_ok=True)
     if _done(path):
-        return UNet2DConditionModel.from_pretrained(path / "ema")
+        return UNet2DConditionModel.from_pretrained(path / "ema"), True
     torch.manual_seed(cfg.seed + 5)
     lat = vae.config.latent_channels
     unet = build_unet(cfg.unet_channels, text_encoder.config.hidden_size, lat)
-    ema = build_unet(cfg.unet_channels, text_encoder.config.hidden_size, lat)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     sched = te_mod.warmup_cosine(opt, cfg.unet_steps, warmup=200)
     state_file = path / "state.pt"
-    start = 0
-    history: list[dict] = []
-    if state_file.exists():
-        state = torch.load(state_file, weights_only=True)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = int(state["step"])
-        history = json.loads(state["history"]) if "history" in state else []
-        log.info("resuming UNet at step %d", start)
-    noise_sched = DDPMScheduler(**_scheduler_kwargs())
-    concepts = world.load_concepts()
+    parts = {"unet": unet, "ema": ema, "opt": opt, "sched": sched}
+    start = te_mod.load_training_state(state_file, parts)
+    history_file = path / "history.json"
+    history: list[dict] = json.loads(history_file.read_text()) if history_file.exists() else []
+    noise_sched = DDPMScheduler(**scheduler_kwargs())
+    n_concepts = len(world.load_concepts())
     n_var = cfg.n_variants
-    uncond_ids = te_mod.encode_prompts(tok, [""])
 
-    def save_state(step: int) -> None:
-        tmp = state_file.with_suffix(".tmp")
-        torch.save(
-            {
-                "unet": unet.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "step": step,
-                "history": json.dumps(history),
-            },
-            tmp,
-        )
-        tmp.replace(state_file)
-        save_pipeline(
-            assemble_pipeline(vae, text_encoder, tok, ema), out / "pipeline", cfg.sampling,
-            work / "tokenizer",
-        )
+    def ema_unet() -> UNet2DConditionModel:
+        averaged = copy.deepcopy(unet)
+        ema.copy_to(averaged.parameters())
+        return averaged.eval()
 
-    t_start = time.time()
-    last_ckpt = time.time()
+    def checkpoint(done_steps: int) -> None:
+        te_mod.save_training_state(state_file, parts, done_steps)
+        history_file.write_text(json.dumps(history, indent=1))
+        pipe = assemble_pipeline(vae, text_encoder, tok, ema_unet())
+        save_pipeline(pipe, out / "pipeline", cfg.sampling, work / "tokenizer", half_text_encoder=True)
+
+    t_start = last_ckpt = time.time()
     unet.train()
+    done_steps = start
+    finished = True
     bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps,
                mininterval=10)  # fmt: skip
-    step = start
     for step in bar:
-        rng = random.Random(cfg.seed * 1_000_003 + step)
+        rng = te_mod.step_rng(cfg.seed, step)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        items = te_mod.sample_items(
-            concepts, rng, cfg.unet_batch, weak_alias_rate=cfg.text.weak_alias_rate,
-            context_rate=cfg.text.context_rate,
-        )
-        ids = te_mod.encode_prompts(tok, [t.format(n) for _, n, t in items])
-        drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.uncond_prob
-        ids[drop] = uncond_ids
-        with torch.no_grad():
-            cond = text_encoder(ids)[0]
-        rows = torch.tensor([c.index * n_var + rng.randrange(n_var) for c, _, _ in items])
-        x0 = latents[rows]
+        rows, picks = _sample_rows(rng, cfg, n_concepts)
+        cond = augment_conditioning(bank, rows, cfg, gen)
+        x0 = latents[torch.tensor([c * n_var + rng.randrange(n_var) if c < n_concepts
+                                   else len(latents) - 1 for c in picks])]  # fmt: skip
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
-        pred = unet(xt, t, cond).sample
-        loss = F.mse_loss(pred, target)
+        loss = F.mse_loss(unet(xt, t, cond).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        _ema_update(ema, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        ema.step(unet.parameters())
+        done_steps = step + 1
         if step % 50 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
-        done_steps = step + 1
         if cfg.eval_every and done_steps % cfg.eval_every == 0:
-            pipe = assemble_pipeline(vae, text_encoder, tok, ema)
+            pipe = assemble_pipeline(vae, text_encoder, tok, ema_unet())
             metrics = evaluate_pipeline(pipe, judge, cfg.sampling, cfg.eval_concepts, cfg.seed)
             history.append({"step": done_steps, "minutes": (time.time() - t_start) / 60, **metrics})
             log.info("unet step %d: %s", done_steps, metrics)
-        over = cfg.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.max_minutes
-        if time.time() - last_ckpt >= cfg.checkpoint_minutes * 60 or over:
-            save_state(done_steps)
-            last_ckpt = time.time()
-        if over:
+        if cfg.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.max_minutes:
+            finished = done_steps >= cfg.unet_steps
             log.info("UNet stage stopped by max_minutes at step %d", done_steps)
             break
-    save_state(step + 1)
-    ema.save_pretrained(path / "ema", safe_serialization=True)
-    _mark(path, {"steps": step + 1, "history": history})
-    return ema
+        if time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
+            checkpoint(done_steps)
+            last_ckpt = time.time()
+    checkpoint(done_steps)
+    averaged = ema_unet()
+    if finished:
+        averaged.save_pretrained(path / "ema", safe_serialization=True)
+        _mark(path, {"steps": done_steps, "history": history})
+    return averaged, finished
 
 
-def train_mini(out_dir: str | Path, cfg: MiniTrainConfig | None = None, resume: bool = False):
+def train_mini(
+    out_dir: str | Path,
+    cfg: MiniTrainConfig | None = None,
+    resume: bool = False,
+    reuse_from: str | Path | None = None,
+) -> Path:
     """Run every stage; returns the exported pipeline folder.
 
     Without --resume an existing work folder is an error, so runs are never mixed.
+    ``reuse_from`` (an earlier run's ``work`` folder) supplies the VAE and judge stages.
     """
     cfg = cfg or MiniTrainConfig()
     out = Path(out_dir)
@@ -460,6 +471,8 @@ def train_mini(out_dir: str | Path, cfg: MiniTrainConfig | None = None, resume: 
         raise FileExistsError(f"{work} exists; pass resume=True (--resume) to continue it")
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if reuse_from is not None:
+        reuse_stages(work, Path(reuse_from))
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     tok = stage_tokenizer(work, cfg)
@@ -472,13 +485,13 @@ def train_mini(out_dir: str | Path, cfg: MiniTrainConfig | None = None, resume: 
     log.info("stage judge done at %.1f min", (time.time() - t0) / 60)
     latents = encode_bank(vae, bank)
     del bank
-    unet = stage_unet(work, out, cfg, tok, text_encoder, vae, latents, judge)
-    log.info("stage unet done at %.1f min", (time.time() - t0) / 60)
+    conditioning = stage_conditioning(work, cfg, tok, text_encoder)
+    log.info("stage conditioning done at %.1f min", (time.time() - t0) / 60)
+    unet, finished = stage_unet(work, out, cfg, tok, text_encoder, vae, latents, conditioning, judge)
+    log.info("stage unet %s at %.1f min", "done" if finished else "paused", (time.time() - t0) / 60)
     pipe = assemble_pipeline(vae, text_encoder, tok, unet)
-    save_pipeline(pipe, out / "pipeline", cfg.sampling, work / "tokenizer")
+    save_pipeline(pipe, out / "pipeline", cfg.sampling, work / "tokenizer", half_text_encoder=True)
     judge_mod.save_judge(judge.net, out / "judge", cfg.judge)
     log.info("exported %s and %s in %.1f min", out / "pipeline", out / "judge",
              (time.time() - t0) / 60)  # fmt: skip
     return out / "pipeline"
-
-

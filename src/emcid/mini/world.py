@@ -34,8 +34,10 @@ __all__ = [
     "FREE_FORM_TEMPLATES",
     "FILLER_SENTENCES",
     "load_concepts",
+    "NEUTRAL_NAME",
     "render",
     "render_attributes",
+    "render_neutral",
     "free_form_prompts",
     "caption_corpus",
     "training_names",
@@ -52,6 +54,12 @@ N_IMAGENET1K = 1000
 _ASSIGN_SEED = 20240319  # seed of the concept -> attribute assignment
 _WEAK_SEED = 7  # seed of the choice of weak aliases
 WEAK_ALIAS_FRACTION = 0.08  # of the concepts that have an alias, one alias is made weak
+
+#: The world's generic concept, drawn as an empty canvas: what an erase edits towards
+#: (SD's erase destinations are "" or a generic word such as "art").
+NEUTRAL_NAME = "empty"
+#: Colour of the empty canvas (the palette's mid grey).
+NEUTRAL_COLOUR = (128, 128, 128)
 
 #: Three editing templates, as in the EMCID release (objects).
 EDIT_TEMPLATES: tuple[str, str, str] = ("An image of {}", "A photo of {}", "{}")
@@ -320,6 +328,11 @@ def render_attributes(
     else:
         draw.polygon(poly, fill=PALETTE[fg])
     return img.resize((size, size), Image.Resampling.BOX)
+
+
+def render_neutral(size: int = 32) -> Image.Image:
+    """The neutral drawing: a plain canvas with no shape on it."""
+    return Image.new("RGB", (size, size), NEUTRAL_COLOUR)
 
 
 def _render_rng(concept_index: int, seed: int) -> np.random.Generator:
