@@ -79,3 +79,8 @@ def test_erase_on_the_embedded_model():
     after = own_class_probability()
     assert bool((after[:2] < 0.1).all()), after
     assert abs(float(after[2] - before[2])) < 0.05, (before, after)
+
+
+def test_erase_runs_on_sdxl(sdxl):
+    patch = emcid.edit(sdxl, [EditRequest("tench", "")], progress=False, **METHODS["emcid"])
+    assert {name.partition(".")[0] for name in patch.deltas} == {"text_encoder", "text_encoder_2"}
