@@ -73,7 +73,7 @@ def test_erase_on_the_embedded_model():
 
     before = own_class_probability()
     assert bool((before > 0.8).all()), before  # the model draws all three before the edit
-    patch = emcid.edit(bundle, requests, progress=False, stats_samples=1000)
+    patch = emcid.edit(bundle, requests, progress=False, stats_samples=500)
     assert patch.metadata["erase_destination"] == generic_destination(bundle)
     patch.apply(bundle)
     after = own_class_probability()

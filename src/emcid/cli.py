@@ -93,7 +93,8 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
     export = export_lora(args.patch, args.out, rank=args.rank)
     modules = len(export.kept_energy)
     if export.exact:
-        print(f"wrote {args.out}: rank-{export.rank} LoRA of {modules} text-encoder modules (exact)")
+        print(f"wrote {args.out}: rank-{export.rank} LoRA of {modules} text-encoder modules "
+              "(exact: the patch's own rank)")
         return
     print(f"wrote {args.out}: rank-{export.rank} LoRA of {modules} text-encoder modules; the patch has "
           f"rank {export.patch_rank}, so each delta keeps this share of its energy (||delta||_F^2):")
