@@ -87,6 +87,21 @@ def export_pipeline(bundle, folder: str | Path) -> None:
     write_settings(bundle, folder)
 
 
+def cmd_export_lora(args: argparse.Namespace) -> None:
+    from .lora import export_lora
+
+    export = export_lora(args.patch, args.out, rank=args.rank)
+    modules = len(export.kept_energy)
+    if export.exact:
+        print(f"wrote {args.out}: rank-{export.rank} LoRA of {modules} text-encoder modules "
+              "(exact: the patch's own rank)")
+        return
+    print(f"wrote {args.out}: rank-{export.rank} LoRA of {modules} text-encoder modules; the patch has "
+          f"rank {export.patch_rank}, so each delta keeps this share of its energy (||delta||_F^2):")
+    for name, kept in export.kept_energy.items():
+        print(f"  {name}: {kept:.2%}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .generation import generate
     from .patch import EditPatch
@@ -132,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", required=True, help="folder for the edited diffusers pipeline")
     apply.add_argument("--force", action="store_true", help="apply to a model of another fingerprint")
     apply.set_defaults(func=cmd_apply)
+
+    lora = commands.add_parser("export-lora",
+                               help="write a patch's text-encoder deltas as a diffusers LoRA file")
+    lora.add_argument("--patch", required=True, help="patch file from `emcid edit`")
+    lora.add_argument("--out", required=True,
+                      help="LoRA file (.safetensors) or folder, for pipe.load_lora_weights(...)")
+    lora.add_argument("--rank", type=int,
+                      help="LoRA rank (default: the patch's; lower ranks keep the top singular directions)")
+    lora.set_defaults(func=cmd_export_lora)
 
     gen = commands.add_parser("generate", help="generate images, optionally with a patch applied")
     _add_model_args(gen)

@@ -30,7 +30,10 @@ def _normalise(text: str) -> str:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One concept edit: ``source`` -> ``destination`` in the given prompt templates."""
+    """One concept edit: ``source`` -> ``destination`` in the given prompt templates.
+
+    An empty destination erases the source to a generic concept (see :mod:`emcid.tasks`).
+    """
 
     source: str
     destination: str
@@ -45,8 +48,6 @@ class EditRequest:
         object.__setattr__(self, "reference_images", tuple(str(p) for p in self.reference_images))
         if not self.source:
             raise RequestError("an edit request has an empty source")
-        if not self.destination:
-            raise RequestError(f"the request for {self.source!r} has an empty destination")
         if _normalise(self.source) == _normalise(self.destination):
             raise RequestError(f"source and destination are both {self.source!r}: nothing to edit")
         if not self.prompts:

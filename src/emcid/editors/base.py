@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ..models import ModelBundle
 from ..patch import EditPatch
 from ..requests import EditRequest, subject_positions, validate_requests
+from ..tasks import generic_destination, is_erase, resolve_erase
 
 
 def package_version() -> str:
@@ -41,7 +42,7 @@ class Editor(ABC):
             for request in checked:
                 subject_positions(slot.tokenizer, request.prompts, request.source)
         base = bundle.fingerprint()
-        deltas = self.compute(bundle, checked, progress)
+        deltas = self.compute(bundle, resolve_erase(bundle, checked), progress)
         metadata = {
             "method": self.name,
             "base_fingerprint": base,
@@ -51,6 +52,8 @@ class Editor(ABC):
             "hparams": self.hparams(),
             "emcid_version": package_version(),
         }
+        if any(is_erase(r) for r in checked):
+            metadata["erase_destination"] = generic_destination(bundle)
         return EditPatch.from_dense(deltas, metadata)
 
 

@@ -29,12 +29,21 @@ class CrossAttentionConfig:
     edit_keys: bool = True  # edit to_k as well as to_v (both papers do)
 
 
+def _slot_position(tokenizer, template: str, subject: str) -> torch.Tensor:
+    """The subject's last token; for an empty subject (an erase), the token after the slot
+    (in "An image of {}" the end-of-text token, where the source's subject token stands)."""
+    if subject:
+        return subject_positions(tokenizer, [template], subject)
+    prefix = template[:template.index("{}")]
+    return torch.tensor([len(tokenizer(prefix).input_ids) - 1])
+
+
 @torch.no_grad()
 def subject_embeddings(bundle: ModelBundle, prompts: list[str], subjects: list[str],
                        templates: list[str]) -> torch.Tensor:
     """The UNet's text conditioning at each prompt's subject token: (n, width), float64."""
     tokenizer = bundle.slots()[0].tokenizer
-    positions = torch.cat([subject_positions(tokenizer, [t], s) for t, s in zip(templates, subjects)])
+    positions = torch.cat([_slot_position(tokenizer, t, s) for t, s in zip(templates, subjects)])
     embeds = bundle.encode(prompts).embeds
     rows = torch.arange(len(prompts), device=embeds.device)
     return embeds[rows, positions.to(embeds.device)].double().cpu()
