@@ -27,6 +27,8 @@ FC2_TEMPLATE = "text_model.encoder.layers.{}.mlp.fc2"
 BLOCK_TEMPLATE = "text_model.encoder.layers.{}"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SETTINGS_FILE = "emcid.json"
+HISTORY_DIR = "emcid_history"  # a patched pipeline folder's patch chain (written by apply)
+HISTORY_FILE = "chain.json"
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # what a fingerprint covers
 
 # Sampling defaults of each family's reference pipeline; a model folder may override them
@@ -95,6 +97,10 @@ class ModelBundle:
     settings: dict = field(default_factory=dict)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     applied: list = field(default_factory=list)
+    # Patches recorded in the folder this model was loaded from (oldest first), each with the
+    # path of the weights it replaced, and the fingerprint the folder had when written.
+    history: list[dict] = field(default_factory=list)
+    recorded_fingerprint: str | None = None
 
     def __getattr__(self, name: str):
         # Component names are diffusers' own: bundle.unet, bundle.text_encoder_2, ...
@@ -315,7 +321,24 @@ def load_model(
             module.requires_grad_(False).eval()
     settings = _read_settings(local) if looks_local else {}
     sampling = {k: settings.get(k, v) for k, v in FAMILY_SAMPLING[detected].items()}
-    return ModelBundle(pipeline, detected, id_or_path, sampling, settings)
+    history, recorded = _read_history(local) if looks_local else ([], None)
+    return ModelBundle(pipeline, detected, id_or_path, sampling, settings, history=history,
+                       recorded_fingerprint=recorded)
+
+
+def _read_history(folder: Path) -> tuple[list[dict], str | None]:
+    """The patch chain a folder written by ``emcid apply`` carries (none for a plain model)."""
+    path = folder / HISTORY_DIR / HISTORY_FILE
+    if not path.exists():
+        return [], None
+    try:
+        chain = json.loads(path.read_text())
+        steps = [{**step, "originals": str(path.parent / step["originals"])}
+                 for step in chain["steps"]]
+        return steps, chain["model_fingerprint"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{path} is corrupted ({exc!r}); delete {path.parent} to use the "
+                             "model without its patch chain") from None
 
 
 def _read_settings(folder: Path) -> dict:
