@@ -224,3 +224,14 @@ def test_save_pipeline_refuses_the_model_folder(tmp_path, sd1_dir):
     out = save_pipeline(bundle, tmp_path / "edited")
     save_pipeline(bundle, out)  # an earlier output is replaced whole
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_header_length_starting_like_a_pickle_still_loads(tmp_path, patch):
+    """A safetensors header length whose low byte is 0x80 must not be taken for a pickle."""
+    for pad in range(64):
+        patch.metadata["note"] = "x" * (8 * pad)
+        path = patch.save(tmp_path / "p.safetensors")
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert EditPatch.load(path).checksum == patch.checksum

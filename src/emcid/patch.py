@@ -165,10 +165,10 @@ def _read_patch_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         raise PatchFileError(f"patch file {path} does not exist" if not path.exists()
                              else f"{path} is a folder, not a patch file")
     with path.open("rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)  # safetensors: an 8-byte header length, then the JSON header
     if not head:
         raise PatchFileError(f"patch file {path} is empty (0 bytes)")
-    if head.startswith(PICKLE_MAGIC):
+    if head.startswith(PICKLE_MAGIC) and head[8:9] != b"{":
         raise PatchFileError(f"{path} is a pickle (torch.save) file, which can run code when "
                              "loaded; patches are safetensors files written by `emcid edit`")
     try:
