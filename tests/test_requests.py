@@ -163,6 +163,13 @@ def test_json_and_encoding_errors_name_file_and_line(tmp_path):
     assert load_requests(bom) == [EditRequest("caf\u00e9", "tea")]
 
 
+def test_reference_images_may_be_paths(tmp_path):
+    request = EditRequest("a", "b", reference_images=[tmp_path / "x.png"])
+    assert request.reference_images == (str(tmp_path / "x.png"),)
+    with pytest.raises(RequestError, match="a reference image must be text"):
+        EditRequest("a", "b", reference_images=[3])
+
+
 def test_reference_images_relative_to_file(tmp_path):
     (tmp_path / "r.yaml").write_text("- {source: a, destination: b, reference_images: [img/x.png]}\n")
     (request,) = load_requests(tmp_path / "r.yaml")

@@ -112,8 +112,9 @@ class EditRequest:
         if isinstance(self.prompts, str) or isinstance(self.reference_images, str):
             raise RequestError(f"prompts and reference_images of {self.source!r} are lists")
         object.__setattr__(self, "prompts", tuple(_text(p, "a prompt") for p in self.prompts))
-        object.__setattr__(self, "reference_images",
-                           tuple(_text(p, "a reference image") for p in self.reference_images))
+        object.__setattr__(self, "reference_images", tuple(
+            os.fspath(p) if isinstance(p, os.PathLike) else _text(p, "a reference image")
+            for p in self.reference_images))
         object.__setattr__(self, "seed", _seed(self.seed))
         if not self.source:
             raise RequestError("an edit request has an empty source")
