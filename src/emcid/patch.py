@@ -5,6 +5,10 @@ under half the width, else as the full matrix; JSON metadata records the base mo
 fingerprint, the requests, hyperparameters and package version. Saved as one safetensors
 file whose checksum covers the tensors and the metadata, checked on load (as cache entries
 are). ``apply`` keeps the original weights so ``revert`` restores them bit for bit.
+
+:func:`save_pipeline` writes a patched model as a diffusers folder together with its patch
+chain (``emcid_history/``: each patch's checksum and the weights it replaced), so a model
+edited in several steps can be taken back one step at a time with :func:`revert_last`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .cache import read_checked, read_metadata, save_tensors_atomic, tensors_checksum
 from .errors import PatchFileError, PatchMismatchError
@@ -159,8 +164,6 @@ class EditPatch:
 
 def _read_patch_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """Tensors and metadata text of a patch file, after checking what the file is."""
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise PatchFileError(f"patch file {path} does not exist" if not path.exists()
                              else f"{path} is a folder, not a patch file")
