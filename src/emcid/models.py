@@ -305,7 +305,7 @@ def _not_a_pipeline(path: Path) -> str:
         except Exception:  # not readable as safetensors: described as a plain file below
             pass
     if path.suffix in (".safetensors", *PICKLE_SUFFIXES):
-        return (f"{what}: a single-file checkpoint; convert it once with diffusers "
+        return (f"{what}; if it is a single-file checkpoint, convert it once with diffusers "
                 "(StableDiffusionPipeline.from_single_file(path).save_pretrained(folder))")
     return f"{what} (a folder holding model_index.json, written by save_pretrained)"
 

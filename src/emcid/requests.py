@@ -151,7 +151,8 @@ class EditRequest:
             raise RequestError(f"unknown request fields {sorted(unknown)}")
         for key in ("source", "destination"):
             if data.get(key) is None:
-                hint = ' (an erase is written destination: "")' if key == "destination" else ""
+                hint = (' (an erase is an explicit empty destination: destination: "", or an '
+                        'empty CSV cell)') if key == "destination" else ""
                 raise RequestError(f"{key} is missing or null{hint}")
         kwargs = dict(data)
         for key in ("prompts", "reference_images"):
