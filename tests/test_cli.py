@@ -63,3 +63,64 @@ def test_parse_layers():
         "text_encoder": [8, 9, 10], "text_encoder_2": [26, 27, 28, 29, 30]}
     with pytest.raises(EmcidError):
         parse_layers(["a-b"])
+
+
+def _error_line(capsys) -> str:
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("emcid: error")]
+    return line
+
+
+def test_apply_over_its_model_refused_and_revert_one_step_at_a_time(tmp_path, sd1_dir, capsys):
+    import shutil
+
+    from emcid import EditRequest, edit, load_model
+
+    model = shutil.copytree(sd1_dir, tmp_path / "model")
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    settings = {"steps": 3, "stats_samples": 50, "lam": 1.0, "layers": {"text_encoder": [1, 2]}}
+    first = edit(load_model(model), [EditRequest("tench", "goldfish")], progress=False, **settings)
+    first_path = first.save(tmp_path / "first.safetensors")
+    for out in (model, model / "edited"):
+        assert main(["apply", "--model", str(model), "--patch", str(first_path), "--out", str(out)]) == 2
+        assert "would overwrite the model" in _error_line(capsys)
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+    step1, step2 = tmp_path / "step1", tmp_path / "step2"
+    assert main(["apply", "--model", str(model), "--patch", str(first_path), "--out", str(step1)]) == 0
+    second = edit(load_model(step1), [EditRequest("zebra", "horse")], progress=False, **settings)
+    second_path = second.save(tmp_path / "second.safetensors")
+    assert main(["apply", "--model", str(step1), "--patch", str(second_path), "--out", str(step2)]) == 0
+    assert len(load_model(step2).history) == 2
+
+    back1, back0 = tmp_path / "back1", tmp_path / "back0"
+    assert main(["revert", "--model", str(step2), "--patch", str(first_path), "--out", str(back1)]) == 2
+    assert "reverted last first" in _error_line(capsys) and not back1.exists()
+    assert main(["revert", "--model", str(step2), "--patch", str(second_path), "--out", str(back1)]) == 0
+    assert main(["revert", "--model", str(back1), "--out", str(back0)]) == 0
+    for reverted, expected in ((back1, step1), (back0, model)):
+        got, want = load_model(reverted), load_model(expected)
+        for component in ("text_encoder", "unet", "vae"):
+            mine, theirs = getattr(got, component).state_dict(), getattr(want, component).state_dict()
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert main(["revert", "--model", str(back0), "--out", str(tmp_path / "back-1")]) == 2
+    assert "no recorded patch" in _error_line(capsys)
+
+
+def test_bad_patch_files_on_the_command_line(tmp_path, sd1_dir, capsys):
+    weights = str(sd1_dir / "text_encoder" / "model.safetensors")
+    out = tmp_path / "out"
+    for extra in ([], ["--force"]):
+        assert main(["apply", "--model", str(sd1_dir), "--patch", weights, "--out", str(out), *extra]) == 2
+        assert "not an emcid patch" in _error_line(capsys)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    assert main(["apply", "--model", str(sd1_dir), "--patch", str(tmp_path / "empty.safetensors"),
+                 "--out", str(out), "--force"]) == 2
+    assert "is empty" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_multi_line_errors_print_as_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n{"source": "a",\n "destination": }\n]')
+    assert main(["edit", "--requests", str(bad), "--out", str(tmp_path / "p")]) == 2
+    assert "bad.json:3: malformed JSON" in _error_line(capsys)

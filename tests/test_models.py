@@ -41,6 +41,43 @@ def test_not_a_pipeline_folder(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_file_or_component_as_model_says_what_it_is(tmp_path, sd1_dir):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelLoadError, match=r"is a file \(5 bytes\), not a diffusers pipeline"):
+        load_model(tmp_path / "notes.txt")
+    with pytest.raises(ModelLoadError, match="single-file checkpoint"):
+        load_model(sd1_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelLoadError, match="one component"):
+        load_model(sd1_dir / "unet")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model("missing-checkpoint.safetensors")  # a file name, never a hub id
+
+
+def test_hub_id_offline_names_offline_mode(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match=r"the hub is offline \(HF_HUB_OFFLINE=1\)"):
+        load_model("someorg/not-cached-anywhere")
+
+
+def test_hub_id_without_network_names_the_network(monkeypatch):
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):  # what diffusers raises when the hub cannot be resolved
+        try:
+            raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+        except LocalEntryNotFoundError as exc:
+            raise OSError("does not appear to have a file named model_index.json") from exc
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(DiffusionPipeline, "load_config", unreachable)
+    with pytest.raises(ModelLoadError, match=r"hub cannot be reached \(no network\?\)"):
+        load_model("someorg/not-cached-anywhere")
+
+
 def test_wrong_family(sd1_dir):
     with pytest.raises(ModelLoadError, match="not sdxl"):
         load_model(sd1_dir, family="sdxl")

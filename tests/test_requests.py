@@ -18,6 +18,15 @@ def test_defaults_and_prompts():
     "kwargs, message",
     [
         ({"source": "", "destination": "x"}, "empty source"),
+        ({"source": "x", "destination": None}, "destination is missing"),
+        ({"source": True, "destination": "x"}, "boolean True"),
+        ({"source": ["a", "b"], "destination": "x"}, "must be text, not the list"),
+        ({"source": "a", "destination": "b", "seed": 1.7}, "whole number, not 1.7"),
+        ({"source": "a", "destination": "b", "seed": True}, "whole number, not True"),
+        ({"source": "a", "destination": "b", "seed": -1}, "outside"),
+        ({"source": "a", "destination": "b", "prompts": ("a {name} {}",)}, "other than one"),
+        ({"source": "a", "destination": "b", "prompts": ("a {} {}",)}, "other than one"),
+        ({"source": "a", "destination": "b", "prompts": ("a {",)}, "Single '{'"),
         ({"source": "Tench", "destination": "tench"}, "nothing to edit"),
         ({"source": "a", "destination": "b", "prompts": ("no slot",)}, "exactly once"),
         ({"source": "a", "destination": "b", "prompts": ()}, "no prompts"),
@@ -26,6 +35,30 @@ def test_defaults_and_prompts():
 def test_bad_requests_are_refused(kwargs, message):
     with pytest.raises(RequestError, match=message):
         EditRequest(**kwargs)
+
+
+def test_empty_destination_is_an_erase():
+    erase = EditRequest("tench", " ")
+    assert erase.is_erase and erase.destination == ""
+    assert not EditRequest("tench", "goldfish").is_erase
+
+
+def test_literal_braces_locate_the_subject(sd1):
+    request = EditRequest("tench", "goldfish", prompts=("{{x}} a {}",))
+    assert request.source_prompts() == ["{x} a tench"]
+    (position,) = subject_positions(sd1.tokenizer, request.prompts, "tench").tolist()
+    ids = sd1.tokenizer("{x} a tench").input_ids
+    assert sd1.tokenizer.decode(ids[: position + 1], skip_special_tokens=True).endswith("tench")
+
+
+@pytest.mark.parametrize("second", [
+    EditRequest("tench", "goldfish", seed=4),
+    EditRequest("Tench", "goldfish"),
+    EditRequest("tench", "goldfish", prompts=("a {}",)),
+])
+def test_same_source_twice_refused_naming_both(second):
+    with pytest.raises(RequestError, match="request 1 and request 3 both edit 'tench'"):
+        validate_requests([EditRequest("tench", "goldfish"), EditRequest("zebra", "horse"), second])
 
 
 def test_conflicting_destinations_refused():
@@ -64,6 +97,79 @@ def test_load_errors(tmp_path):
         load_requests(tmp_path / "r.txt")
 
 
+@pytest.mark.parametrize("text, message", [
+    ("- {source: zebra, destination: }\n", r"r.yaml:1: request 1: destination is missing or null"),
+    ("- {source: a, destination: b}\n- source: zebra\n", r"r.yaml:2: request 2: destination is missing"),
+    ("- {source: a, destination: yes}\n", "request 1: destination is the boolean True"),
+    ("- {source: no, destination: b}\n", "request 1: source is the boolean False"),
+    ("- {source: [a, b], destination: c}\n", "request 1: source must be text, not the list"),
+    ("- {source: a, destination: b, seed: 1.7}\n", "request 1: seed must be a whole number"),
+    ("- {source: a, destination: b, seed: true}\n", "request 1: seed must be a whole number"),
+    ("- {source: a, destination: b, prompts: 'a {}'}\n- {source: c, destination: d, "
+     "prompts: ['a {name} {}']}\n", r"r.yaml:2: request 2: prompt 'a \{name\} \{\}'"),
+    ("- {source: a, destination: b}\n-\n  source: A\n  destination: b\n  seed: 3\n",
+     r"r.yaml:1: request 1 and .*r.yaml:3: request 2 both edit 'a'"),
+    ("- {source: a, destination: b\n- {source: c}\n", r"r.yaml:2: malformed YAML"),
+    ("- source: a\n  destination: b\n - x\n", r"r.yaml:3: malformed YAML"),
+])
+def test_yaml_errors_name_file_and_line(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(RequestError, match=message) as info:
+        load_requests(tmp_path / "r.yaml")
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_explicit_empty_destination_is_an_erase(tmp_path):
+    (tmp_path / "r.yaml").write_text('- {source: zebra, destination: ""}\n')
+    (request,) = load_requests(tmp_path / "r.yaml")
+    assert request.is_erase
+    save_requests([request], tmp_path / "back.yaml")
+    assert load_requests(tmp_path / "back.yaml") == [request]
+
+
+def test_csv_missing_field_and_erase(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("source,destination,seed\ntench,goldfish,1\nzebra\n")
+    with pytest.raises(RequestError, match=r"r.csv:3: request 2: destination is missing"):
+        load_requests(path)
+    path.write_text("source,destination,seed\ntench,,1\n")
+    (erase,) = load_requests(path)
+    assert erase.is_erase and erase.seed == 1
+    path.write_text("source,destination\ntench,goldfish,extra\n")
+    with pytest.raises(RequestError, match="r.csv:2: request 1: more cells"):
+        load_requests(path)
+    path.write_text("source,dest\ntench,goldfish\n")
+    with pytest.raises(RequestError, match=r"r.csv:1: the header lacks .*destination"):
+        load_requests(path)
+    path.write_text("source,destination,seed\ntench,goldfish,1.7\n")
+    with pytest.raises(RequestError, match="r.csv:2: request 1: seed must be a whole number"):
+        load_requests(path)
+
+
+def test_json_and_encoding_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('[\n {"source": "a", "destination": "b"},\n {"source": "c" "destination": "d"}\n]')
+    with pytest.raises(RequestError, match=r"r.json:3: malformed JSON"):
+        load_requests(path)
+    path.write_text('[{"source": "a", "destination": "b"},\n {"source": "c", "destination": null}]')
+    with pytest.raises(RequestError, match=r"r.json:2: request 2: destination is missing"):
+        load_requests(path)
+    latin = tmp_path / "r.csv"
+    latin.write_bytes("source,destination\ntench,goldfish\ncaf\u00e9,tea\n".encode("latin-1"))
+    with pytest.raises(RequestError, match=r"r.csv:3: not UTF-8 text \(byte 0xe9\)"):
+        load_requests(latin)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("source,destination\ncaf\u00e9,tea\n".encode("utf-8-sig"))
+    assert load_requests(bom) == [EditRequest("caf\u00e9", "tea")]
+
+
+def test_reference_images_may_be_paths(tmp_path):
+    request = EditRequest("a", "b", reference_images=[tmp_path / "x.png"])
+    assert request.reference_images == (str(tmp_path / "x.png"),)
+    with pytest.raises(RequestError, match="a reference image must be text"):
+        EditRequest("a", "b", reference_images=[3])
+
+
 def test_reference_images_relative_to_file(tmp_path):
     (tmp_path / "r.yaml").write_text("- {source: a, destination: b, reference_images: [img/x.png]}\n")
     (request,) = load_requests(tmp_path / "r.yaml")
@@ -84,6 +190,10 @@ def test_subject_positions_multi_token(sd1):
 
 
 def test_subject_beyond_window_refused(sd1):
-    long_template = "a " * 80 + "{}"
-    with pytest.raises(RequestError, match="token window"):
+    long_template = "a " * 1100 + "{}"
+    with pytest.raises(RequestError, match="token window") as info:
         subject_positions(sd1.tokenizer, [long_template], "tench")
+    message = str(info.value)
+    tokens = len(sd1.tokenizer(long_template.format("tench")).input_ids)
+    assert f"is {tokens} tokens long" in message
+    assert len(message) < 300 and "'a a a" in message

@@ -71,20 +71,25 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    from .patch import EditPatch
+    from .patch import EditPatch, save_pipeline
 
+    patch = EditPatch.load(args.patch)
     bundle = _load(args)
-    EditPatch.load(args.patch).apply(bundle, force=args.force)
-    export_pipeline(bundle, args.out)
-    print(f"wrote the edited pipeline to {args.out}")
+    patch.apply(bundle, force=args.force)
+    save_pipeline(bundle, args.out)
+    print(f"wrote the edited pipeline to {args.out}: {len(patch.metadata.get('requests', []))} "
+          f"edits in {len(patch.deltas)} modules, patch {len(bundle.history) + 1} of its chain")
 
 
-def export_pipeline(bundle, folder: str | Path) -> None:
-    """Save the (patched) pipeline with save_pretrained, carrying emcid's settings along."""
-    from .models import write_settings
+def cmd_revert(args: argparse.Namespace) -> None:
+    from .patch import EditPatch, revert_last, save_pipeline
 
-    bundle.pipeline.save_pretrained(folder, safe_serialization=True)
-    write_settings(bundle, folder)
+    patch = EditPatch.load(args.patch) if args.patch else None
+    bundle = _load(args)
+    step = revert_last(bundle, patch)
+    save_pipeline(bundle, args.out)
+    print(f"wrote {args.out}: reverted {step.get('method')} patch ({', '.join(step.get('sources', []))}); "
+          f"{len(bundle.history)} patches remain")
 
 
 def cmd_export_lora(args: argparse.Namespace) -> None:
@@ -156,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--rank", type=int,
                       help="LoRA rank (default: the patch's; lower ranks keep the top singular directions)")
     lora.set_defaults(func=cmd_export_lora)
+    revert = commands.add_parser(
+        "revert", help="take the last patch off a pipeline folder written by apply (bit exact)")
+    _add_model_args(revert)
+    revert.add_argument("--patch", help="the patch to revert; must be the folder's last one "
+                                        "(default: whichever is last)")
+    revert.add_argument("--out", required=True, help="folder for the reverted pipeline")
+    revert.set_defaults(func=cmd_revert)
 
     gen = commands.add_parser("generate", help="generate images, optionally with a patch applied")
     _add_model_args(gen)
@@ -187,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (EmcidError, FileNotFoundError) as exc:
-        print(f"emcid: error: {exc}", file=sys.stderr)
+        print(f"emcid: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return 2
     return 0
 

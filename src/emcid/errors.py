@@ -23,3 +23,11 @@ class Stage1DivergedError(EmcidError, FloatingPointError):
 
 class PatchMismatchError(EmcidError):
     """A patch does not belong to the model it is applied to."""
+
+
+class PatchFileError(EmcidError):
+    """A file given as a patch is missing, corrupted, or not an emcid patch."""
+
+
+class CacheError(EmcidError):
+    """The cache folder cannot be used (a file, or not writable)."""

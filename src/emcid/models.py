@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ FC2_TEMPLATE = "text_model.encoder.layers.{}.mlp.fc2"
 BLOCK_TEMPLATE = "text_model.encoder.layers.{}"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SETTINGS_FILE = "emcid.json"
+HISTORY_DIR = "emcid_history"  # a patched pipeline folder's patch chain (written by apply)
+HISTORY_FILE = "chain.json"
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # what a fingerprint covers
 
 # Sampling defaults of each family's reference pipeline; a model folder may override them
@@ -95,6 +98,10 @@ class ModelBundle:
     settings: dict = field(default_factory=dict)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     applied: list = field(default_factory=list)
+    # Patches recorded in the folder this model was loaded from (oldest first), each with the
+    # path of the weights it replaced, and the fingerprint the folder had when written.
+    history: list[dict] = field(default_factory=list)
+    recorded_fingerprint: str | None = None
 
     def __getattr__(self, name: str):
         # Component names are diffusers' own: bundle.unet, bundle.text_encoder_2, ...
@@ -245,17 +252,62 @@ def _local_pickles(folder: Path) -> list[Path]:
     return [p for p in weights if p.parent not in safe]
 
 
+def _hub_problem(id_or_path: str, exc: BaseException) -> str | None:
+    """Name offline mode or an unreachable hub, which diffusers reports as a missing file."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    cache = constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE or any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return (f"hub id {id_or_path!r} is not in the local hub cache ({cache}) and the hub is "
+                "offline (HF_HUB_OFFLINE=1): download it while online, or give a local folder")
+    if any(isinstance(e, (LocalEntryNotFoundError, ConnectionError, socket.gaierror)) for e in chain):
+        return (f"the Hugging Face hub cannot be reached (no network?) and {id_or_path!r} is not "
+                f"in the local hub cache ({cache}): connect, or give a local folder")
+    return None
+
+
 def _pipeline_class_name(id_or_path: str) -> str:
     from diffusers import DiffusionPipeline
 
     try:
         config = DiffusionPipeline.load_config(id_or_path)
     except Exception as exc:  # diffusers raises OSError, EnvironmentError, HTTP errors ...
-        raise ModelLoadError(
+        problem = _hub_problem(id_or_path, exc) or (
             f"cannot read a diffusers pipeline from {id_or_path!r}: {exc}. Give a folder written "
-            "by save_pretrained (it holds model_index.json) or a hub id"
-        ) from exc
+            "by save_pretrained (it holds model_index.json) or a hub id")
+        raise ModelLoadError(problem) from exc
     return config.get("_class_name", "")
+
+
+def _not_a_pipeline(path: Path) -> str:
+    """What a local path given as a model is, when it is not a pipeline folder."""
+    if path.is_dir():
+        hint = (" (it holds config.json: one component; give the pipeline folder above it)"
+                if (path / "config.json").exists() else "")
+        return f"{str(path)!r} is not a diffusers pipeline folder: model_index.json is missing{hint}"
+    if not path.exists():
+        return (f"model folder {str(path)!r} does not exist (give a diffusers pipeline folder or "
+                "a hub id like 'org/name')")
+    if not path.is_file():
+        return f"{str(path)!r} is neither a folder nor a file"
+    what = f"{str(path)!r} is a file ({path.stat().st_size:,} bytes), not a diffusers pipeline folder"
+    if path.suffix == ".safetensors":
+        from .cache import read_metadata
+
+        try:
+            if "emcid" in read_metadata(path):
+                return f"{what}: it is an emcid patch; pass it as --patch and the model as --model"
+        except Exception:  # not readable as safetensors: described as a plain file below
+            pass
+    if path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+        return (f"{what}; if it is a single-file checkpoint, convert it once with diffusers "
+                "(StableDiffusionPipeline.from_single_file(path).save_pretrained(folder))")
+    return f"{what} (a folder holding model_index.json, written by save_pretrained)"
 
 
 def load_model(
@@ -278,17 +330,11 @@ def load_model(
         id_or_path = default_model_path()
     id_or_path = str(id_or_path)
     local = Path(id_or_path)
-    looks_local = local.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") > 1
+    looks_local = (local.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") > 1
+                   or local.suffix in (".safetensors", *PICKLE_SUFFIXES))
     if looks_local:
-        if not local.is_dir():
-            raise ModelLoadError(
-                f"model folder {id_or_path!r} does not exist (give a diffusers pipeline folder or "
-                "a hub id like 'org/name')"
-            )
-        if not (local / "model_index.json").exists():
-            raise ModelLoadError(
-                f"{id_or_path!r} is not a diffusers pipeline folder: model_index.json is missing"
-            )
+        if not (local / "model_index.json").is_file():
+            raise ModelLoadError(_not_a_pipeline(local))
         pickles = _local_pickles(local)
         if pickles and not allow_pickle:
             raise ModelLoadError(
@@ -304,7 +350,8 @@ def load_model(
             id_or_path, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
         )
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {id_or_path!r}: {exc}") from exc
+        problem = None if looks_local else _hub_problem(id_or_path, exc)
+        raise ModelLoadError(problem or f"cannot load {id_or_path!r}: {exc}") from exc
     detected = detect_family(pipeline)
     if family is not None and family != detected:
         raise ModelLoadError(f"{id_or_path!r} is an {detected} model, not {family}")
@@ -315,7 +362,24 @@ def load_model(
             module.requires_grad_(False).eval()
     settings = _read_settings(local) if looks_local else {}
     sampling = {k: settings.get(k, v) for k, v in FAMILY_SAMPLING[detected].items()}
-    return ModelBundle(pipeline, detected, id_or_path, sampling, settings)
+    history, recorded = _read_history(local) if looks_local else ([], None)
+    return ModelBundle(pipeline, detected, id_or_path, sampling, settings, history=history,
+                       recorded_fingerprint=recorded)
+
+
+def _read_history(folder: Path) -> tuple[list[dict], str | None]:
+    """The patch chain a folder written by ``emcid apply`` carries (none for a plain model)."""
+    path = folder / HISTORY_DIR / HISTORY_FILE
+    if not path.exists():
+        return [], None
+    try:
+        chain = json.loads(path.read_text())
+        steps = [{**step, "originals": str(path.parent / step["originals"])}
+                 for step in chain["steps"]]
+        return steps, chain["model_fingerprint"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{path} is corrupted ({exc!r}); delete {path.parent} to use the "
+                             "model without its patch chain") from None
 
 
 def _read_settings(folder: Path) -> dict:

@@ -3,21 +3,31 @@
 One delta per edited module, stored as two low-rank factors (``up @ down``) when its rank is
 under half the width, else as the full matrix; JSON metadata records the base model's
 fingerprint, the requests, hyperparameters and package version. Saved as one safetensors
-file. ``apply`` keeps the original weights so ``revert`` restores them bit for bit.
+file whose checksum covers the tensors and the metadata, checked on load (as cache entries
+are). ``apply`` keeps the original weights so ``revert`` restores them bit for bit.
+
+:func:`save_pipeline` writes a patched model as a diffusers folder together with its patch
+chain (``emcid_history/``: each patch's checksum and the weights it replaced), so a model
+edited in several steps can be taken back one step at a time with :func:`revert_last`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .errors import PatchMismatchError
-from .models import ModelBundle
+from .cache import read_checked, read_metadata, save_tensors_atomic, tensors_checksum
+from .errors import PatchFileError, PatchMismatchError
+from .models import HISTORY_DIR, HISTORY_FILE, ModelBundle, write_settings
+
+PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, torch.save's zip container
+PARTS = ("delta", "up", "down")  # tensor name suffixes of a patch file
 
 
 @dataclass
@@ -63,9 +73,8 @@ class EditPatch:
     def base_fingerprint(self) -> str | None:
         return self.metadata.get("base_fingerprint")
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as stored: ``<module>.delta``, or ``<module>.up`` and ``<module>.down``."""
         tensors = {}
         for name, delta in self.deltas.items():
             if delta.down is None:
@@ -73,27 +82,29 @@ class EditPatch:
             else:
                 tensors[f"{name}.up"] = delta.up
                 tensors[f"{name}.down"] = delta.down
-        save_file(tensors, str(path), metadata={"emcid": json.dumps(self.metadata)})
+        return tensors
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the tensors and the metadata; names the patch in a model's patch chain."""
+        return tensors_checksum(self.tensors(), json.dumps(self.metadata))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        text = json.dumps(self.metadata)
+        save_tensors_atomic(path, self.tensors(), {"emcid": text}, extra=text)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditPatch:
-        from safetensors import safe_open
-
+        """Read a patch file; anything but an intact emcid patch is a :class:`PatchFileError`."""
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"patch file {path} does not exist")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = json.loads((handle.metadata() or {}).get("emcid", "{}"))
-        tensors = load_file(str(path))
-        deltas: dict[str, DeltaWeight] = {}
-        for key in tensors:
-            name, _, part = key.rpartition(".")
-            if part == "delta":
-                deltas[name] = DeltaWeight(tensors[key])
-            elif part == "up":
-                deltas[name] = DeltaWeight(tensors[key], tensors[f"{name}.down"])
-        return cls(deltas, metadata)
+        tensors, text = _read_patch_file(path)
+        try:
+            metadata = json.loads(text)
+        except json.JSONDecodeError:
+            raise PatchFileError(f"{path}: its emcid metadata is not JSON (corrupted?)") from None
+        return cls(_deltas(path, tensors), metadata)
 
     def _check(self, bundle: ModelBundle, force: bool) -> None:
         for name, delta in self.deltas.items():
@@ -149,3 +160,176 @@ class EditPatch:
         requests = self.metadata.get("requests", []) + other.metadata.get("requests", [])
         metadata = {**self.metadata, "requests": requests, "merged": True}
         return EditPatch.from_dense(dense, metadata)
+
+
+def _read_patch_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Tensors and metadata text of a patch file, after checking what the file is."""
+    if not path.is_file():
+        raise PatchFileError(f"patch file {path} does not exist" if not path.exists()
+                             else f"{path} is a folder, not a patch file")
+    with path.open("rb") as handle:
+        head = handle.read(9)  # safetensors: an 8-byte header length, then the JSON header
+    if not head:
+        raise PatchFileError(f"patch file {path} is empty (0 bytes)")
+    if head.startswith(PICKLE_MAGIC) and head[8:9] != b"{":
+        raise PatchFileError(f"{path} is a pickle (torch.save) file, which can run code when "
+                             "loaded; patches are safetensors files written by `emcid edit`")
+    try:
+        tensors = load_file(str(path))
+        metadata = read_metadata(path)
+    except Exception as exc:  # safetensors raises several types for truncated/garbled files
+        raise PatchFileError(f"{path} is not a readable safetensors file (truncated or "
+                             f"corrupted?): {' '.join(str(exc).split())}") from None
+    if "emcid" not in metadata:
+        raise PatchFileError(f"{path} is a safetensors file but not an emcid patch (no emcid "
+                             f"metadata; {len(tensors)} tensors, model weights?)")
+    if metadata.get("sha256") != tensors_checksum(tensors, metadata["emcid"]):
+        raise PatchFileError(f"{path} fails its checksum: the file is corrupted (or was written "
+                             "by an emcid without patch checksums); recompute or re-copy it")
+    return tensors, metadata["emcid"]
+
+
+def _deltas(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, DeltaWeight]:
+    """Pair ``.up``/``.down`` factors; refuse names, shapes or values no patch holds."""
+    names = {}
+    for key in tensors:
+        name, _, part = key.rpartition(".")
+        if part not in PARTS or not name:
+            raise PatchFileError(f"{path}: tensor {key!r} is not an emcid weight delta")
+        names.setdefault(name, set()).add(part)
+    deltas = {}
+    for name, parts in names.items():
+        if parts not in ({"delta"}, {"up", "down"}):
+            raise PatchFileError(f"{path}: module {name} has parts {sorted(parts)}")
+        if parts == {"delta"}:
+            delta = DeltaWeight(tensors[f"{name}.delta"])
+        else:
+            delta = DeltaWeight(tensors[f"{name}.up"], tensors[f"{name}.down"])
+        matrices = [delta.up] + ([delta.down] if delta.down is not None else [])
+        if any(m.ndim != 2 for m in matrices) or (
+                delta.down is not None and delta.up.shape[1] != delta.down.shape[0]):
+            raise PatchFileError(f"{path}: the delta of {name} has inconsistent shapes")
+        if not all(torch.isfinite(m).all() for m in matrices):
+            raise PatchFileError(f"{path}: the delta of {name} holds NaN or inf")
+        deltas[name] = delta
+    if not deltas:
+        raise PatchFileError(f"{path} holds no weight deltas")
+    return deltas
+
+
+def _step_originals(bundle: ModelBundle) -> list[dict[str, torch.Tensor]]:
+    """The weights each in-memory applied patch replaced, replayed from the originals.
+
+    ``apply`` adds deltas deterministically, so replaying it reproduces every intermediate
+    state bit for bit.
+    """
+    current = {name: weight.clone() for name, weight in bundle.originals.items()}
+    steps = []
+    for patch, scale in bundle.applied:
+        steps.append({name: current[name].clone() for name in patch.deltas})
+        for name, delta in patch.deltas.items():
+            current[name].add_((scale * delta.dense()).to(current[name]))
+    return steps
+
+
+def _write_history(bundle: ModelBundle, folder: Path) -> None:
+    """``folder/emcid_history``: the chain (oldest first) and the weights each step replaced."""
+    history = folder / HISTORY_DIR
+    steps = []
+    for step in bundle.history:
+        name = f"step-{len(steps) + 1:03d}.safetensors"
+        history.mkdir(exist_ok=True)
+        shutil.copyfile(step["originals"], history / name)
+        steps.append({**step, "originals": name})
+    for (patch, scale), replaced in zip(bundle.applied, _step_originals(bundle), strict=True):
+        name = f"step-{len(steps) + 1:03d}.safetensors"
+        save_tensors_atomic(history / name, replaced)
+        sources = [r.get("source") for r in patch.metadata.get("requests", [])]
+        steps.append({"sha256": patch.checksum, "method": patch.metadata.get("method"),
+                      "sources": sources, "scale": scale, "originals": name})
+    if steps:
+        chain = {"model_fingerprint": bundle.fingerprint(), "steps": steps}
+        (history / HISTORY_FILE).write_text(json.dumps(chain, indent=2))
+
+
+def _refuse_overlap(bundle: ModelBundle, folder: Path) -> None:
+    source = Path(bundle.source)
+    if not source.exists():
+        return  # a hub id
+    source, target = source.resolve(), folder.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise PatchFileError(f"--out {folder} would overwrite the model {bundle.source}: write "
+                             "the edited pipeline to a new folder beside it")
+    if target.exists() and any(target.iterdir()) and not (target / "model_index.json").exists():
+        raise PatchFileError(f"--out {folder} exists and is not a pipeline folder: choose a new "
+                             "folder")
+
+
+def save_pipeline(bundle: ModelBundle, folder: str | os.PathLike) -> Path:
+    """Save the (patched) pipeline with ``save_pretrained``, emcid's settings and patch chain.
+
+    Refuses to write over (or into) the folder the model came from. The folder is written
+    beside its final place and renamed into it, so an interrupted save leaves no half model.
+    The chain records every patch the model carries, so :func:`revert_last` can take them off
+    one at a time, last first, bit for bit.
+    """
+    folder = Path(folder)
+    _refuse_overlap(bundle, folder)
+    tmp = folder.parent / f".{folder.name}.emcid-tmp-{os.getpid()}"
+    old = folder.parent / f".{folder.name}.emcid-old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        bundle.pipeline.save_pretrained(tmp, safe_serialization=True)
+        write_settings(bundle, tmp)
+        _write_history(bundle, tmp)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _describe(step: dict, number: int, total: int) -> str:
+    return f"step {number} of {total} ({step.get('method')}: {', '.join(step.get('sources', []))})"
+
+
+@torch.no_grad()
+def revert_last(bundle: ModelBundle, patch: EditPatch | None = None) -> dict:
+    """Take the last patch of the model's recorded chain off, restoring its weights exactly.
+
+    ``patch``, if given, must be that last patch: chains are reverted last first. Patches
+    applied in this session are reverted with :meth:`EditPatch.revert` instead.
+    """
+    if bundle.applied:
+        raise PatchMismatchError("patches were applied in this session: revert them with "
+                                 "EditPatch.revert before the recorded chain")
+    total = len(bundle.history)
+    if not total:
+        raise PatchMismatchError(f"{bundle.source} carries no recorded patch "
+                                 f"({HISTORY_DIR}/{HISTORY_FILE}): nothing to revert")
+    last = bundle.history[-1]
+    if patch is not None and patch.checksum != last["sha256"]:
+        numbers = [i for i, step in enumerate(bundle.history, 1) if step["sha256"] == patch.checksum]
+        if not numbers:
+            raise PatchMismatchError(f"this patch is not among the {total} patches that "
+                                     f"{bundle.source} carries")
+        raise PatchMismatchError(
+            f"this patch is {_describe(bundle.history[numbers[0] - 1], numbers[0], total)} of "
+            f"{bundle.source}; patches are reverted last first: revert "
+            f"{_describe(last, total, total)} first")
+    if bundle.fingerprint() != bundle.recorded_fingerprint:
+        raise PatchMismatchError(f"the weights of {bundle.source} changed after emcid wrote it: "
+                                 "its patch chain no longer describes them")
+    try:
+        replaced, _ = read_checked(Path(last["originals"]))
+    except (OSError, ValueError) as exc:
+        raise PatchFileError(f"{last['originals']} (the weights step {total} replaced): "
+                             f"{exc}") from None
+    for name, weight in replaced.items():
+        target = bundle.module(name).weight
+        target.copy_(weight.to(target))
+    bundle.history.pop()
+    bundle.recorded_fingerprint = bundle.fingerprint()
+    return last
