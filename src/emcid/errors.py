@@ -23,3 +23,11 @@ class Stage1DivergedError(EmcidError, FloatingPointError):
 
 class PatchMismatchError(EmcidError):
     """A patch does not belong to the model it is applied to."""
+
+
+class OptionError(EmcidError, ValueError):
+    """An editor, generation or benchmark option is unknown or out of range (checked before any work)."""
+
+
+class BenchmarkError(EmcidError, ValueError):
+    """A benchmark cannot run as configured (bad settings, missing model or judge)."""

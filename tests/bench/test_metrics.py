@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from emcid.bench import metrics
-from emcid.bench.iceb import EditItem, scale_metrics
+from emcid.bench.scoring import EditItem, scale_metrics
 from emcid.bench.metrics import ImageGroup
 from emcid.requests import EditRequest
 
