@@ -121,9 +121,9 @@ def test_reference_images_and_true_noise_target(sd1, tmp_path):
 
 
 def test_bad_layers_and_options(sd1):
-    with pytest.raises(ValueError, match="last block is never edited"):
+    with pytest.raises(emcid.EmcidError, match="last block is never edited"):
         emcid.edit(sd1, REQUESTS, progress=False, layers={"text_encoder": [3]})
-    with pytest.raises(ValueError, match="unknown EMCID options"):
+    with pytest.raises(emcid.EmcidError, match="unknown EMCID options"):
         emcid.edit(sd1, REQUESTS, progress=False, colour="red")
     with pytest.raises(RequestError, match="chain"):
         emcid.edit(sd1, [emcid.EditRequest("a", "b"), emcid.EditRequest("b", "c")], progress=False)
@@ -241,5 +241,5 @@ def test_reference_requests_get_their_stage1_options_and_share_one_stage2(sd1, t
     assert (seen["owl"].target, seen["owl"].align_weight) == ("noise", 0.0)
     assert (seen["lobster"].target, seen["lobster"].align_weight) == ("teacher", 0.01)
     assert solves == [["lobster", "owl"]]  # one closed form over both groups, in request order
-    with pytest.raises(ValueError, match="reference_stage1"):
+    with pytest.raises(emcid.EmcidError, match="reference_stage1"):
         emcid.edit(sd1, [referenced], progress=False, reference_stage1={"colour": "red"})

@@ -148,3 +148,14 @@ def test_baselines_run_through_the_same_benchmark(method, tiny_bundle, fake_judg
     entry = saved["subtasks"]["aice"]["scales"]["1"][method]
     assert all(isinstance(entry[m], float) for m in METRICS if m != "alias2dest")
     assert saved["settings"]["method_options"]["aice"] == {}  # EMCID's alpha is not forced on others
+
+
+def test_cache_root_reaches_the_editor(tiny_bundle, fake_judge, fast_emcid, tmp_path, private_cache):
+    """The run's cache folder holds the editor's Stage I targets and statistics as well."""
+    root = tmp_path / "run-cache"
+    run_iceb(tiny_bundle, edits=(1,), out=tmp_path / "o", judge=fake_judge, options=fast_emcid,
+             classes=CLASSES, subtasks=("aice",), progress=False, cache_root=str(root))
+    assert {"images", "stage1", "stats"} <= {p.name for p in root.iterdir()}
+    assert not private_cache.exists()  # nothing went to $EMCID_CACHE
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert saved["hparams"]["aice"]["stage2"]["alpha"] == 0.6

@@ -2,8 +2,8 @@
 
 import torch
 
-from emcid.bench.selection import cap_scales, choose_destinations, split_classes
 from emcid.bench.prompts import FREE_FORM_TEMPLATES, free_form_templates
+from emcid.bench.selection import cap_scales, choose_destinations, split_classes
 from emcid.bench.worlds import BenchClass, imagenet_world
 
 

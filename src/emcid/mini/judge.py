@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import world
+from . import default_judge_dir, world
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,6 @@ class Judge:
         if not outs:
             return torch.zeros(0, len(self.class_names))
         return torch.cat(outs)
-
-
-def default_judge_dir() -> Path:
-    """Folder of the shipped judge weights."""
-    return Path(__file__).resolve().parent / "weights" / "judge"
 
 
 def save_judge(net: JudgeNet, folder: str | Path, cfg: JudgeConfig) -> None:
