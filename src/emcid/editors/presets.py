@@ -1,4 +1,4 @@
-"""Every method's family and task presets, in one table (docs/method.md sections 2, 4.2, 7).
+"""Every method's family and task presets, in one table (docs/method.md sections 2-6).
 
 Options are resolved, later winning: the rows of this table that match the method, the
 model's family and the task (in table order), then the model folder's own
