@@ -111,15 +111,19 @@ def test_cli_bench_iceb(sd1_dir, tmp_path, capsys):
 
     parser = argparse.ArgumentParser(prog="emcid")
     register(parser.add_subparsers(dest="command", required=True))
+    config = tmp_path / "options.yaml"
+    config.write_text("stage1: {steps: 5}\nstats_samples: 64\n")
     args = parser.parse_args(["bench", "iceb", "--model", str(sd1_dir), "--edits", "1", "--holdout-eval", "3",
                               "--out", str(tmp_path / "cli"), "--subtasks", "aice", "--steps", "2",
-                              "--stats-samples", "64", "--judge", _vit(tmp_path)])
+                              "--config", str(config), "--judge", _vit(tmp_path)])
     assert args.edits == (1,) and args.subtasks == ("aice",)
     args.func(args)
     printed = capsys.readouterr().out
     assert "aice" in printed and "results.json" in printed
     saved = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert saved["judge"] == _vit(tmp_path)
+    hparams = saved["hparams"]["aice"]
+    assert hparams["stage1"]["steps"] == 2 and hparams["stats_samples"] == 64  # flag over file
     assert saved["subtasks"]["aice"]["scales"]["1"]["emcid"]["source2dest_efficacy"] is not None
     demo = parser.parse_args(["demo"])
     assert demo.out == "emcid-demo"

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import TensorCache
+from ..config import split_runtime
 from ..editors import Editor, editor_class
 from ..editors.presets import preset_options
 from ..errors import BenchmarkError
@@ -360,7 +361,8 @@ def run_iceb(
         "method": method,
         "judge": judge_name,
         "settings": {**asdict(config), "method_options": {
-            s: {**editor.flat_options(preset_options(editor.methods(), bundle, s)), **config.options}
+            s: split_runtime({**editor.flat_options(preset_options(editor.methods(), bundle, s)),
+                              **editor.flat_options(config.options)})[0]
             for s, editor in editors.items()}},
         "hparams": {s: editor.hparams() for s, editor in editors.items()},
         "sampling": dict(bundle.sampling),
