@@ -51,6 +51,16 @@ BAD_EDIT_FLAGS = {
 }
 
 
+def test_missing_corpus_fails_before_stage1(tmp_path, sd1_dir, request_file, capsys, monkeypatch):
+    from emcid.editors import emcid as emcid_editor
+
+    monkeypatch.setattr(emcid_editor, "compute_targets", lambda *a, **k: pytest.fail("Stage I ran"))
+    code = main(["edit", "--model", str(sd1_dir), "--requests", str(request_file),
+                 "--out", str(tmp_path / "p.safetensors"), "--corpus", str(tmp_path / "none.txt")])
+    assert code == 2
+    _one_line_error(capsys, "corpus")
+
+
 @pytest.mark.parametrize("case", sorted(BAD_EDIT_FLAGS))
 def test_bad_edit_options_fail_before_the_model_loads(case, tmp_path, request_file, capsys):
     flags, expected = BAD_EDIT_FLAGS[case]

@@ -44,6 +44,12 @@ def check_choice(owner: str, name: str, value: object, choices: tuple) -> None:
         raise OptionError(f"{owner} option {name}={value!r}: choose from {', '.join(map(str, choices))}")
 
 
+def check_corpus(corpus: str | None) -> None:
+    """A caption file given for the statistics exists (checked before Stage I's work)."""
+    if corpus is not None and not Path(corpus).is_file():
+        raise OptionError(f"corpus {corpus!r} is not a file (give a caption file, one per line)")
+
+
 def build(cls: type, data: dict, owner: str) -> Any:
     """A config dataclass from a dictionary; unknown keys are an :class:`OptionError`."""
     names = {f.name for f in fields(cls)}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import check_float, check_int
+from ..config import check_corpus, check_float, check_int
 from ..errors import OptionError
 from ..hooks import add_at_positions, capture
 from ..models import ModelBundle
@@ -149,6 +149,7 @@ class ReFACTEditor(ConfiguredEditor):
 
     def check(self, bundle: ModelBundle) -> None:
         self.layer_for(bundle)
+        check_corpus(self.config.corpus)
 
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         config = self.config

@@ -7,13 +7,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ...cache import TensorCache
-from ...config import build, check_int
+from ...config import build, check_corpus, check_int
 from ...errors import OptionError
 from ...models import ModelBundle
 from ...requests import OBJECT_PROMPTS, EditRequest
 from ...stats import DEFAULT_SAMPLES, read_corpus, second_moments
 from ..base import ConfiguredEditor
-from ..presets import DEFAULT_TASK, preset_options, resolve_layers
+from ..presets import preset_options, resolve_layers
 from .stage1 import Stage1Config, compute_targets
 from .stage2 import Stage2Config, compute_deltas
 
@@ -103,6 +103,7 @@ class EMCIDEditor(ConfiguredEditor):
 
     def check(self, bundle: ModelBundle) -> None:
         self.layers_for(bundle)
+        check_corpus(self.config.corpus)
 
     def prepare(self, requests: list[EditRequest]) -> list[EditRequest]:
         prompts = self.config.default_prompts
@@ -114,8 +115,8 @@ class EMCIDEditor(ConfiguredEditor):
     def layers_for(self, bundle: ModelBundle) -> dict[str, list[int]]:
         """Edited block indices per encoder; refuses encoders or blocks the model lacks."""
         spec = self.config.layers
-        if spec is None:
-            spec = preset_options(self.methods(), bundle, DEFAULT_TASK)["layers"]
+        if spec is None:  # created without the model: its family's rows for this task
+            spec = preset_options(self.methods(), bundle, self.task)["layers"]
         names = [s.name for s in bundle.slots()]
         layers = {}
         for slot_name, given in spec.items():
