@@ -33,8 +33,8 @@ def check_float(owner: str, name: str, value: object, low: float | None = None,
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
         span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
         raise OptionError(f"{owner} option {name}={value!r}: give a finite number in {span}")
 

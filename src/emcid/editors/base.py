@@ -69,8 +69,8 @@ class Editor(ABC):
         hparams, runtime = split_runtime({**cls.flat_options(presets), **cls.flat_options(options)})
         unused = sorted(k for k in runtime if k not in cls.runtime_options)
         if unused:
-            raise OptionError(f"{cls.name} has no use for {', '.join(unused)}"
-                              + (" (it keeps no cache)" if {"cache", "cache_root"} & set(unused) else ""))
+            what = "keeps no cache" if {"cache", "cache_root"} & set(unused) else "has no such switch"
+            raise OptionError(f"{cls.name} {what}: {', '.join(unused)} does not apply to it")
         editor = cls.from_hparams(hparams, Runtime(**runtime), task)
         if bundle is not None:
             editor.check(bundle)
