@@ -166,5 +166,6 @@ def test_iceb_refuses_more_edits_than_classes_at_once(tmp_path, sd1_dir, monkeyp
     with pytest.raises(BenchmarkError, match="5000 edits"):
         run_iceb(bundle, edits=(1, 5000), out=tmp_path / "o", judge=Judge(), progress=False)
     assert main(["bench", "iceb", "--model", str(sd1_dir), "--out", str(tmp_path / "o"), "--edits", "5000",
-                 "--judge", "nowhere-judge"]) == 2
-    _one_line_error(capsys)
+                 "--judge", "nowhere-judge"]) == 2  # refused before the judge is even loaded
+    _one_line_error(capsys, "5000 edits", "1000 classes")
+    assert not (tmp_path / "o").exists()

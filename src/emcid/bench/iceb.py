@@ -91,6 +91,11 @@ class IcebConfig:
         runtime = {"cache": self.cache, "cache_root": self.cache_root}
         return {k: v for k, v in runtime.items() if k in editor.runtime_options}
 
+    def select(self, classes: Sequence[BenchClass]) -> list[BenchClass]:
+        """The world's classes this run uses (``classes`` restricts them)."""
+        wanted = set(self.classes) if self.classes is not None else None
+        return [c for c in classes if wanted is None or c.index in wanted]
+
     def check_scales(self, available: int) -> None:
         """A sweep asked for by name may not exceed the classes the run has (the default is capped)."""
         if self.scales != DEFAULT_SCALES and self.scales[-1] > available:
@@ -113,14 +118,10 @@ class IcebRun:
         self.scorer = Scorer(bundle, judge, self.bank, TensorCache("images", root=root, enabled=config.cache),
                              config.batch_size, config.chunk_size, config.progress)
         self.timings: dict[str, float] = {}
-        classes = world.classes
-        if config.classes is not None:
-            wanted = set(config.classes)
-            classes = [c for c in classes if c.index in wanted]
+        classes = config.select(world.classes)
         if len(judge.class_names) <= max((c.index for c in classes), default=-1):
             raise BenchmarkError(f"the judge knows {len(judge.class_names)} classes, but ICEB class "
                                  f"{max(c.index for c in classes)} is used: judge and world do not match")
-        config.check_scales(len(classes))
         self.classes = classes
         self.grid_rows: dict[str, dict] = {}
 
@@ -345,13 +346,14 @@ def run_iceb(
     bundle = model if isinstance(model, ModelBundle) else load_model(
         model, device=device, dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
     editors = _editors(method, bundle, config)  # ... and options the model cannot take, here
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    world = world_for(bundle, config.reference_dir)
+    config.check_scales(len(config.select(world.classes)))
     judge_name = judge if isinstance(judge, str) else (
         default_judge_name(bundle) if judge is None else str(getattr(judge, "source", type(judge).__name__)))
     judge_obj = load_judge(bundle, judge, device)
-    world = world_for(bundle, config.reference_dir)
     base_fingerprint = bundle.fingerprint()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     writer = ResultsWriter(out, {
         "benchmark": "ICEB",
         "model": bundle.source,

@@ -4,7 +4,7 @@ It plays the role ViT-B/16 plays for SD in ICEB. Its logits are factorised over 
 signature, logit(c) = s[shape_c] + f[fg_c] + b[bg_c] + r[c], so that every attribute is
 learned from all concepts that share it (fast, and robust on imperfect samples). It is
 trained on renders with noise, blur and colour jitter so that it is fair to generated
-images (issue 3 measured +4-14 points of accuracy on samples from this augmentation).
+images (we measured +4-14 points of accuracy on samples from this augmentation).
 """
 
 from __future__ import annotations
