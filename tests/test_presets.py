@@ -84,6 +84,15 @@ def test_patch_hparams_rebuild_its_editor(sd1):
         assert (again.deltas[name].dense() - delta.dense()).abs().max() < 1e-5
 
 
+def test_patches_of_earlier_versions_rebuild_their_editor():
+    """Earlier patches kept runtime switches and the task among the hyperparameters."""
+    old = {"method": "emcid", "hparams": {
+        "stage1": {"steps": 7, "concept_batch": 8}, "stage2": {"lam": 5.0}, "layers": None,
+        "task": "artist", "stats_samples": 50, "corpus": None, "cache": True, "reference_stage1": {}}}
+    editor = editor_from_patch(old)
+    assert editor.task == "artist" and editor.config.stage1.steps == 7 and editor.config.stage2.lam == 5.0
+
+
 def test_cli_config_file(tmp_path, sd1_dir):
     from emcid.cli import main
 

@@ -5,7 +5,7 @@ The registry is here, in one place: ``base`` defines the contract and imports no
 
 from __future__ import annotations
 
-from ..config import Runtime
+from ..config import RUNTIME_KEYS, Runtime
 from ..errors import OptionError
 from ..models import ModelBundle
 from ..patch import EditPatch
@@ -39,8 +39,17 @@ def editor_from_patch(patch: EditPatch | dict, runtime: Runtime | None = None) -
     metadata = patch.metadata if isinstance(patch, EditPatch) else patch
     if "method" not in metadata or "hparams" not in metadata:
         raise OptionError("the patch records no method and hyperparameters to rebuild its editor from")
-    return editor_class(metadata["method"]).from_hparams(
-        metadata["hparams"], runtime, metadata.get("task", DEFAULT_TASK))
+    hparams, task = _current_form(dict(metadata["hparams"]), metadata.get("task", DEFAULT_TASK))
+    return editor_class(metadata["method"]).from_hparams(hparams, runtime, task)
+
+
+def _current_form(hparams: dict, task: str) -> tuple[dict, str]:
+    """Patches written before the presets table kept runtime switches and the task in ``hparams``."""
+    for key in RUNTIME_KEYS:
+        hparams.pop(key, None)
+    if isinstance(hparams.get("stage1"), dict):
+        hparams["stage1"] = {k: v for k, v in hparams["stage1"].items() if k not in RUNTIME_KEYS}
+    return hparams, hparams.pop("task", task)
 
 
 __all__ = ["EDITORS", "ConfiguredEditor", "Editor", "editor_class", "editor_from_patch", "get_editor"]
