@@ -40,6 +40,14 @@ def test_every_preset_names_a_registered_method_and_known_task():
         assert preset.why
 
 
+def test_memit_keeps_its_own_rows_over_its_parents(sd1):
+    for task in ("aice", "rectification"):
+        memit, emcid_editor = get_editor("memit", sd1, task=task), get_editor("emcid", sd1, task=task)
+        assert memit.config.stage2.alpha == 0.5 and memit.config.reference_stage1 == {}
+        assert memit.layers_for(sd1) == emcid_editor.layers_for(sd1)
+    assert get_editor("emcid", sd1, task="aice").config.stage2.alpha == 0.6
+
+
 def test_artist_task_wires_steps_layers_and_prompts(sd1):
     editor = get_editor("emcid", sd1, task="artist", **FAST)
     assert editor.config.stage1.steps == 20  # the caller's value wins over the preset's 100
