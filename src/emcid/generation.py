@@ -22,7 +22,7 @@ from .errors import OptionError
 from .models import ModelBundle
 
 SETTINGS = ("num_inference_steps", "guidance_scale", "height", "width")
-MAX_SEED = 2**63 - 1  # torch generators take signed 64-bit seeds; PNG names and caches too
+MAX_SEED = 2**63 - 1  # int64: a range every seed path accepts (torch tensors overflow beyond it)
 
 
 def check_settings(settings: dict) -> None:
