@@ -80,6 +80,16 @@ def test_config_round_trips():
         EMCIDConfig.from_dict({"stage1": {"colour": 1}})
 
 
+@pytest.mark.parametrize("method", sorted(EDITORS))
+def test_every_editor_round_trips_its_hparams(method, sd1):
+    changed = {"emcid": {"steps": 3}, "memit": {"lam": 9.0}, "refact": {"layer": 1, "lr": 0.3},
+               "time": {"lam": 0.5}, "uce": {"preserve": ["dog"]}}[method]
+    editor = get_editor(method, sd1, **changed)
+    hparams = json.loads(json.dumps(editor.hparams()))
+    rebuilt = EDITORS[method].from_hparams(hparams)
+    assert rebuilt.hparams() == editor.hparams() != get_editor(method, sd1).hparams()
+
+
 def test_patch_hparams_rebuild_its_editor(sd1):
     requests = [emcid.EditRequest("lobster", "crab")]
     patch = emcid.edit(sd1, requests, progress=False, task="artist", cache=False,
