@@ -63,19 +63,18 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     probe = requests_for(max(max(batches), 8))
     for batch in batches:
-        config = Stage1Config(steps=args.steps, concept_batch=batch, image_guidance_scale=None,
-                              image_steps=None)
+        config = Stage1Config(steps=args.steps, image_guidance_scale=None, image_steps=None)
         # Warm-up: every probe concept's source images are generated and cached here, so the
         # timed run measures only the optimisation.
         compute_targets(bundle, probe, z_layer, replace(config, steps=1), TensorCache("s1", enabled=False),
-                        progress=False)
+                        progress=False, concept_batch=batch)
         seconds, _ = timed(compute_targets, bundle, probe, z_layer, config,
-                           TensorCache("s1", enabled=False), progress=False)
+                           TensorCache("s1", enabled=False), progress=False, concept_batch=batch)
         print(f"Stage I, {args.steps} steps, concept_batch {batch}: {seconds / len(probe):.2f} s/concept")
 
     largest = max(int(e) for e in args.edits.split(","))
-    quick = Stage1Config(steps=1, concept_batch=32, image_guidance_scale=None, image_steps=None)
-    targets = compute_targets(bundle, requests_for(largest), z_layer, quick, progress=False)
+    quick = Stage1Config(steps=1, image_guidance_scale=None, image_steps=None)
+    targets = compute_targets(bundle, requests_for(largest), z_layer, quick, progress=False, concept_batch=32)
     for count in sorted(int(e) for e in args.edits.split(",")):
         seconds, _ = timed(compute_deltas, bundle, targets[:count], layers, moments, Stage2Config(),
                            progress=False)

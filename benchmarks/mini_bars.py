@@ -1,4 +1,4 @@
-"""Measure the bars of issue 3 on the embedded model and print them.
+"""Measure the embedded model's bars (docs/mini.md) on it and print them.
 
     python benchmarks/mini_bars.py                       # all 2,000 concepts (slow on CPU)
     python benchmarks/mini_bars.py --concepts 400        # a seeded subset

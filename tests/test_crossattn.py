@@ -49,13 +49,26 @@ def test_edit_maps_source_to_destination_projection(sd1, method):
 
 
 def test_time_has_no_preservation_set(sd1):
-    with pytest.raises(ValueError, match="no preservation"):
+    with pytest.raises(emcid.EmcidError, match="no preservation"):
         emcid.edit(sd1, [emcid.EditRequest("lobster", "crab")], method="time", preserve=["dog"])
-    with pytest.raises(ValueError, match="unknown uce options"):
+    with pytest.raises(emcid.EmcidError, match="unknown uce options"):
         emcid.edit(sd1, [emcid.EditRequest("lobster", "crab")], method="uce", steps=3)
 
 
 def test_sdxl_cross_attention_edit(sdxl):
-    patch = emcid.edit(sdxl, [emcid.EditRequest("lobster", "crab")], method="uce", progress=False)
-    assert all(name.startswith("unet.") for name in patch.deltas)
+    """On SDXL (keys: both encoders' states, concatenated) the edited projections map the
+    source's conditioning to what the unedited ones made of the destination's."""
+    request = emcid.EditRequest("lobster", "crab")
+    src = subject_embeddings(sdxl, request.source_prompts(), [request.source] * 3, list(request.prompts))
+    dst = subject_embeddings(sdxl, request.destination_prompts(), [request.destination] * 3,
+                             list(request.prompts))
+    projections = cross_attention_projections(sdxl, edit_keys=True)
+    before = {n: m.weight.detach().double().clone() for n, m in projections.items()}
+    patch = emcid.edit(sdxl, [request], method="uce", progress=False, lam=1e-4)
+    assert set(patch.deltas) == set(projections)
     patch.apply(sdxl)
+    for name, module in projections.items():
+        old, new = before[name], module.weight.detach().double()
+        goal = dst @ old.T
+        assert (src @ new.T - goal).norm() < 0.05 * goal.norm(), name
+        assert (src @ old.T - goal).norm() > 0.2 * goal.norm(), name  # the edit had work to do

@@ -23,9 +23,11 @@ def test_generate_returns_pil_with_overrides(sd1):
     assert np.asarray(images[0]).dtype == np.uint8
 
 
-def test_sdxl_generation_runs(sdxl):
+def test_sdxl_images_depend_on_seed_not_on_batching(sdxl):
     images = generate_arrays(sdxl, ["tench", ""], [0, 1], progress=False)
     assert images.shape == (2, 16, 16, 3)
+    assert torch.equal(images, generate_arrays(sdxl, ["tench", ""], [0, 1], batch_size=1, progress=False))
+    assert torch.equal(images[1], generate_arrays(sdxl, [""], [1], progress=False)[0])
 
 
 def test_cached_generation_generates_each_image_once(sd1, monkeypatch):

@@ -3,7 +3,6 @@ import torch
 
 from emcid import load_model
 from emcid.errors import ModelLoadError
-from emcid.models import default_layers
 
 
 def test_sd1_loads_with_diffusers_names(sd1):
@@ -11,7 +10,6 @@ def test_sd1_loads_with_diffusers_names(sd1):
     for name in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
         assert getattr(sd1, name) is not None
     assert sd1.text_encoder_2 is None
-    assert sd1.default_layers() == {"text_encoder": [0, 1, 2]}
     assert sd1.slot("text_encoder").fc2_name(1) == "text_encoder.text_model.encoder.layers.1.mlp.fc2"
     assert isinstance(sd1.module("text_encoder.text_model.encoder.layers.1.mlp.fc2"), torch.nn.Linear)
 
@@ -22,13 +20,6 @@ def test_sdxl_family_and_encoding(sdxl):
     encoding = sdxl.encode(["a photo of tench", "goldfish"])
     assert encoding.embeds.shape[-1] == 32 + 48  # both encoders' penultimate states
     assert encoding.added_text_embeds.shape == (2, 24)  # projected pooled output of encoder 2
-
-
-def test_release_layer_defaults():
-    assert default_layers("sd1", [12]) == {"text_encoder": list(range(11))}
-    assert default_layers("sd1", [12], "artist") == {"text_encoder": [7, 8, 9, 10]}
-    assert default_layers("sdxl", [12, 32]) == {"text_encoder": [8, 9, 10],
-                                                "text_encoder_2": [26, 27, 28, 29, 30]}
 
 
 def test_missing_folder(tmp_path):

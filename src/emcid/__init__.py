@@ -26,8 +26,10 @@ def edit(bundle: ModelBundle, requests: Sequence[EditRequest], method: str = "em
          progress: bool = True, **options) -> EditPatch:
     """Edit ``requests`` into ``bundle`` with ``method``; returns the patch (not yet applied).
 
-    ``options`` override the method's hyperparameters (e.g. ``steps=100, lam=6000,
-    layers={"text_encoder": [7, 8, 9, 10]}``).
+    ``options`` override the method's presets (e.g. ``steps=100, lam=6000,
+    layers={"text_encoder": [7, 8, 9, 10]}``); ``task="artist"`` selects the artist presets;
+    runtime switches (``cache``, ``cache_root``, ``concept_batch``) go here too. Every option
+    is checked before any work (:class:`~emcid.errors.OptionError`).
     """
     from .editors import get_editor
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EmcidError
+from .errors import EmcidError, OptionError
 
 
 def parse_layers(values: list[str] | None) -> dict[str, list[int]] | None:
@@ -53,18 +53,30 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, device=device, allow_pickle=args.allow_pickle)
 
 
-def cmd_edit(args: argparse.Namespace) -> None:
-    from . import edit, load_requests
+def editor_options(args: argparse.Namespace, flags: dict) -> dict:
+    """The ``--config`` file's options with every given flag over them (``None``: not given)."""
+    from .config import read_config_file
 
-    bundle = _load(args)
-    options = {k: v for k, v in {
+    options = read_config_file(args.config) if args.config else {}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_cache:
+        options["cache"] = False
+    return options
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from . import load_requests
+    from .editors import get_editor
+
+    options = editor_options(args, {
         "steps": args.steps, "lr": args.lr, "lam": args.lam, "alpha": args.alpha,
         "residual": args.residual, "layers": parse_layers(args.layers), "task": args.task,
         "stats_samples": args.stats_samples, "corpus": args.corpus,
-    }.items() if v is not None}
-    if args.no_cache:
-        options["cache"] = False
-    patch = edit(bundle, load_requests(args.requests), method=args.method, **options)
+    })
+    get_editor(args.method, **options)  # every option is checked before the model loads
+    requests = load_requests(args.requests)
+    bundle = _load(args)
+    patch = get_editor(args.method, bundle, **options).edit(bundle, requests)
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, one process writes
         patch.save(args.out)
         print(f"wrote {args.out}: {len(patch.metadata['requests'])} edits in {len(patch.deltas)} modules")
@@ -108,20 +120,30 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generation import generate
+    from .generation import check_seeds, check_settings, generate_batches, to_pil
     from .patch import EditPatch
 
+    if args.n < 1:
+        raise OptionError(f"--n {args.n}: give the number of images to draw (at least 1)")
+    if args.batch_size < 1:
+        raise OptionError(f"--batch-size {args.batch_size}: give at least 1")
+    seeds = [args.seed + i for i in range(args.n)]
+    check_seeds([seeds[0], seeds[-1]])
+    check_settings({"num_inference_steps": args.steps, "guidance_scale": args.guidance})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     bundle = _load(args)
     if args.patch:
         EditPatch.load(args.patch).apply(bundle, force=args.force)
-    seeds = [args.seed + i for i in range(args.n)]
-    images = generate(bundle, [args.prompt] * args.n, seeds, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for seed, image in zip(seeds, images):
-        image.save(out / f"{seed:06d}.png")
-    print(f"wrote {len(images)} images to {out}")
+    written = 0
+    # Each batch is saved as soon as it is drawn: an interrupted run keeps what it made.
+    batches = generate_batches(bundle, [args.prompt] * args.n, seeds, batch_size=args.batch_size,
+                               num_inference_steps=args.steps, guidance_scale=args.guidance)
+    for batch in batches:
+        for image in to_pil(batch):
+            image.save(out / f"{seeds[written]:06d}.png")
+            written += 1
+    print(f"wrote {written} images to {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--requests", required=True, help="YAML, JSON or CSV file of edit requests")
     edit.add_argument("--out", required=True, help="patch file to write (.safetensors)")
     edit.add_argument("--method", default="emcid", help="emcid (default), memit, refact, time or uce")
+    edit.add_argument("--config", help="YAML or JSON file of editor options (flags win over it)")
     edit.add_argument("--layers", action="append", help="edited blocks, e.g. 0-10 or text_encoder_2=26-30")
-    edit.add_argument("--task", choices=["object", "artist"], help="selects the default layers")
+    edit.add_argument("--task", help="object (default), artist, aice or rectification: selects "
+                                     "presets (artist: layers, 100 Stage I steps, artist prompts)")
     edit.add_argument("--steps", type=int, help="Stage I optimisation steps (release: 200)")
     edit.add_argument("--lr", type=float, help="Stage I learning rate (release: 0.2)")
     edit.add_argument("--lam", type=float, help="Stage II preservation weight (release: 4000)")
@@ -174,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--patch")
     gen.add_argument("--force", action="store_true")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--n", type=int, default=4)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--n", type=int, default=4, help="number of images")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; the i-th uses seed + i")
+    gen.add_argument("--batch-size", type=int, default=8, help="images drawn (and written) together")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     gen.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     gen.add_argument("--out", required=True, help="folder for the PNG files")

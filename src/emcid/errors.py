@@ -31,3 +31,11 @@ class PatchFileError(EmcidError):
 
 class CacheError(EmcidError):
     """The cache folder cannot be used (a file, or not writable)."""
+
+
+class OptionError(EmcidError, ValueError):
+    """An editor, generation or benchmark option is unknown or out of range (checked before any work)."""
+
+
+class BenchmarkError(EmcidError, ValueError):
+    """A benchmark cannot run as configured (bad settings, missing model or judge)."""

@@ -1,5 +1,6 @@
 """Batched, seeded sampling shared by everything that draws images.
 
+Sampling is the stock diffusers pipeline of the model's family, fed our prompt embeddings.
 Each image's initial noise comes from its own seed, and sampling uses DDIM (deterministic),
 so an image depends only on (model, prompt, seed, settings), never on how prompts were
 batched. Generated images can be cached by exactly that key.
@@ -7,7 +8,8 @@ batched. Generated images can be cached by exactly that key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,75 +17,78 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .cache import TensorCache, content_key
-from .models import ModelBundle, PromptEncoding
+from .config import check_float, check_int
+from .errors import OptionError
+from .models import ModelBundle
 
 SETTINGS = ("num_inference_steps", "guidance_scale", "height", "width")
+MAX_SEED = 2**63 - 1  # int64: a range every seed path accepts (torch tensors overflow beyond it)
+
+
+def check_settings(settings: dict) -> None:
+    """Refuse sampling settings that would fail late or silently (NaN guidance turns CFG off)."""
+    steps, guidance = settings.get("num_inference_steps"), settings.get("guidance_scale")
+    if steps is not None:
+        check_int("sampling", "steps", steps)
+    if guidance is not None:
+        check_float("sampling", "guidance", guidance, low=0)
+    for name in ("height", "width"):
+        if settings.get(name) is not None:
+            check_int("sampling", name, settings[name], minimum=8)
+
+
+def check_seeds(seeds: Sequence[int]) -> None:
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise OptionError(f"seed {seed!r}: give an integer in 0..{MAX_SEED} (2^63 - 1)")
 
 
 def resolve_settings(bundle: ModelBundle, **overrides: object) -> dict:
-    """The model's sampling defaults with any non-None override applied."""
+    """The model's sampling defaults with any non-None override applied (checked)."""
     settings = dict(bundle.sampling)
     settings.update({k: v for k, v in overrides.items() if v is not None and k in SETTINGS})
+    check_settings(settings)
     return settings
 
 
-def _unconditional(bundle: ModelBundle, count: int, negative_prompt: str) -> PromptEncoding:
-    encoding = bundle.encode([negative_prompt] * count)
-    zero_empty = bundle.family == "sdxl" and not negative_prompt and getattr(
-        bundle.pipeline.config, "force_zeros_for_empty_prompt", False
-    )
-    if zero_empty:  # SDXL's pipeline conditions unconditional branches on zeros
-        encoding = PromptEncoding(
-            torch.zeros_like(encoding.embeds),
-            [torch.zeros_like(p) for p in encoding.pooled],
-            torch.zeros_like(encoding.added_text_embeds),
-        )
-    return encoding
+def stock_pipeline(bundle: ModelBundle):
+    """The bundle's own diffusers pipeline class on the same modules, with a DDIM scheduler.
 
+    DDIM is deterministic, so an image depends on its seed alone; the stock pipeline takes
+    our prompt embeddings (encoded exactly as Stage I's teacher sees them), one generator per
+    image, and does classifier-free guidance and SDXL's added conditioning itself.
+    """
+    from diffusers import DDIMScheduler
 
-def _cat(first: PromptEncoding, second: PromptEncoding) -> PromptEncoding:
-    added = None
-    if first.added_text_embeds is not None:
-        added = torch.cat([first.added_text_embeds, second.added_text_embeds])
-    return PromptEncoding(torch.cat([first.embeds, second.embeds]), [], added)
-
-
-def initial_noise(bundle: ModelBundle, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-    scale = bundle.latent_scale()
-    shape = (bundle.unet.config.in_channels, height // scale, width // scale)
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(noise).to(bundle.device, bundle.dtype)
+    pipeline = bundle.pipeline
+    # Built from the components (not from_pipe, which casts the shared modules' dtype).
+    components = {**pipeline.components, "scheduler": DDIMScheduler.from_config(pipeline.scheduler.config)}
+    if "requires_safety_checker" in inspect.signature(type(pipeline)).parameters:
+        components["requires_safety_checker"] = False  # emcid loads SD pipelines without one
+    stock = type(pipeline)(**components)
+    stock.set_progress_bar_config(disable=True)
+    return stock
 
 
 @torch.no_grad()
-def sample_latents(
-    bundle: ModelBundle,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    settings: dict,
-    negative_prompt: str = "",
-) -> torch.Tensor:
-    """Denoise one batch with classifier-free guidance; returns clean latents."""
-    from diffusers import DDIMScheduler
+def sample_latents(stock, bundle: ModelBundle, prompts: Sequence[str], seeds: Sequence[int],
+                   settings: dict, negative_prompt: str = "") -> torch.Tensor:
+    """Denoise one batch with the stock pipeline; returns clean latents.
 
-    scheduler = DDIMScheduler.from_config(bundle.scheduler.config)
-    scheduler.set_timesteps(settings["num_inference_steps"], device=bundle.device)
-    height, width, guidance = settings["height"], settings["width"], settings["guidance_scale"]
-    conditional = bundle.encode(list(prompts))
-    use_guidance = guidance > 1.0
-    if use_guidance:
-        conditional = _cat(_unconditional(bundle, len(prompts), negative_prompt), conditional)
-    extra = bundle.unet_kwargs(conditional, height, width)
-    latents = initial_noise(bundle, seeds, height, width) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_input = torch.cat([latents, latents]) if use_guidance else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        prediction = bundle.unet(model_input, t, encoder_hidden_states=conditional.embeds, **extra).sample
-        if use_guidance:
-            uncond, cond = prediction.chunk(2)
-            prediction = uncond + guidance * (cond - uncond)
-        latents = scheduler.step(prediction, t, latents).prev_sample
-    return latents
+    Initial noise comes from one CPU generator per image, as (1, C, h, w) draws, so an image
+    never depends on what it is batched with. An empty negative prompt is left to the
+    pipeline (SDXL conditions its unconditional branch on zeros, as its config says).
+    """
+    encoding = bundle.encode(list(prompts))
+    extra = {} if bundle.family != "sdxl" else {"pooled_prompt_embeds": encoding.added_text_embeds}
+    return stock(
+        prompt_embeds=encoding.embeds,
+        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+        generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+        output_type="latent",
+        **settings,
+        **extra,
+    ).images
 
 
 @torch.no_grad()
@@ -92,6 +97,32 @@ def decode_latents(bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
     images = bundle.vae.decode(latents / bundle.vae.config.scaling_factor).sample
     images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return images.permute(0, 2, 3, 1).cpu()
+
+
+def generate_batches(
+    bundle: ModelBundle,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    batch_size: int = 64,
+    progress: bool = True,
+    negative_prompt: str = "",
+    **overrides: object,
+) -> Iterator[torch.Tensor]:
+    """One uint8 tensor (batch, height, width, 3) per batch of (prompt, seed) pairs, as made."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    check_seeds(seeds)
+    check_int("generation", "batch_size", batch_size)
+    settings = resolve_settings(bundle, **overrides)
+    if not prompts:
+        return
+    stock = stock_pipeline(bundle)
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generating", unit="batch", disable=not progress or len(starts) < 2):
+        stop = start + batch_size
+        latents = sample_latents(stock, bundle, prompts[start:stop], seeds[start:stop], settings,
+                                 negative_prompt)
+        yield decode_latents(bundle, latents)
 
 
 def generate_arrays(
@@ -104,17 +135,10 @@ def generate_arrays(
     **overrides: object,
 ) -> torch.Tensor:
     """Generate one image per (prompt, seed) pair: uint8 tensor (n, height, width, 3)."""
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    settings = resolve_settings(bundle, **overrides)
-    chunks = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="generating", unit="batch", disable=not progress or len(starts) < 2):
-        stop = start + batch_size
-        latents = sample_latents(bundle, prompts[start:stop], seeds[start:stop], settings,
-                                 negative_prompt)
-        chunks.append(decode_latents(bundle, latents))
+    chunks = list(generate_batches(bundle, prompts, seeds, batch_size, progress, negative_prompt,
+                                   **overrides))
     if not chunks:
+        settings = resolve_settings(bundle, **overrides)
         return torch.zeros(0, settings["height"], settings["width"], 3, dtype=torch.uint8)
     return torch.cat(chunks)
 

@@ -135,10 +135,6 @@ class ModelBundle:
                 return slot
         raise KeyError(f"this {self.family} model has no component {name!r}")
 
-    def default_layers(self, task: str = "object") -> dict[str, list[int]]:
-        """Edited blocks per text encoder (method.md section 2, release values)."""
-        return default_layers(self.family, [s.num_layers for s in self.slots()], task)
-
     def module(self, name: str) -> nn.Module:
         component, _, rest = name.partition(".")
         return get_submodule(getattr(self.pipeline, component), rest)
@@ -190,24 +186,6 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
         prefix = "text_model."
         alternative = path[len(prefix):] if path.startswith(prefix) else prefix + path
         return model.get_submodule(alternative)
-
-
-def default_layers(family: str, num_layers: list[int], task: str = "object") -> dict[str, list[int]]:
-    """Release defaults, expressed relative to depth so tiny test models get the same shape.
-
-    SD 1.x: all blocks but the last (0..10 of 12); artists: the four before the last (7..10).
-    SD 2.x: not released; we use the SD 1.x rule. SDXL: encoder 1 blocks 8..10 of 12 and
-    encoder 2 blocks 26..30 of 32, i.e. the three / five blocks before the last.
-    """
-    if family == "sdxl":
-        first, second = num_layers
-        return {
-            "text_encoder": list(range(max(first - 4, 0), first - 1)),
-            "text_encoder_2": list(range(max(second - 6, 0), second - 1)),
-        }
-    (depth,) = num_layers
-    start = max(depth - 5, 0) if task == "artist" else 0
-    return {"text_encoder": list(range(start, depth - 1))}
 
 
 def detect_family(pipeline: object) -> str:

@@ -76,9 +76,9 @@ def test_pre_edit_images_are_generated_once(tiny_bundle, fake_judge, fast_emcid,
 
 def test_a_failed_sweep_keeps_the_scales_it_measured(tiny_bundle, fake_judge, fast_emcid, tmp_path,
                                                      monkeypatch):
-    import emcid
+    from emcid.editors.base import Editor
 
-    original, calls = emcid.edit, []
+    original, calls = Editor.edit, []
 
     def failing_second(*args, **kwargs):
         calls.append(1)
@@ -86,7 +86,7 @@ def test_a_failed_sweep_keeps_the_scales_it_measured(tiny_bundle, fake_judge, fa
             raise RuntimeError("simulated crash in the second edit")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(emcid, "edit", failing_second)
+    monkeypatch.setattr(Editor, "edit", failing_second)
     with pytest.raises(RuntimeError, match="simulated"):
         run_iceb(tiny_bundle, edits=(1, 2), out=tmp_path, judge=fake_judge, options=fast_emcid,
                  classes=CLASSES, subtasks=("aice",), progress=False)
@@ -111,15 +111,19 @@ def test_cli_bench_iceb(sd1_dir, tmp_path, capsys):
 
     parser = argparse.ArgumentParser(prog="emcid")
     register(parser.add_subparsers(dest="command", required=True))
+    config = tmp_path / "options.yaml"
+    config.write_text("stage1: {steps: 5}\nstats_samples: 64\n")
     args = parser.parse_args(["bench", "iceb", "--model", str(sd1_dir), "--edits", "1", "--holdout-eval", "3",
                               "--out", str(tmp_path / "cli"), "--subtasks", "aice", "--steps", "2",
-                              "--stats-samples", "64", "--judge", _vit(tmp_path)])
+                              "--config", str(config), "--judge", _vit(tmp_path)])
     assert args.edits == (1,) and args.subtasks == ("aice",)
     args.func(args)
     printed = capsys.readouterr().out
     assert "aice" in printed and "results.json" in printed
     saved = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert saved["judge"] == _vit(tmp_path)
+    hparams = saved["hparams"]["aice"]
+    assert hparams["stage1"]["steps"] == 2 and hparams["stats_samples"] == 64  # flag over file
     assert saved["subtasks"]["aice"]["scales"]["1"]["emcid"]["source2dest_efficacy"] is not None
     demo = parser.parse_args(["demo"])
     assert demo.out == "emcid-demo"
@@ -139,14 +143,23 @@ def _vit(tmp_path):
 @pytest.mark.parametrize("method", ["uce", "time"])
 def test_baselines_run_through_the_same_benchmark(method, tiny_bundle, fake_judge, tmp_path):
     """Any registered editor runs ICEB; its entries sit beside EMCID's in one results.json."""
-    from emcid.editors import EDITORS, get_editor
+    from emcid.editors import EDITORS
 
-    get_editor("emcid")  # registers the built-in editors
-    if method not in EDITORS:
-        pytest.skip(f"{method} is not registered")
+    assert method in EDITORS  # a baseline that is not registered is a failure, not a skip
     run_iceb(tiny_bundle, method=method, edits=(1,), out=tmp_path, judge=fake_judge, classes=CLASSES,
              subtasks=("aice",), progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     entry = saved["subtasks"]["aice"]["scales"]["1"][method]
     assert all(isinstance(entry[m], float) for m in METRICS if m != "alias2dest")
     assert saved["settings"]["method_options"]["aice"] == {}  # EMCID's alpha is not forced on others
+
+
+def test_cache_root_reaches_the_editor(tiny_bundle, fake_judge, fast_emcid, tmp_path, private_cache):
+    """The run's cache folder holds the editor's Stage I targets and statistics as well."""
+    root = tmp_path / "run-cache"
+    run_iceb(tiny_bundle, edits=(1,), out=tmp_path / "o", judge=fake_judge, options=fast_emcid,
+             classes=CLASSES, subtasks=("aice",), progress=False, cache_root=str(root))
+    assert {"images", "stage1", "stats"} <= {p.name for p in root.iterdir()}
+    assert not private_cache.exists()  # nothing went to $EMCID_CACHE
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert saved["hparams"]["aice"]["stage2"]["alpha"] == 0.6

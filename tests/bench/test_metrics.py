@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from emcid.bench import metrics
-from emcid.bench.iceb import EditItem, scale_metrics
 from emcid.bench.metrics import ImageGroup
+from emcid.bench.scoring import EditItem, scale_metrics
 from emcid.requests import EditRequest
 
 # Three images, three classes.

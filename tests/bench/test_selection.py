@@ -2,8 +2,8 @@
 
 import torch
 
-from emcid.bench.iceb import cap_scales, choose_destinations, split_classes
 from emcid.bench.prompts import FREE_FORM_TEMPLATES, free_form_templates
+from emcid.bench.selection import cap_scales, choose_destinations, split_classes
 from emcid.bench.worlds import BenchClass, imagenet_world
 
 
@@ -86,7 +86,7 @@ def test_imagenet_world_names_and_prompts():
 
 
 def test_class_embeddings_use_every_text_encoder(sdxl):
-    from emcid.bench.iceb import class_embeddings
+    from emcid.bench.selection import class_embeddings
 
     classes = imagenet_world().classes[:3]
     embeddings = class_embeddings(sdxl, classes, batch_size=2)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from emcid.bench.iceb import _merge_previous
+from emcid.bench.results import merge_previous
 
 
 def test_mini_world_classes_and_prompts(tmp_path):
@@ -44,11 +44,11 @@ def _results(method, value, seed=0):
 
 
 def test_other_methods_are_kept_from_an_earlier_run():
-    merged = _merge_previous(_results("emcid", -0.01), _results("uce", -0.4))
+    merged = merge_previous(_results("emcid", -0.01), _results("uce", -0.4))
     assert merged["subtasks"]["aice"]["scales"]["1"] == {"emcid": {"holdout_delta": -0.01},
                                                          "uce": {"holdout_delta": -0.4}}
     # another seed is another experiment: nothing is carried over
-    other_seed = _merge_previous(_results("emcid", 0.0), _results("uce", -0.4, seed=1))
+    other_seed = merge_previous(_results("emcid", 0.0), _results("uce", -0.4, seed=1))
     assert set(other_seed["subtasks"]["aice"]["scales"]["1"]) == {"emcid"}
 
 

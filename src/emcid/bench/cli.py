@@ -24,16 +24,17 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def cmd_iceb(args: argparse.Namespace) -> None:
+    from ..cli import editor_options
     from .iceb import run_iceb
     from .report import summary_table
 
-    options = {k: v for k, v in {"steps": args.steps, "lam": args.lam, "alpha": args.alpha,
-                                 "stats_samples": args.stats_samples}.items() if v is not None}
+    options = editor_options(args, {"steps": args.steps, "lam": args.lam, "alpha": args.alpha,
+                                    "stats_samples": args.stats_samples})
+    options.pop("cache", None)  # --no-cache is the run's switch: it reaches the editor's caches too
     settings = {k: v for k, v in {"holdout_eval": args.holdout_eval, "min_pre_score": args.min_pre_score,
                                   "reference_dir": args.reference_dir}.items() if v is not None}
     if args.no_cache:
         settings["cache"] = False
-        options["cache"] = False
     results = run_iceb(args.model, method=args.method, edits=args.edits, out=args.out,
                        subtasks=args.subtasks, seed=args.seed, device=args.device, judge=args.judge,
                        options=options, allow_pickle=args.allow_pickle, dtype=args.dtype, **settings)
@@ -60,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     iceb = commands.add_parser("iceb", help="ImageNet Concept Editing Benchmark (AICE, rectification)")
     iceb.add_argument("--model", help="diffusers folder or hub id (default: the embedded model)")
     iceb.add_argument("--method", default="emcid", help="editing method (default: emcid)")
+    iceb.add_argument("--config", help="YAML or JSON file of editor options (flags win over it)")
     iceb.add_argument("--edits", type=_ints, default=DEFAULT_SCALES,
                       help="numbers of edits, e.g. 1,10,100 (default: 1,10,50,100,300,1000, capped)")
     iceb.add_argument("--out", required=True, help="folder for results.json and report.html")

@@ -1,4 +1,4 @@
-"""ICEB metrics: differences of mean judge probabilities, pre vs. post edit (method.md 7).
+"""ICEB metrics: differences of mean judge probabilities, pre vs. post edit (docs/method.md section 6).
 
 Every metric is computed per class first and then averaged, so the per-class values are
 kept for the report and for later analysis. Inputs are probability tables

@@ -157,7 +157,7 @@ def write_report(results: dict, out: Path, grids: dict | None = None) -> dict:
                  html.escape(str(results.get("world"))), html.escape(str(results.get("judge"))),
                  html.escape(str(results.get("method"))), results.get("settings", {}).get("seed")),
              "<p>All metrics are differences of mean judge probabilities between the edited and the "
-             "unedited model on the same prompts and seeds (method.md section 7); higher is better "
+             "unedited model on the same prompts and seeds (docs/method.md section 6); higher is better "
              "except for Holdout Delta, which should stay near 0.</p>"]
     for subtask, data in results.get("subtasks", {}).items():
         scales = data.get("scales", {})

@@ -1,16 +1,28 @@
-"""The Editor interface: requests in, an EditPatch out. EMCID and every baseline implement it."""
+"""The Editor contract: requests in, an EditPatch out. EMCID and every baseline implement it.
+
+An editor is built from options (:meth:`Editor.create`: presets, then the model folder's
+overrides, then the caller's options, all checked before any work) or from the
+hyperparameters recorded in a patch (:meth:`Editor.from_hparams`). This module imports no
+concrete editor; ``emcid.editors`` holds the registry.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import ClassVar
 
+from ..cache import TensorCache
+from ..config import Runtime, build, split_runtime
+from ..errors import OptionError
 from ..models import ModelBundle
 from ..patch import EditPatch
 from ..requests import EditRequest, subject_positions, validate_requests
 from ..tasks import generic_destination, is_erase, resolve_erase
+from .presets import DEFAULT_TASK, preset_options
 
 
 def package_version() -> str:
@@ -21,23 +33,81 @@ def package_version() -> str:
 
 
 class Editor(ABC):
-    """Edits a model's concepts; subclasses set ``name`` and implement :meth:`compute`."""
+    """Edits a model's concepts. Subclasses set ``name`` and implement the abstract methods.
 
-    name: str = ""
+    ``lineage`` names the methods whose presets apply (a variant lists its parent first);
+    ``runtime_options`` the :class:`~emcid.config.Runtime` switches the editor uses, so a
+    switch it has no use for (``cache=False`` on an editor without caches) is refused.
+    """
+
+    name: ClassVar[str] = ""
+    lineage: ClassVar[tuple[str, ...]] = ()
+    runtime_options: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, runtime: Runtime | None = None, task: str = DEFAULT_TASK):
+        self.runtime = runtime or Runtime()
+        self.task = task  # recorded in the patch; its presets are already in the options
+
+    @classmethod
+    def methods(cls) -> tuple[str, ...]:
+        return cls.lineage or (cls.name,)
+
+    @classmethod
+    @abstractmethod
+    def from_hparams(cls, hparams: dict, runtime: Runtime | None = None,
+                     task: str = DEFAULT_TASK) -> Editor:
+        """The editor whose :meth:`hparams` are ``hparams`` (no presets applied)."""
+
+    @classmethod
+    def create(cls, bundle: ModelBundle | None = None, task: str = DEFAULT_TASK,
+               **options) -> Editor:
+        """Options over the presets of this method, ``bundle``'s family and ``task``.
+
+        Raises :class:`~emcid.errors.OptionError` for an unknown or out-of-range option;
+        with a ``bundle``, options that depend on the model (layers) are checked too.
+        """
+        presets = preset_options(cls.methods(), bundle, task)
+        hparams, runtime = split_runtime({**cls.flat_options(presets), **cls.flat_options(options)})
+        unused = sorted(k for k in runtime if k not in cls.runtime_options)
+        if unused:
+            what = "keeps no cache" if {"cache", "cache_root"} & set(unused) else "has no such switch"
+            raise OptionError(f"{cls.name} {what}: {', '.join(unused)} does not apply to it")
+        editor = cls.from_hparams(hparams, Runtime(**runtime), task)
+        if bundle is not None:
+            editor.check(bundle)
+        return editor
+
+    @classmethod
+    def flat_options(cls, options: dict) -> dict:
+        """``options`` with any nesting undone, so that presets and callers merge key by key."""
+        return dict(options)
+
+    @abstractmethod
+    def hparams(self) -> dict:
+        """JSON-serialisable hyperparameters, recorded in the patch."""
+
+    def check(self, bundle: ModelBundle) -> None:  # noqa: B027 (optional hook)
+        """Refuse options this model cannot take (before any work); the default has none."""
+
+    def prepare(self, requests: list[EditRequest]) -> list[EditRequest]:
+        """The requests as this editor edits them (e.g. a task's default prompts)."""
+        return requests
 
     @abstractmethod
     def compute(self, bundle: ModelBundle, requests: list[EditRequest],
                 progress: bool) -> dict:
         """Return the dense weight delta of every edited module, by module name."""
 
-    @abstractmethod
-    def hparams(self) -> dict:
-        """JSON-serialisable hyperparameters, recorded in the patch."""
+    def cache(self, namespace: str) -> TensorCache:
+        """The on-disk cache ``namespace`` as the runtime switches say."""
+        root = self.runtime.cache_root
+        return TensorCache(namespace, root=Path(root) if root else None, enabled=self.runtime.cache)
 
     def edit(self, bundle: ModelBundle, requests: Sequence[EditRequest],
              progress: bool = True) -> EditPatch:
-        """Validate the requests, compute the deltas, and wrap them in a patch."""
-        checked = validate_requests(list(requests))
+        """Check options and requests, compute the deltas, and wrap them in a patch."""
+        self.check(bundle)
+        checked = validate_requests(self.prepare(list(requests)))
         for slot in bundle.slots():  # fail before any work if a subject cannot be located
             for request in checked:
                 subject_positions(slot.tokenizer, request.prompts, request.source)
@@ -45,6 +115,7 @@ class Editor(ABC):
         deltas = self.compute(bundle, resolve_erase(bundle, checked), progress)
         metadata = {
             "method": self.name,
+            "task": self.task,
             "base_fingerprint": base,
             "base_model": bundle.source,
             "family": bundle.family,
@@ -58,36 +129,20 @@ class Editor(ABC):
 
 
 class ConfiguredEditor(Editor):
-    """An editor whose options are exactly the fields of one config dataclass."""
+    """An editor whose hyperparameters are exactly one config dataclass (``config_class``)."""
 
-    config_class: type
+    config_class: ClassVar[type]
 
-    def __init__(self, config=None):
-        self.config = config or self.config_class()
+    def __init__(self, config=None, runtime: Runtime | None = None, task: str = DEFAULT_TASK):
+        super().__init__(runtime, task)
+        self.config = config if config is not None else self.config_class()
 
     @classmethod
-    def create(cls, bundle: ModelBundle | None = None, **options) -> ConfiguredEditor:
-        unknown = set(options) - {f.name for f in fields(cls.config_class)}
-        if unknown:
-            raise ValueError(f"unknown {cls.name} options: {sorted(unknown)}")
-        return cls(cls.config_class(**options))
+    def from_hparams(cls, hparams: dict, runtime: Runtime | None = None,
+                     task: str = DEFAULT_TASK) -> ConfiguredEditor:
+        from_dict = getattr(cls.config_class, "from_dict", None)
+        config = from_dict(hparams) if from_dict else build(cls.config_class, hparams, cls.name)
+        return cls(config, runtime, task)
 
     def hparams(self) -> dict:
         return asdict(self.config)
-
-
-EDITORS: dict[str, type[Editor]] = {}
-
-
-def register(cls: type[Editor]) -> type[Editor]:
-    EDITORS[cls.name] = cls
-    return cls
-
-
-def get_editor(name: str, bundle: ModelBundle | None = None, **options) -> Editor:
-    """An editor by name; ``options`` override its hyperparameters."""
-    from . import crossattn, emcid, refact  # noqa: F401  (registers the built-in editors)
-
-    if name not in EDITORS:
-        raise ValueError(f"unknown editing method {name!r}; available: {sorted(EDITORS)}")
-    return EDITORS[name].create(bundle, **options)

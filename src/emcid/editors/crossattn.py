@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import check_float
+from ..errors import OptionError
 from ..models import ModelBundle
 from ..requests import EditRequest, subject_positions
-from .base import ConfiguredEditor, register
+from .base import ConfiguredEditor
 
 
 @dataclass
@@ -27,6 +29,15 @@ class CrossAttentionConfig:
     preserve: list[str] = field(default_factory=list)  # UCE: concepts whose outputs are kept
     preserve_scale: float = 1.0  # UCE: weight of each preserved concept
     edit_keys: bool = True  # edit to_k as well as to_v (both papers do)
+
+    def __post_init__(self) -> None:
+        # lam = 0 leaves sum c c^T, singular for fewer edits than the embedding width.
+        check_float("cross-attention", "lam", self.lam, low=0, low_open=True)
+        check_float("cross-attention", "preserve_scale", self.preserve_scale, low=0)
+        if not isinstance(self.preserve, list | tuple) or not all(isinstance(p, str) for p in self.preserve):
+            raise OptionError(f"preserve={self.preserve!r}: give a list of concept names")
+        if not isinstance(self.edit_keys, bool):
+            raise OptionError(f"edit_keys={self.edit_keys!r}: give true or false")
 
 
 def _slot_position(tokenizer, template: str, subject: str) -> torch.Tensor:
@@ -86,11 +97,10 @@ class CrossAttentionEditor(ConfiguredEditor):
     config_class = CrossAttentionConfig
     uses_preservation = False
 
-    @classmethod
-    def create(cls, bundle: ModelBundle | None = None, **options) -> CrossAttentionEditor:
-        if options.get("preserve") and not cls.uses_preservation:
-            raise ValueError(f"{cls.name} has no preservation set; use uce")
-        return super().create(bundle, **options)
+    def __init__(self, config: CrossAttentionConfig | None = None, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if self.config.preserve and not self.uses_preservation:
+            raise OptionError(f"{self.name} has no preservation set; use uce")
 
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         src, dst, templates, src_names, dst_names = _pairs(requests)
@@ -107,12 +117,10 @@ class CrossAttentionEditor(ConfiguredEditor):
         }
 
 
-@register
 class TIMEEditor(CrossAttentionEditor):
     name = "time"
 
 
-@register
 class UCEEditor(CrossAttentionEditor):
     name = "uce"
     uses_preservation = True

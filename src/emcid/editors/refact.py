@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import TensorCache
+from ..config import check_corpus, check_float, check_int
+from ..errors import OptionError
 from ..hooks import add_at_positions, capture
 from ..models import ModelBundle
 from ..requests import EditRequest, subject_positions
 from ..stats import DEFAULT_SAMPLES, read_corpus, second_moments
-from .base import ConfiguredEditor, register
+from .base import ConfiguredEditor
 
 
 @dataclass
@@ -43,11 +44,16 @@ class ReFACTConfig:
     prob_threshold: float = 0.99  # release: stop once P(destination) exceeds this
     stats_samples: int = DEFAULT_SAMPLES
     corpus: str | None = None  # caption file for the statistics; None: the default corpus
-    cache: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.lr <= 0 or self.clamp_factor <= 0:
-            raise ValueError("ReFACT needs steps >= 1, lr > 0 and clamp_factor > 0")
+        if self.layer is not None:
+            check_int("ReFACT", "layer", self.layer, minimum=0)
+        check_int("ReFACT", "steps", self.steps)
+        check_int("ReFACT", "stats_samples", self.stats_samples)
+        for name in ("lr", "clamp_factor"):
+            check_float("ReFACT", name, getattr(self, name), low=0, low_open=True)
+        check_float("ReFACT", "weight_decay", self.weight_decay, low=0)
+        check_float("ReFACT", "prob_threshold", self.prob_threshold, low=0, high=1)
 
 
 def default_layer(bundle: ModelBundle) -> int:
@@ -129,21 +135,29 @@ def subject_keys(bundle: ModelBundle, request: EditRequest, layer: int) -> dict[
     return keys
 
 
-@register
 class ReFACTEditor(ConfiguredEditor):
     name = "refact"
     config_class = ReFACTConfig
+    runtime_options = frozenset({"cache", "cache_root"})
+
+    def layer_for(self, bundle: ModelBundle) -> int:
+        layer = default_layer(bundle) if self.config.layer is None else self.config.layer
+        depth = min(s.num_layers for s in bundle.slots())
+        if not 0 <= layer < depth:
+            raise OptionError(f"refact layer {layer}: choose from 0..{depth - 1}")
+        return layer
+
+    def check(self, bundle: ModelBundle) -> None:
+        self.layer_for(bundle)
+        check_corpus(self.config.corpus)
 
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         config = self.config
-        layer = default_layer(bundle) if config.layer is None else config.layer
-        depth = min(s.num_layers for s in bundle.slots())
-        if not 0 <= layer < depth:
-            raise ValueError(f"refact layer {layer}: choose from 0..{depth - 1}")
+        layer = self.layer_for(bundle)
         names = {s.name: s.fc2_name(layer) for s in bundle.slots()}
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
         moments = second_moments(bundle, list(names.values()), corpus, config.stats_samples,
-                                 cache=TensorCache("stats", enabled=config.cache), progress=progress)
+                                 cache=self.cache("stats"), progress=progress)
         modules = {s.name: s.fc2(layer) for s in bundle.slots()}
         totals = {name: torch.zeros_like(m.weight, dtype=torch.float64) for name, m in modules.items()}
         with _weights_restored(list(modules.values())):

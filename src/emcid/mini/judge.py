@@ -4,7 +4,7 @@ It plays the role ViT-B/16 plays for SD in ICEB. Its logits are factorised over 
 signature, logit(c) = s[shape_c] + f[fg_c] + b[bg_c] + r[c], so that every attribute is
 learned from all concepts that share it (fast, and robust on imperfect samples). It is
 trained on renders with noise, blur and colour jitter so that it is fair to generated
-images (issue 3 measured +4-14 points of accuracy on samples from this augmentation).
+images (we measured +4-14 points of accuracy on samples from this augmentation).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import world
+from . import default_judge_dir, world
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,6 @@ class Judge:
         if not outs:
             return torch.zeros(0, len(self.class_names))
         return torch.cat(outs)
-
-
-def default_judge_dir() -> Path:
-    """Folder of the shipped judge weights."""
-    return Path(__file__).resolve().parent / "weights" / "judge"
 
 
 def save_judge(net: JudgeNet, folder: str | Path, cfg: JudgeConfig) -> None:

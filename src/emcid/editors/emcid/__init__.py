@@ -7,50 +7,80 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ...cache import TensorCache
+from ...config import build, check_corpus, check_int
+from ...errors import OptionError
 from ...models import ModelBundle
-from ...requests import EditRequest
+from ...requests import OBJECT_PROMPTS, EditRequest
 from ...stats import DEFAULT_SAMPLES, read_corpus, second_moments
-from ..base import Editor, register
+from ..base import ConfiguredEditor
+from ..presets import preset_options, resolve_layers
 from .stage1 import Stage1Config, compute_targets
 from .stage2 import Stage2Config, compute_deltas
 
-# Release values for SDXL (method.md 4.2) that differ from SD 1.x.
-SDXL_STAGE1 = {"steps": 100, "lr": 0.1, "clamp_factor": 1.2, "align_weight": 0.005}
+STAGE1_KEYS = frozenset(f.name for f in fields(Stage1Config))
+STAGE2_KEYS = frozenset(f.name for f in fields(Stage2Config))
 
 
 @dataclass
 class EMCIDConfig:
-    """Everything EMCID depends on besides the model and the requests."""
+    """Every EMCID hyperparameter (what a patch depends on besides the model and requests)."""
 
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
-    layers: dict[str, list[int]] | None = None  # None: the family's release default
-    task: str = "object"  # "artist" selects the artist layers (7..10 on SD 1.x)
+    # Edited blocks per text encoder: index lists, or "start:stop" slices of the depth
+    # (the presets' form); None: the family's preset for objects.
+    layers: dict[str, list[int] | str] | None = None
     stats_samples: int = DEFAULT_SAMPLES
     corpus: str | None = None  # caption file for the statistics; None: the default corpus
-    cache: bool = True
     # Stage I options for requests with reference images (ICEB's undrawable classes: true-noise
     # target, text alignment off); all requests still share one Stage II solve.
     reference_stage1: dict = field(default_factory=dict)
+    # Prompt templates for requests that kept the object default (the artist task's own).
+    default_prompts: list[str] | None = None
 
     def __post_init__(self) -> None:
-        unknown = set(self.reference_stage1) - {f.name for f in fields(Stage1Config)}
-        if unknown:
-            raise ValueError(f"unknown Stage I options in reference_stage1: {sorted(unknown)}")
+        check_int("EMCID", "stats_samples", self.stats_samples)
+        build(Stage1Config, self.reference_stage1, "reference_stage1 (Stage I)")
+        if self.layers is not None and (not isinstance(self.layers, dict) or not all(
+                isinstance(v, str) or (isinstance(v, list | tuple) and all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in v))
+                for v in self.layers.values())):
+            raise OptionError(f"EMCID option layers={self.layers!r}: give e.g. "
+                              "{'text_encoder': [7, 8, 9, 10]}")
+        if self.default_prompts is not None:
+            # EditRequest checks each template; one probe request is enough.
+            EditRequest("probe", "check", tuple(self.default_prompts))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def flatten(data: dict) -> dict:
+        """:meth:`to_dict`'s nested ``stage1``/``stage2`` mappings as flat options."""
+        flat = dict(data)
+        nested = {}
+        for key in ("stage1", "stage2"):
+            part = flat.pop(key, {})
+            if not isinstance(part, dict):
+                raise OptionError(f"EMCID option {key}={part!r}: give a mapping of option names")
+            nested.update(part)
+        return {**nested, **flat}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EMCIDConfig:
+        """From :meth:`to_dict`'s nested form or flat options (``steps``, ``lam``, ...)."""
+        flat = cls.flatten(data)
+        stage1 = {k: flat.pop(k) for k in list(flat) if k in STAGE1_KEYS}
+        stage2 = {k: flat.pop(k) for k in list(flat) if k in STAGE2_KEYS}
+        config = build(cls, flat, "EMCID")
+        config.stage1 = build(Stage1Config, stage1, "EMCID Stage I")
+        config.stage2 = build(Stage2Config, stage2, "EMCID Stage II")
+        return config
 
     def stage1_for(self, request: EditRequest) -> Stage1Config:
         if request.reference_images and self.reference_stage1:
             return replace(self.stage1, **self.reference_stage1)
         return self.stage1
-
-
-def _split_options(options: dict) -> tuple[dict, dict, dict]:
-    names1 = {f.name for f in fields(Stage1Config)}
-    names2 = {f.name for f in fields(Stage2Config)}
-    stage1 = {k: v for k, v in options.items() if k in names1}
-    stage2 = {k: v for k, v in options.items() if k in names2}
-    rest = {k: v for k, v in options.items() if k not in names1 | names2}
-    return stage1, stage2, rest
 
 
 def distributed_state():
@@ -62,54 +92,56 @@ def distributed_state():
     return PartialState()
 
 
-@register
-class EMCIDEditor(Editor):
+class EMCIDEditor(ConfiguredEditor):
     name = "emcid"
-    stage1_defaults: dict = {}  # what a variant changes in Stage I
-
-    def __init__(self, config: EMCIDConfig | None = None):
-        self.config = config or EMCIDConfig()
+    config_class = EMCIDConfig
+    runtime_options = frozenset({"cache", "cache_root", "concept_batch"})
 
     @classmethod
-    def create(cls, bundle: ModelBundle | None = None, **options) -> EMCIDEditor:
-        """Flat options (``steps=50, lam=6000, layers=...``) over the family's defaults."""
-        stage1, stage2, rest = _split_options(options)
-        stage1 = {**cls.stage1_defaults, **stage1}
-        if bundle is not None and bundle.family == "sdxl":
-            stage1 = {**SDXL_STAGE1, **stage1}
-        if bundle is not None and bundle.is_embedded:
-            # The miniature model's own sampler settings stand in for SD's 7.5 / 50 steps, and
-            # its small UNet is fastest with many concepts per Stage I batch (speed only).
-            stage1 = {"image_guidance_scale": None, "image_steps": None, "concept_batch": 64, **stage1}
-        unknown = set(rest) - {f.name for f in fields(EMCIDConfig)}
-        if unknown:
-            raise ValueError(f"unknown EMCID options: {sorted(unknown)}")
-        return cls(EMCIDConfig(Stage1Config(**stage1), Stage2Config(**stage2), **rest))
+    def flat_options(cls, options: dict) -> dict:
+        return EMCIDConfig.flatten(options)
 
-    def hparams(self) -> dict:
-        return asdict(self.config)
+    def check(self, bundle: ModelBundle) -> None:
+        self.layers_for(bundle)
+        check_corpus(self.config.corpus)
+
+    def prepare(self, requests: list[EditRequest]) -> list[EditRequest]:
+        prompts = self.config.default_prompts
+        if not prompts:
+            return requests
+        return [replace(r, prompts=tuple(prompts)) if r.prompts == OBJECT_PROMPTS else r
+                for r in requests]
 
     def layers_for(self, bundle: ModelBundle) -> dict[str, list[int]]:
-        layers = self.config.layers or bundle.default_layers(self.config.task)
-        for slot_name, indices in layers.items():
+        """Edited block indices per encoder; refuses encoders or blocks the model lacks."""
+        spec = self.config.layers
+        if spec is None:  # created without the model: its family's rows for this task
+            spec = preset_options(self.methods(), bundle, self.task)["layers"]
+        names = [s.name for s in bundle.slots()]
+        layers = {}
+        for slot_name, given in spec.items():
+            if slot_name not in names:
+                raise OptionError(f"layers: this {bundle.family} model has no {slot_name!r}; "
+                                  f"it has {', '.join(names)}")
             depth = bundle.slot(slot_name).num_layers
+            indices = resolve_layers(given, depth)
             if not indices or any(not 0 <= i < depth - 1 for i in indices):
-                raise ValueError(
-                    f"layers {indices} of {slot_name}: choose from 0..{depth - 2} (the last "
+                raise OptionError(
+                    f"layers {given} of {slot_name}: choose from 0..{depth - 2} (the last "
                     "block is never edited)"
                 )
-        return {k: sorted(set(v)) for k, v in layers.items()}
+            layers[slot_name] = sorted(set(indices))
+        return layers
 
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         config = self.config
         layers = self.layers_for(bundle)
         z_layer = {slot: max(indices) for slot, indices in layers.items()}
-        root_enabled = config.cache
-        caches = (TensorCache("stage1", enabled=root_enabled), TensorCache("images", enabled=root_enabled))
+        caches = (self.cache("stage1"), self.cache("images"))
         state = distributed_state()
         if state is not None:
-            if not root_enabled:
-                raise ValueError("multi-process Stage I shares results through the cache: enable it")
+            if not self.runtime.cache:
+                raise OptionError("multi-process Stage I shares results through the cache: enable it")
             # Each process computes its share into the shared cache; then all read everything.
             self._stage1(bundle, requests[state.process_index::state.num_processes], z_layer, caches,
                          progress)
@@ -118,7 +150,7 @@ class EMCIDEditor(Editor):
         names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
         moments = second_moments(bundle, names, corpus, config.stats_samples,
-                                 cache=TensorCache("stats", enabled=root_enabled), progress=progress)
+                                 cache=self.cache("stats"), progress=progress)
         return compute_deltas(bundle, targets, layers, moments, config.stage2, progress=progress)
 
     def _stage1(self, bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
@@ -131,16 +163,17 @@ class EMCIDEditor(Editor):
         targets: list = [None] * len(requests)
         for config, indices in groups.values():
             chosen = [requests[i] for i in indices]
-            found = compute_targets(bundle, chosen, z_layer, config, *caches, progress)
+            found = compute_targets(bundle, chosen, z_layer, config, *caches, progress,
+                                    self.runtime.concept_batch)
             for index, target in zip(indices, found, strict=True):
                 targets[index] = target
         return targets
 
 
-@register
 class MEMITEditor(EMCIDEditor):
     """MEMIT-style baseline: EMCID's multi-layer Stage II with targets from the text side only
-    (pooled-output alignment to the destination; no diffusion distillation, no images)."""
+    (pooled-output alignment to the destination; no diffusion distillation, no images; its
+    row in ``emcid.editors.presets``)."""
 
     name = "memit"
-    stage1_defaults = {"noise_weight": 0.0, "align_weight": 1.0}
+    lineage = ("emcid", "memit")

@@ -1,4 +1,4 @@
-"""Stage I: per-concept target values by dual self-distillation (method.md section 4).
+"""Stage I: per-concept target values by dual self-distillation (docs/method.md, Stage I).
 
 For one request, a vector ``delta`` per edited text encoder is added to the output of its
 last edited block ``l*`` at the subject token of every source prompt. ``delta`` is optimised
@@ -21,6 +21,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from ...cache import TensorCache, content_key
+from ...config import check_choice, check_float, check_int
 from ...errors import Stage1DivergedError
 from ...generation import encode_images, generate_cached, pil_to_tensor, resolve_settings
 from ...hooks import add_at_positions, capture, replay_prefix
@@ -30,7 +31,10 @@ from ...requests import EditRequest, subject_positions
 
 @dataclass
 class Stage1Config:
-    """Stage I hyperparameters; defaults are the release values for SD 1.x (method.md 4.2)."""
+    """Stage I hyperparameters; defaults are the release values for SD 1.x (docs/method.md).
+
+    Presets for SDXL and artists live in ``emcid.editors.presets``.
+    """
 
     steps: int = 200  # release: 200 (100 for artists, 100 for SDXL)
     lr: float = 0.2  # release: Adam 0.2 (SDXL 0.1)
@@ -41,13 +45,18 @@ class Stage1Config:
     target: Literal["teacher", "noise"] = "teacher"  # "noise": regress on the true noise
     image_guidance_scale: float | None = 7.5  # release: source images at guidance 7.5
     image_steps: int | None = 50  # release: 50 sampling steps; None = the model's default
-    concept_batch: int = 8  # concepts optimised side by side in one tensor program (speed only)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.lr <= 0 or self.concept_batch < 1:
-            raise ValueError("Stage I needs steps >= 1, lr > 0 and concept_batch >= 1")
-        if self.target not in ("teacher", "noise"):
-            raise ValueError(f"target must be 'teacher' or 'noise', not {self.target!r}")
+        check_int("Stage I", "steps", self.steps)
+        check_float("Stage I", "lr", self.lr, low=0, low_open=True)
+        for name in ("noise_weight", "align_weight", "norm_decay"):
+            check_float("Stage I", name, getattr(self, name), low=0)
+        check_float("Stage I", "clamp_factor", self.clamp_factor, low=0, low_open=True)
+        check_choice("Stage I", "target", self.target, ("teacher", "noise"))
+        if self.image_guidance_scale is not None:
+            check_float("Stage I", "image_guidance_scale", self.image_guidance_scale, low=0)
+        if self.image_steps is not None:
+            check_int("Stage I", "image_steps", self.image_steps)
 
 
 @dataclass
@@ -125,9 +134,8 @@ def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[s
                   config: Stage1Config, image_settings: dict) -> str:
     """Everything a Stage I result depends on: model, request (prompts, seed, images), config."""
     images = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in request.reference_images]
-    speed_only = {k: v for k, v in asdict(config).items() if k != "concept_batch"}
     return content_key(model=bundle_fingerprint, request=request.to_dict(), images=images,
-                       z_layer=z_layer, config=speed_only, image_settings=image_settings)
+                       z_layer=z_layer, config=asdict(config), image_settings=image_settings)
 
 
 @dataclass
@@ -288,8 +296,12 @@ def compute_targets(
     cache: TensorCache | None = None,
     image_cache: TensorCache | None = None,
     progress: bool = True,
+    concept_batch: int = 8,
 ) -> list[ConceptTarget]:
-    """Stage I for every request, each independent and cached under its full content key."""
+    """Stage I for every request, each independent and cached under its full content key.
+
+    ``concept_batch`` concepts are optimised side by side (speed only: results do not change).
+    """
     from tqdm.auto import tqdm
 
     cache = cache or TensorCache("stage1")
@@ -304,7 +316,7 @@ def compute_targets(
         if entry is not None:
             results[index] = ConceptTarget.from_tensors(requests[index], z_layer, entry[0])
     missing = [i for i in range(len(requests)) if i not in results]
-    chunks = [missing[i:i + config.concept_batch] for i in range(0, len(missing), config.concept_batch)]
+    chunks = [missing[i:i + concept_batch] for i in range(0, len(missing), concept_batch)]
     with tqdm(total=len(missing), desc="Stage I", unit="concept", disable=not progress) as bar:
         for chunk in chunks:
             targets = compute_z(bundle, [requests[i] for i in chunk], z_layer, config, image_cache)

@@ -1,4 +1,4 @@
-"""Stage II: write every Stage I target into several fc2 layers at once (method.md section 5).
+"""Stage II: write every Stage I target into several fc2 layers at once (docs/method.md, Stage II).
 
 Per edited block ``l`` (ascending), with keys ``K`` (fc2 inputs at the subject tokens, one
 column per concept), residuals ``R`` and preservation statistics ``C``:
@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from ...config import check_choice, check_float
 from ...hooks import capture
 from ...models import ModelBundle
 from ...requests import subject_positions
@@ -26,17 +27,17 @@ from .stage1 import ConceptTarget
 
 @dataclass
 class Stage2Config:
-    """Stage II hyperparameters; defaults are the release values (method.md 5)."""
+    """Stage II hyperparameters; defaults are the release values (docs/method.md)."""
 
     lam: float = 4000.0  # release: preservation weight 4000 (6000 for RoAD)
     alpha: float = 0.5  # release: editing strength 0.5 (0.6 for arbitrary editing)
     residual: Literal["memit", "release"] = "memit"  # memit: against block l*'s output
 
     def __post_init__(self) -> None:
-        if not 0 < self.alpha < 1 or self.lam < 0:
-            raise ValueError("Stage II needs 0 < alpha < 1 and lam >= 0")
-        if self.residual not in ("memit", "release"):
-            raise ValueError(f"residual must be 'memit' or 'release', not {self.residual!r}")
+        # lam = 0 leaves a K K^T, singular for fewer edits than key width: refused.
+        check_float("Stage II", "lam", self.lam, low=0, low_open=True)
+        check_float("Stage II", "alpha", self.alpha, low=0, high=1, low_open=True, high_open=True)
+        check_choice("Stage II", "residual", self.residual, ("memit", "release"))
 
 
 def closed_form_update(
