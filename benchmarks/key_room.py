@@ -21,6 +21,7 @@ import time
 import torch
 
 import emcid
+from emcid.editors.presets import preset_options, resolve_layers
 from emcid.hooks import capture
 from emcid.stats import default_corpus
 
@@ -75,7 +76,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bundle = emcid.load_model(args.model)
     slot = bundle.slots()[0]
-    layers = bundle.default_layers()[slot.name]
+    spec = preset_options(("emcid",), bundle, "object")["layers"][slot.name]
+    layers = resolve_layers(spec, slot.num_layers)
     names = [slot.fc2_name(i) for i in layers]
     captions = default_corpus(bundle, args.captions)[: args.captions]
     marks = checkpoints(len(captions))

@@ -1,5 +1,5 @@
 """The embedded default model: a 2,000-concept procedural world, a small SD-1.x-shaped
-pipeline trained on it, and the world's judge (issue 3).
+pipeline trained on it, and the world's judge (docs/mini.md).
 
 `default_model_dir()` is the folder `emcid` loads when no `--model` is given.
 """

@@ -25,6 +25,14 @@ class SamplingDefaults:
     width: int = 32
 
 
+#: Editor settings the embedded model carries in its emcid.json (`emcid.editors.presets`
+#: reads them): its own sampler settings stand in for SD's guidance 7.5 / 50 steps in Stage I's
+#: reference images, and its small UNet is fastest with many concepts per Stage I batch.
+EDITOR_OVERRIDES: dict[str, dict] = {
+    "emcid": {"image_guidance_scale": None, "image_steps": None, "concept_batch": 64},
+}
+
+
 def build_vae(channels: tuple[int, ...], latent_channels: int = 8) -> AutoencoderKL:
     """AutoencoderKL with len(channels)-1 downsamplings (3 levels: 32 -> 8).
 
@@ -129,7 +137,8 @@ def save_pipeline(
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(tokenizer_dir / name, tmp / "tokenizer" / name)
         (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-    (tmp / "emcid.json").write_text(json.dumps({**asdict(sampling), "world": "mini"}, indent=1))
+    settings = {**asdict(sampling), "world": "mini", "editor_overrides": EDITOR_OVERRIDES}
+    (tmp / "emcid.json").write_text(json.dumps(settings, indent=1))
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         if old.exists():
