@@ -194,6 +194,11 @@ def balance_gap(shares: Sequence[float]) -> float:
     return max(abs(s - 1 / len(shares)) for s in shares)
 
 
+def is_balanced(shares: Sequence[float], tolerance: float) -> bool:
+    """The stop rule; the slack absorbs float error (12/25 - 1/2 is 0.020000000000000018)."""
+    return balance_gap(shares) <= tolerance + 1e-9
+
+
 def next_factors(factors: Sequence[float], shares: Sequence[float], step: float) -> list[float]:
     """Move each factor against its value's excess share, clipped at 0, renormalised."""
     moved = [max(f - step * (s - 1 / len(shares)), 0.0) for f, s in zip(factors, shares)]
@@ -230,7 +235,7 @@ def tune_factors(measure: Callable[[list[float]], list[float]], count: int,
         log.info("debias round %d: factors %s, shares %s", index + 1, factors, shares)
         if best is None or balance_gap(shares) < balance_gap(best.shares):
             best = Tuning(factors, shares)
-        if balance_gap(shares) <= config.tolerance:
+        if is_balanced(shares, config.tolerance):
             break
         factors = next_factors(factors, shares, config.step * (1 - index / config.rounds))
     best.history = history
