@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -184,6 +186,8 @@ def test_bad_request_files_are_refused_before_anything_is_written(tmp_path, sd1_
 
 
 def test_request_files_in_every_format(tmp_path):
+    example = load_debias_requests(Path(__file__).resolve().parents[1] / "examples" / "debias.yaml")
+    assert [r.noun for r in example] == ["doctor", "nurse", "engineer"]
     (tmp_path / "r.csv").write_text("source,debias,seed\nengineer,male|female,3\n")
     (tmp_path / "r.yaml").write_text("requests:\n- {source: an engineer, debias: [male, female], seed: 3}\n")
     loaded = [load_debias_requests(tmp_path / name)[0] for name in ("r.csv", "r.yaml")]
