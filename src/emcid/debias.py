@@ -31,6 +31,8 @@ import torch
 import yaml
 from PIL import Image
 
+from .editors.emcid.stage1 import ConceptTarget
+from .editors.emcid.stage2 import compute_deltas
 from .errors import ModelLoadError, RequestError
 from .models import ModelBundle
 from .patch import EditPatch
@@ -44,6 +46,7 @@ ARTICLES = ("a", "an", "the")
 # images, candidate labels -> (n_images, n_labels) scores (probabilities or logits): the
 # share of a value is the fraction of images whose highest score is that value's.
 Classifier = Callable[[list[Image.Image], Sequence[str]], torch.Tensor]
+Measure = Callable[[list[float]], list[float]]  # mixing factors -> measured shares
 
 
 def _normalise(text: str) -> str:
@@ -219,8 +222,7 @@ class Tuning:
         return len(self.history)
 
 
-def tune_factors(measure: Callable[[list[float]], list[float]], count: int,
-                 config: DebiasConfig) -> Tuning:
+def tune_factors(measure: Measure, count: int, config: DebiasConfig) -> Tuning:
     """Tune mixing factors for ``count`` values; ``measure(factors)`` returns the shares.
 
     Starts even, stops as soon as the gap is within the tolerance, else after ``rounds``
@@ -296,7 +298,7 @@ def deltas_applied(bundle: ModelBundle, deltas: dict[str, torch.Tensor]) -> Iter
                 bundle.module(name).weight.copy_(weight)
 
 
-def mix(targets: list, factors: Sequence[float]):
+def mix(targets: Sequence[ConceptTarget], factors: Sequence[float]) -> ConceptTarget:
     """One Stage I target whose delta is the factor-weighted sum of the values' deltas (all
     share the source, so this is also the mix of their targets z)."""
     first = targets[0]
@@ -316,7 +318,6 @@ def debias(bundle: ModelBundle, requests: Sequence[DebiasRequest], classifier: C
 
     from .editors import get_editor
     from .editors.base import package_version
-    from .editors.emcid.stage2 import compute_deltas
 
     requests = validate_debias_requests(list(requests))
     if bundle.is_embedded:
@@ -332,7 +333,7 @@ def debias(bundle: ModelBundle, requests: Sequence[DebiasRequest], classifier: C
     moments = editor.second_moments(bundle, layers, progress)
     stage2 = editor.config.stage2
 
-    def measure_with(request: DebiasRequest, targets: list) -> Callable[[list[float]], list[float]]:
+    def measure_with(request: DebiasRequest, targets: list[ConceptTarget]) -> Measure:
         def measure(factors: list[float]) -> list[float]:
             deltas = compute_deltas(bundle, [mix(targets, factors)], layers, moments, stage2,
                                     progress=False)
