@@ -82,6 +82,23 @@ def cmd_edit(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: {len(patch.metadata['requests'])} edits in {len(patch.deltas)} modules")
 
 
+def cmd_debias(args: argparse.Namespace) -> None:
+    from .debias import ClipZeroShot, DebiasConfig, debias, format_report, load_debias_requests
+
+    requests = load_debias_requests(args.requests)  # bad requests fail before any loading
+    bundle = _load(args)
+    options = {k: v for k, v in {
+        "steps": args.steps, "lam": args.lam, "layers": parse_layers(args.layers),
+        "stats_samples": args.stats_samples,
+    }.items() if v is not None}
+    tuning = {k: v for k, v in {"images": args.images, "rounds": args.rounds}.items() if v is not None}
+    patch = debias(bundle, requests, ClipZeroShot(args.classifier, bundle.device),
+                   DebiasConfig(**tuning), **options)
+    patch.save(args.out)
+    print(format_report(patch.metadata["debias"]))
+    print(f"wrote {args.out}: {len(requests)} concepts debiased in {len(patch.deltas)} modules")
+
+
 def cmd_apply(args: argparse.Namespace) -> None:
     from .patch import EditPatch, save_pipeline
 
@@ -169,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--corpus", help="caption file (one per line) for the statistics")
     edit.add_argument("--no-cache", action="store_true", help="recompute everything")
     edit.set_defaults(func=cmd_edit)
+
+    debias = commands.add_parser("debias", help="balance concepts over attribute values (one patch)")
+    _add_model_args(debias)
+    debias.add_argument("--requests", required=True,
+                        help="YAML, JSON or CSV debias requests ({source: doctor, debias: [male, female]})")
+    debias.add_argument("--out", required=True, help="patch file to write (.safetensors)")
+    debias.add_argument("--classifier", default="openai/clip-vit-large-patch14",
+                        help="CLIP model (hub id or folder) that classifies the images zero-shot")
+    debias.add_argument("--images", type=int, help="images per tuning round (release: 25)")
+    debias.add_argument("--rounds", type=int, help="most tuning rounds per concept (release: 10)")
+    debias.add_argument("--layers", action="append", help="edited blocks, e.g. 0-10")
+    debias.add_argument("--steps", type=int, help="Stage I optimisation steps (release: 200)")
+    debias.add_argument("--lam", type=float, help="Stage II preservation weight (release: 4000)")
+    debias.add_argument("--stats-samples", type=int, help="captions for the statistics (100000)")
+    debias.set_defaults(func=cmd_debias)
 
     apply = commands.add_parser("apply", help="apply a patch and save the full pipeline")
     _add_model_args(apply)

@@ -134,8 +134,15 @@ class EMCIDEditor(ConfiguredEditor):
         return layers
 
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
-        config = self.config
         layers = self.layers_for(bundle)
+        targets = self.stage1_targets(bundle, requests, layers, progress)
+        moments = self.second_moments(bundle, layers, progress)
+        return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress)
+
+    def stage1_targets(self, bundle: ModelBundle, requests: list[EditRequest],
+                       layers: dict[str, list[int]], progress: bool) -> list:
+        """Stage I for every request (no batch validation: tasks such as debias give the same
+        source several destinations on purpose), in the requests' order."""
         z_layer = {slot: max(indices) for slot, indices in layers.items()}
         caches = (self.cache("stage1"), self.cache("images"))
         state = distributed_state()
@@ -146,12 +153,16 @@ class EMCIDEditor(ConfiguredEditor):
             self._stage1(bundle, requests[state.process_index::state.num_processes], z_layer, caches,
                          progress)
             state.wait_for_everyone()
-        targets = self._stage1(bundle, requests, z_layer, caches, progress)
+        return self._stage1(bundle, requests, z_layer, caches, progress)
+
+    def second_moments(self, bundle: ModelBundle, layers: dict[str, list[int]],
+                       progress: bool) -> dict:
+        """The preservation statistics of every edited fc2, cached on disk."""
+        config = self.config
         names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
-        moments = second_moments(bundle, names, corpus, config.stats_samples,
-                                 cache=self.cache("stats"), progress=progress)
-        return compute_deltas(bundle, targets, layers, moments, config.stage2, progress=progress)
+        return second_moments(bundle, names, corpus, config.stats_samples,
+                              cache=self.cache("stats"), progress=progress)
 
     def _stage1(self, bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
                 caches: tuple[TensorCache, TensorCache], progress: bool) -> list:

@@ -1,0 +1,380 @@
+"""Debiasing (method.md 6): make a concept draw each value of an attribute equally often.
+
+For a concept X ("doctor") and attribute values ("male", "female"), Stage I runs once per
+value, towards "a male doctor" and "a female doctor", from the same source "a doctor". The
+two deltas are mixed with factors that sum to one (``z = h + sum_i f_i delta_i``), and the
+factors are tuned per concept: write the mixed target alone (Stage II), draw images of "an
+image of a doctor", classify each image zero-shot into the values, and move every factor
+against its value's excess share (``f_i <- max(f_i - step * (share_i - 1/n), 0)``,
+renormalised). The release's budget and stop rule: 25 images per round, at most 10 rounds,
+step 0.4, stop once every share is within 0.02 of ``1/n`` (with 25 images and two values that
+is a 12/13 split). Then all concepts' mixed targets are written in one Stage II.
+
+Two changes from the release: the step shrinks linearly over the rounds (so a share that
+jumps across the balance point settles), and the factors kept are those of the best measured
+round, not the update after the last one, so the reported share is one that was measured.
+The "after" share in the patch metadata is measured again on the final, all-concept patch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+
+from .editors.emcid.stage1 import ConceptTarget
+from .editors.emcid.stage2 import compute_deltas
+from .errors import ModelLoadError, RequestError
+from .models import ModelBundle
+from .patch import EditPatch
+from .requests import LIST_SEPARATOR, OBJECT_PROMPTS, EditRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # release: the zero-shot judge of debiasing
+ARTICLES = ("a", "an", "the")
+
+# images, candidate labels -> (n_images, n_labels) scores (probabilities or logits): the
+# share of a value is the fraction of images whose highest score is that value's.
+Classifier = Callable[[list[Image.Image], Sequence[str]], torch.Tensor]
+Measure = Callable[[list[float]], list[float]]  # mixing factors -> measured shares
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+@dataclass(frozen=True)
+class DebiasRequest:
+    """Balance ``source`` (a concept such as "doctor") over attribute ``values``."""
+
+    source: str
+    values: tuple[str, ...]
+    prompts: tuple[str, ...] = OBJECT_PROMPTS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", str(self.source).strip())
+        object.__setattr__(self, "values", tuple(str(v).strip() for v in self.values))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not self.noun:
+            raise RequestError(f"a debias request has an empty source: {self.to_dict()}")
+        normalised = [_normalise(v) for v in self.values]
+        if len(self.values) < 2 or "" in normalised:
+            raise RequestError(
+                f"the debias request for {self.source!r} needs at least two attribute values "
+                f"(e.g. debias: [male, female]); it has {list(self.values)}"
+            )
+        if len(set(normalised)) < len(normalised):
+            raise RequestError(f"the debias request for {self.source!r} repeats a value: "
+                               f"{list(self.values)}")
+        self.stage1_requests()  # checks the prompt templates as for any edit
+
+    @property
+    def noun(self) -> str:
+        """The concept without a leading article ("a doctor" -> "doctor")."""
+        first, _, rest = self.source.partition(" ")
+        return rest.strip() if first.lower() in ARTICLES and rest.strip() else self.source
+
+    def concept(self) -> str:
+        """The source phrase: "a doctor", "an engineer"."""
+        return f"{_article(self.noun)} {self.noun}"
+
+    def destinations(self) -> list[str]:
+        """One phrase per value: "a male doctor", "a female doctor" (also the classifier's labels)."""
+        return [f"{_article(v)} {v} {self.noun}" for v in self.values]
+
+    def stage1_requests(self) -> list[EditRequest]:
+        return [EditRequest(self.concept(), d, self.prompts, seed=self.seed) for d in self.destinations()]
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "debias": list(self.values), "prompts": list(self.prompts),
+                "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DebiasRequest:
+        unknown = set(data) - {"source", "debias", "prompts", "seed"}
+        if unknown:
+            raise RequestError(f"unknown debias request fields {sorted(unknown)} in {data}")
+        if "source" not in data or "debias" not in data:
+            raise RequestError(f"a debias request needs 'source' and 'debias' (the values): {data}")
+        kwargs: dict = {"source": data["source"], "values": _as_list(data["debias"])}
+        if _as_list(data.get("prompts")):
+            kwargs["prompts"] = _as_list(data["prompts"])
+        if data.get("seed") not in (None, ""):
+            kwargs["seed"] = int(data["seed"])
+        return cls(**kwargs)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):  # a CSV cell: "male|female"
+        return [v.strip() for v in value.split(LIST_SEPARATOR) if v.strip()]
+    return list(value)
+
+
+def validate_debias_requests(requests: Sequence[DebiasRequest]) -> list[DebiasRequest]:
+    """Refuse an empty batch and a concept debiased twice."""
+    if not requests:
+        raise RequestError("no debias requests given")
+    seen: dict[str, DebiasRequest] = {}
+    for request in requests:
+        key = _normalise(request.noun)
+        if key in seen:
+            raise RequestError(f"{request.source!r} is debiased twice ({list(seen[key].values)} and "
+                               f"{list(request.values)}): keep one")
+        seen[key] = request
+    return list(requests)
+
+
+def load_debias_requests(path: str | os.PathLike) -> list[DebiasRequest]:
+    """Read debias requests from YAML, JSON (a list, or ``{"requests": [...]}``) or CSV
+    (columns source, debias with values separated by ``|``, optionally prompts and seed)."""
+    path = Path(path)
+    if not path.exists():
+        raise RequestError(f"request file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        rows = yaml.safe_load(path.read_text())
+    elif suffix == ".json":
+        rows = json.loads(path.read_text())
+    elif suffix == ".csv":
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        raise RequestError(f"{path}: request files are .yaml, .yml, .json or .csv")
+    if isinstance(rows, dict):
+        rows = rows.get("requests")
+    if not isinstance(rows, list):
+        raise RequestError(f"{path}: expected a list of debias requests")
+    requests = []
+    for number, row in enumerate(rows, 1):
+        try:
+            if not isinstance(row, dict):
+                raise RequestError(f"not a mapping: {row!r}")
+            requests.append(DebiasRequest.from_dict(row))
+        except (RequestError, TypeError, ValueError) as exc:
+            raise RequestError(f"{path}: request {number}: {exc}") from exc
+    try:
+        return validate_debias_requests(requests)
+    except RequestError as exc:
+        raise RequestError(f"{path}: {exc}") from exc
+
+
+@dataclass
+class DebiasConfig:
+    """Factor tuning; defaults are the release's (method.md 6)."""
+
+    images: int = 25  # release: 25 images per round
+    rounds: int = 10  # release: at most 10 rounds
+    step: float = 0.4  # release: step 0.4 (here shrinking linearly to step / rounds)
+    tolerance: float = 0.02  # release: stop when every share is within 0.02 of 1/n
+    prompt: str = "an image of {}"  # release: the images classified are of "an image of X"
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or self.rounds < 1 or self.step <= 0 or self.tolerance < 0:
+            raise ValueError("debias needs images >= 1, rounds >= 1, step > 0 and tolerance >= 0")
+        if self.prompt.count("{}") != 1:
+            raise ValueError(f"the debias prompt {self.prompt!r} must contain '{{}}' exactly once")
+
+
+def balance_gap(shares: Sequence[float]) -> float:
+    """How far the most off-balance value is from an even share."""
+    return max(abs(s - 1 / len(shares)) for s in shares)
+
+
+def is_balanced(shares: Sequence[float], tolerance: float) -> bool:
+    """The stop rule; the slack absorbs float error (12/25 - 1/2 is 0.020000000000000018)."""
+    return balance_gap(shares) <= tolerance + 1e-9
+
+
+def next_factors(factors: Sequence[float], shares: Sequence[float], step: float) -> list[float]:
+    """Move each factor against its value's excess share, clipped at 0, renormalised."""
+    moved = [max(f - step * (s - 1 / len(shares)), 0.0) for f, s in zip(factors, shares)]
+    total = sum(moved)
+    return [m / total for m in moved] if total > 0 else [1 / len(moved)] * len(moved)
+
+
+@dataclass
+class Tuning:
+    """The chosen factors, the shares measured with them, and every round's record."""
+
+    factors: list[float]
+    shares: list[float]
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.history)
+
+
+def tune_factors(measure: Measure, count: int, config: DebiasConfig) -> Tuning:
+    """Tune mixing factors for ``count`` values; ``measure(factors)`` returns the shares.
+
+    Starts even, stops as soon as the gap is within the tolerance, else after ``rounds``
+    measurements; returns the best measured round (earliest on ties).
+    """
+    factors = [1 / count] * count
+    best: Tuning | None = None
+    history: list[dict] = []
+    for index in range(config.rounds):
+        shares = [float(s) for s in measure(factors)]
+        history.append({"factors": factors, "shares": shares})
+        log.info("debias round %d: factors %s, shares %s", index + 1, factors, shares)
+        if best is None or balance_gap(shares) < balance_gap(best.shares):
+            best = Tuning(factors, shares)
+        if is_balanced(shares, config.tolerance):
+            break
+        factors = next_factors(factors, shares, config.step * (1 - index / config.rounds))
+    best.history = history
+    return best
+
+
+class ClipZeroShot:
+    """CLIP zero-shot classification of images into text labels (the release's judge)."""
+
+    def __init__(self, model_id: str = DEFAULT_CLIP, device: str | torch.device = "cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(model_id)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the CLIP classifier {model_id!r}: {exc}") from exc
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image], labels: Sequence[str]) -> torch.Tensor:
+        inputs = self.processor(text=list(labels), images=images, return_tensors="pt", padding=True)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        return self.model(**inputs).logits_per_image.softmax(-1).cpu()
+
+
+def value_shares(bundle: ModelBundle, classifier: Classifier, request: DebiasRequest,
+                 config: DebiasConfig) -> list[float]:
+    """Draw ``config.images`` images of "an image of X" (seeds from the request's) and return
+    the fraction classified as each value."""
+    from .generation import generate_arrays, to_pil
+
+    prompt = config.prompt.format(request.concept())
+    seeds = [request.seed + i for i in range(config.images)]
+    images = to_pil(generate_arrays(bundle, [prompt] * len(seeds), seeds, progress=False))
+    scores = torch.as_tensor(classifier(images, request.destinations()))
+    if scores.shape != (len(images), len(request.values)):
+        raise ValueError(f"the classifier returned shape {tuple(scores.shape)}, expected "
+                         f"({len(images)}, {len(request.values)})")
+    counts = torch.bincount(scores.argmax(-1), minlength=len(request.values))
+    return [int(c) / len(images) for c in counts]
+
+
+@contextmanager
+def deltas_applied(bundle: ModelBundle, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Add weight deltas for the duration of the block; the weights are restored bit for bit."""
+    originals = {}
+    try:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                weight = bundle.module(name).weight
+                originals[name] = weight.detach().clone()
+                weight.add_(delta.to(weight))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, weight in originals.items():
+                bundle.module(name).weight.copy_(weight)
+
+
+def mix(targets: Sequence[ConceptTarget], factors: Sequence[float]) -> ConceptTarget:
+    """One Stage I target whose delta is the factor-weighted sum of the values' deltas (all
+    share the source, so this is also the mix of their targets z)."""
+    first = targets[0]
+    deltas = {slot: sum(f * t.deltas[slot] for f, t in zip(factors, targets)) for slot in first.deltas}
+    return replace(first, deltas=deltas)
+
+
+def debias(bundle: ModelBundle, requests: Sequence[DebiasRequest], classifier: Classifier | None = None,
+           config: DebiasConfig | None = None, progress: bool = True, **options) -> EditPatch:
+    """Debias every request's concept and return one patch (not applied).
+
+    ``classifier`` defaults to CLIP ViT-L/14 zero-shot (:class:`ClipZeroShot`); ``options``
+    are EMCID's (``steps``, ``lam``, ``layers`` ...). The patch metadata's ``debias`` entry
+    holds, per concept, the factors, the rounds used and the shares before and after.
+    """
+    from tqdm.auto import tqdm
+
+    from .editors import get_editor
+    from .editors.base import package_version
+
+    requests = validate_debias_requests(list(requests))
+    if bundle.is_embedded:
+        raise RequestError("the embedded world has no attribute-conditioned prompts yet: debias "
+                           "needs a Stable Diffusion model (--model)")
+    editor = get_editor("emcid", bundle, **options)
+    config = config or DebiasConfig()
+    classifier = classifier or ClipZeroShot(device=bundle.device)
+    base = bundle.fingerprint()
+    layers = editor.layers_for(bundle)
+    stage1 = [r for request in requests for r in request.stage1_requests()]
+    found = iter(editor.stage1_targets(bundle, stage1, layers, progress))
+    moments = editor.second_moments(bundle, layers, progress)
+    stage2 = editor.config.stage2
+
+    def measure_with(request: DebiasRequest, targets: list[ConceptTarget]) -> Measure:
+        def measure(factors: list[float]) -> list[float]:
+            deltas = compute_deltas(bundle, [mix(targets, factors)], layers, moments, stage2,
+                                    progress=False)
+            with deltas_applied(bundle, deltas):
+                return value_shares(bundle, classifier, request, config)
+        return measure
+
+    reports, mixed = [], []
+    for request in tqdm(requests, desc="debias", unit="concept", disable=not progress):
+        targets = [next(found) for _ in request.values]
+        before = value_shares(bundle, classifier, request, config)
+        tuning = tune_factors(measure_with(request, targets), len(request.values), config)
+        mixed.append(mix(targets, tuning.factors))
+        reports.append({"source": request.source, "values": list(request.values), "before": before,
+                        "factors": tuning.factors, "tuned": tuning.shares, "rounds": tuning.rounds,
+                        "history": tuning.history})
+    deltas = compute_deltas(bundle, mixed, layers, moments, stage2, progress=progress)
+    with deltas_applied(bundle, deltas):
+        for request, report in zip(requests, reports):
+            report["after"] = value_shares(bundle, classifier, request, config)
+    metadata = {
+        "method": editor.name,
+        "task": "debias",
+        "base_fingerprint": base,
+        "base_model": bundle.source,
+        "family": bundle.family,
+        "requests": [r.to_dict() for r in requests],
+        "hparams": {**editor.hparams(), "debias": asdict(config)},
+        "debias": reports,
+        "emcid_version": package_version(),
+    }
+    return EditPatch.from_dense(deltas, metadata)
+
+
+def format_report(reports: Sequence[dict]) -> str:
+    """The before/after shares per concept as a plain-text table."""
+    def shares(report: dict, key: str) -> str:
+        return " / ".join(f"{s:.2f}" for s in report[key])
+
+    rows = [("concept", "values", "before", "after", "factors", "rounds")]
+    rows += [(r["source"], " / ".join(r["values"]), shares(r, "before"), shares(r, "after"),
+              shares(r, "factors"), str(r["rounds"])) for r in reports]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
