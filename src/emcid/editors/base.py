@@ -8,7 +8,7 @@ from dataclasses import asdict, fields
 from importlib.metadata import PackageNotFoundError, version
 
 from ..models import ModelBundle
-from ..patch import EditPatch
+from ..patch import EditPatch, chain_record
 from ..requests import EditRequest, subject_positions, validate_requests
 from ..tasks import generic_destination, is_erase, resolve_erase
 
@@ -51,6 +51,7 @@ class Editor(ABC):
             "requests": [r.to_dict() for r in checked],
             "hparams": self.hparams(),
             "emcid_version": package_version(),
+            **chain_record(bundle),  # a sequential edit names the patches it was made on
         }
         if any(is_erase(r) for r in checked):
             metadata["erase_destination"] = generic_destination(bundle)

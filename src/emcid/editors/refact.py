@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..cache import TensorCache
 from ..hooks import add_at_positions, capture
 from ..models import ModelBundle
+from ..patch import base_weights
 from ..requests import EditRequest, subject_positions
 from ..stats import DEFAULT_SAMPLES, read_corpus, second_moments
 from .base import ConfiguredEditor, register
@@ -142,8 +143,9 @@ class ReFACTEditor(ConfiguredEditor):
             raise ValueError(f"refact layer {layer}: choose from 0..{depth - 1}")
         names = {s.name: s.fc2_name(layer) for s in bundle.slots()}
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
-        moments = second_moments(bundle, list(names.values()), corpus, config.stats_samples,
-                                 cache=TensorCache("stats", enabled=config.cache), progress=progress)
+        with base_weights(bundle):  # a patched model's statistics are its base model's
+            moments = second_moments(bundle, list(names.values()), corpus, config.stats_samples,
+                                     cache=TensorCache("stats", enabled=config.cache), progress=progress)
         modules = {s.name: s.fc2(layer) for s in bundle.slots()}
         totals = {name: torch.zeros_like(m.weight, dtype=torch.float64) for name, m in modules.items()}
         with _weights_restored(list(modules.values())):

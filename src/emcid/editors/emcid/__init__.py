@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ...cache import TensorCache
 from ...models import ModelBundle
+from ...patch import base_weights
 from ...requests import EditRequest
 from ...stats import DEFAULT_SAMPLES, read_corpus, second_moments
 from ..base import Editor, register
@@ -117,8 +118,9 @@ class EMCIDEditor(Editor):
         targets = self._stage1(bundle, requests, z_layer, caches, progress)
         names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
-        moments = second_moments(bundle, names, corpus, config.stats_samples,
-                                 cache=TensorCache("stats", enabled=root_enabled), progress=progress)
+        with base_weights(bundle):  # a patched model's statistics are its base model's
+            moments = second_moments(bundle, names, corpus, config.stats_samples,
+                                     cache=TensorCache("stats", enabled=root_enabled), progress=progress)
         return compute_deltas(bundle, targets, layers, moments, config.stage2, progress=progress)
 
     def _stage1(self, bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
