@@ -294,9 +294,10 @@ def base_weights(bundle: ModelBundle) -> Iterator[ModelBundle]:
 
     The base is the model before the patches applied in this session and the chain recorded
     in its folder (``emcid_history/``). A sequential edit computes its preservation
-    statistics here: they describe the keys the base model uses, which earlier patches do not
-    change the meaning of, and they are cached under the base model's fingerprint, so every
-    edit of one base shares them. The edited weights are put back, bit for bit, on leaving.
+    statistics here, so every batch is solved against the same record of which key directions
+    the base model's other concepts use (not one that counts earlier edits' keys as in use),
+    cached once under the base model's fingerprint. The edited weights are put back, bit for
+    bit, on leaving.
     """
     chain = _chain_base(bundle) if bundle.history else {}
     touched = set(bundle.originals) | set(chain)
