@@ -126,3 +126,33 @@ def test_refact_statistics_come_from_the_base(monkeypatch, sd1, first, chained):
                steps=3, stats_samples=OPTIONS["stats_samples"])
     assert seen == [sd1.fingerprint(components=("text_encoder",))]
     assert chained.fingerprint(components=("text_encoder",)) != seen[0]
+
+
+def test_command_line_sequential_edit_and_two_reverts(tmp_path, sd1, sd1_dir, capsys):
+    import yaml
+
+    from emcid.cli import main
+
+    fast = ["--steps", "3", "--stats-samples", "50", "--lam", "1.0"]
+    paths = {}
+    for step, (model, source, destination) in enumerate(
+            [(sd1_dir, "tench", "goldfish"), (tmp_path / "one", "zebra", "horse")], 1):
+        requests = tmp_path / f"requests-{step}.yaml"
+        requests.write_text(yaml.safe_dump([{"source": source, "destination": destination}]))
+        paths[step] = tmp_path / f"edit-{step}.safetensors"
+        assert main(["edit", "--model", str(model), "--requests", str(requests), "--out",
+                     str(paths[step]), *fast]) == 0
+        if step == 1:
+            assert main(["apply", "--model", str(sd1_dir), "--patch", str(paths[1]), "--out",
+                         str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    assert main(["apply", "--model", str(sd1_dir), "--patch", str(paths[2]), "--out",
+                 str(tmp_path / "wrong")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("emcid: error")]
+    assert len(errors) == 1 and "without them" in errors[0]
+    assert not (tmp_path / "wrong").exists()
+    assert main(["apply", "--model", str(tmp_path / "one"), "--patch", str(paths[2]), "--out",
+                 str(tmp_path / "two")]) == 0
+    assert main(["revert", "--model", str(tmp_path / "two"), "--out", str(tmp_path / "back-one")]) == 0
+    assert main(["revert", "--model", str(tmp_path / "back-one"), "--out", str(tmp_path / "base")]) == 0
+    _assert_same(_state(emcid.load_model(tmp_path / "base")), _state(sd1))
