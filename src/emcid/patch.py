@@ -9,6 +9,8 @@ are). ``apply`` keeps the original weights so ``revert`` restores them bit for b
 :func:`save_pipeline` writes a patched model as a diffusers folder together with its patch
 chain (``emcid_history/``: each patch's checksum and the weights it replaced), so a model
 edited in several steps can be taken back one step at a time with :func:`revert_last`.
+:func:`base_weights` puts the base model's weights back for a while, so a sequential edit
+(one made on a model that already carries patches) computes its statistics on the base.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,13 +121,30 @@ class EditPatch:
             if tuple(weight.shape) != shape:
                 raise PatchMismatchError(
                     f"patch delta for {name} is {shape}, the model's weight is {tuple(weight.shape)}")
+        if force:
+            return
         current = bundle.fingerprint()
-        if not force and self.base_fingerprint != current:
-            raise PatchMismatchError(
-                f"this patch was made for model {self.base_fingerprint}, but the model is "
-                f"{current} (a different checkpoint, or one already patched); pass force=True "
-                "(--force) to apply it anyway"
-            )
+        problem = self._chain_problem(bundle, current)
+        if problem is None and self.base_fingerprint != current:
+            problem = (f"this patch was made for model {self.base_fingerprint}, but the model is "
+                       f"{current} (a different checkpoint, or one already patched)")
+        if problem is not None:
+            raise PatchMismatchError(f"{problem}; pass force=True (--force) to apply it anyway")
+
+    def _chain_problem(self, bundle: ModelBundle, current: str) -> str | None:
+        """Why the model is not the patch chain this patch was made on (None if it is, or if
+        the patch records no chain)."""
+        made_on = self.metadata.get("chain")
+        if not made_on:
+            return None
+        carried, wanted = chain_checksums(bundle), made_on.get("patches", [])
+        if carried == wanted or (not carried and current == self.base_fingerprint):
+            return None  # the same chain, or its weights saved without their history
+        origin = (f"this patch was made on model {made_on.get('base_fingerprint')} carrying "
+                  f"{_short(wanted)}")
+        if not carried and current == made_on.get("base_fingerprint"):
+            return f"{origin}; this is that model without them: apply them first, in that order"
+        return f"{origin}; this model is {current} carrying {_short(carried)}"
 
     @torch.no_grad()
     def apply(self, bundle: ModelBundle, force: bool = False, scale: float = 1.0) -> None:
@@ -232,6 +253,76 @@ def _step_originals(bundle: ModelBundle) -> list[dict[str, torch.Tensor]]:
     return steps
 
 
+def chain_checksums(bundle: ModelBundle) -> list[str]:
+    """Checksums of the patches the model carries, oldest first: recorded in its folder, then
+    applied in this session."""
+    return [step["sha256"] for step in bundle.history] + [p.checksum for p, _ in bundle.applied]
+
+
+def _short(checksums: list[str]) -> str:
+    return f"{len(checksums)} patch(es) ({', '.join(c[:12] for c in checksums) or 'none'})"
+
+
+def _read_step(step: dict, number: int) -> dict[str, torch.Tensor]:
+    """The weights step ``number`` of a recorded chain replaced."""
+    try:
+        return read_checked(Path(step["originals"]))[0]
+    except (OSError, ValueError) as exc:
+        raise PatchFileError(f"{step['originals']} (the weights step {number} replaced): "
+                             f"{exc}") from None
+
+
+def _chain_base(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """Per module the recorded chain touched, its weight before the first step touching it."""
+    base: dict[str, torch.Tensor] = {}
+    for number, step in enumerate(bundle.history, 1):
+        for name, weight in _read_step(step, number).items():
+            base.setdefault(name, weight)
+    return base
+
+
+@torch.no_grad()
+def _load_weights(bundle: ModelBundle, weights: dict[str, torch.Tensor]) -> None:
+    for name, weight in weights.items():
+        target = bundle.module(name).weight
+        target.copy_(weight.to(target))
+
+
+@contextmanager
+def base_weights(bundle: ModelBundle) -> Iterator[ModelBundle]:
+    """Inside the block, every module a patch touched holds its base model's weight.
+
+    The base is the model before the patches applied in this session and the chain recorded
+    in its folder (``emcid_history/``). A sequential edit computes its preservation
+    statistics here, so every batch is solved against the same record of which key directions
+    the base model's other concepts use (not one that counts earlier edits' keys as in use),
+    cached once under the base model's fingerprint. The edited weights are put back, bit for
+    bit, on leaving.
+    """
+    chain = _chain_base(bundle) if bundle.history else {}
+    touched = set(bundle.originals) | set(chain)
+    current = {name: bundle.module(name).weight.detach().clone() for name in touched}
+    try:
+        _load_weights(bundle, bundle.originals)
+        if chain and bundle.fingerprint() != bundle.recorded_fingerprint:
+            raise PatchMismatchError(f"the weights of {bundle.source} changed after emcid wrote "
+                                     "it: its patch chain no longer describes them")
+        _load_weights(bundle, chain)
+        yield bundle
+    finally:
+        _load_weights(bundle, current)
+
+
+def chain_record(bundle: ModelBundle) -> dict:
+    """Patch metadata naming the chain an edit was made on (nothing for an unpatched model)."""
+    checksums = chain_checksums(bundle)
+    if not checksums:
+        return {}
+    with base_weights(bundle):
+        base = bundle.fingerprint()
+    return {"chain": {"base_fingerprint": base, "patches": checksums}}
+
+
 def _write_history(bundle: ModelBundle, folder: Path) -> None:
     """``folder/emcid_history``: the chain (oldest first) and the weights each step replaced."""
     history = folder / HISTORY_DIR
@@ -322,14 +413,7 @@ def revert_last(bundle: ModelBundle, patch: EditPatch | None = None) -> dict:
     if bundle.fingerprint() != bundle.recorded_fingerprint:
         raise PatchMismatchError(f"the weights of {bundle.source} changed after emcid wrote it: "
                                  "its patch chain no longer describes them")
-    try:
-        replaced, _ = read_checked(Path(last["originals"]))
-    except (OSError, ValueError) as exc:
-        raise PatchFileError(f"{last['originals']} (the weights step {total} replaced): "
-                             f"{exc}") from None
-    for name, weight in replaced.items():
-        target = bundle.module(name).weight
-        target.copy_(weight.to(target))
+    _load_weights(bundle, _read_step(last, total))
     bundle.history.pop()
     bundle.recorded_fingerprint = bundle.fingerprint()
     return last

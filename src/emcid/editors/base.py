@@ -19,7 +19,7 @@ from ..cache import TensorCache
 from ..config import Runtime, build, split_runtime
 from ..errors import OptionError
 from ..models import ModelBundle
-from ..patch import EditPatch
+from ..patch import EditPatch, chain_record
 from ..requests import EditRequest, subject_positions, validate_requests
 from ..tasks import generic_destination, is_erase, resolve_erase
 from .presets import DEFAULT_TASK, preset_options
@@ -122,6 +122,7 @@ class Editor(ABC):
             "requests": [r.to_dict() for r in checked],
             "hparams": self.hparams(),
             "emcid_version": package_version(),
+            **chain_record(bundle),  # a sequential edit names the patches it was made on
         }
         if any(is_erase(r) for r in checked):
             metadata["erase_destination"] = generic_destination(bundle)

@@ -27,6 +27,7 @@ from ..config import check_corpus, check_float, check_int
 from ..errors import OptionError
 from ..hooks import add_at_positions, capture
 from ..models import ModelBundle
+from ..patch import base_weights
 from ..requests import EditRequest, subject_positions
 from ..stats import DEFAULT_SAMPLES, read_corpus, second_moments
 from .base import ConfiguredEditor
@@ -156,8 +157,9 @@ class ReFACTEditor(ConfiguredEditor):
         layer = self.layer_for(bundle)
         names = {s.name: s.fc2_name(layer) for s in bundle.slots()}
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
-        moments = second_moments(bundle, list(names.values()), corpus, config.stats_samples,
-                                 cache=self.cache("stats"), progress=progress)
+        with base_weights(bundle):  # a patched model's statistics are its base model's
+            moments = second_moments(bundle, list(names.values()), corpus, config.stats_samples,
+                                     cache=self.cache("stats"), progress=progress)
         modules = {s.name: s.fc2(layer) for s in bundle.slots()}
         totals = {name: torch.zeros_like(m.weight, dtype=torch.float64) for name, m in modules.items()}
         with _weights_restored(list(modules.values())):

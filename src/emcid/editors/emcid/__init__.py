@@ -10,6 +10,7 @@ from ...cache import TensorCache
 from ...config import build, check_corpus, check_int
 from ...errors import OptionError
 from ...models import ModelBundle
+from ...patch import base_weights
 from ...requests import OBJECT_PROMPTS, EditRequest
 from ...stats import DEFAULT_SAMPLES, read_corpus, second_moments
 from ..base import ConfiguredEditor
@@ -161,8 +162,9 @@ class EMCIDEditor(ConfiguredEditor):
         config = self.config
         names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
-        return second_moments(bundle, names, corpus, config.stats_samples,
-                              cache=self.cache("stats"), progress=progress)
+        with base_weights(bundle):  # a patched model's statistics are its base model's
+            return second_moments(bundle, names, corpus, config.stats_samples,
+                                  cache=self.cache("stats"), progress=progress)
 
     def _stage1(self, bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
                 caches: tuple[TensorCache, TensorCache], progress: bool) -> list:
