@@ -57,6 +57,31 @@ def test_bad_input_is_a_clear_error(tmp_path, sd1_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+BAD_REQUEST_FILES = {
+    "chain": ("r.yaml", yaml.safe_dump([{"source": "a", "destination": "b"},
+                                        {"source": "b", "destination": "c"}]), "chain"),
+    "malformed": ("r.yaml", "- {source: a, destination: [b\n", "malformed YAML"),
+    "unknown field": ("r.json", '[{"source": "a", "destination": "b", "colour": "red"}]',
+                      "unknown request fields"),
+    "short csv header": ("r.csv", "source\ntench\n", "lacks the column"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUEST_FILES))
+def test_bad_request_file_fails_before_the_model_loads(case, tmp_path, capsys, monkeypatch):
+    import emcid.cli
+
+    monkeypatch.setattr(emcid.cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    name, text, expected = BAD_REQUEST_FILES[case]
+    (tmp_path / name).write_text(text)
+    out = tmp_path / "p.safetensors"
+    assert main(["edit", "--model", str(tmp_path / "nowhere"), "--requests", str(tmp_path / name),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "nowhere" not in err
+    assert not out.exists()
+
+
 def test_parse_layers():
     assert parse_layers(["0-2,5"]) == {"text_encoder": [0, 1, 2, 5]}
     assert parse_layers(["text_encoder=8-10", "text_encoder_2=26-30"]) == {

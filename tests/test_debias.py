@@ -24,6 +24,7 @@ from emcid.debias import (
 from emcid.generation import generate_arrays
 
 FAST = {"steps": 3, "stats_samples": 50, "lam": 1.0}
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def biased_measure(balance_at: float, images: int = 25):
@@ -215,3 +216,88 @@ def test_the_embedded_model_is_refused_with_a_reason(sd1, monkeypatch):
     monkeypatch.setitem(sd1.settings, "world", "mini")
     with pytest.raises(emcid.EmcidError, match="attribute-conditioned"):
         debias(sd1, [DebiasRequest("tench", ["male", "female"])], classifier=lambda i, labels: None)
+
+
+def brightness(images, labels):
+    """Bright images count as the first value."""
+    means = torch.tensor([float(np.asarray(i).mean()) for i in images])
+    return torch.stack([means, torch.full_like(means, 128.0)], 1)
+
+
+def test_emcid_edit_routes_debias_rows_to_the_debias_task(sd1):
+    rows = [{"source": "tench", "debias": ["goldfish", "zebra"]}]
+    routed = emcid.edit(sd1, rows, classifier=brightness, images=4, rounds=2, progress=False, **FAST)
+    direct = debias(sd1, [DebiasRequest("tench", ["goldfish", "zebra"])], brightness,
+                    DebiasConfig(images=4, rounds=2), progress=False, **FAST)
+    assert routed.metadata["task"] == "debias"
+    assert routed.metadata["debias"][0]["rounds"] <= 2
+    assert routed.metadata["hparams"]["debias"]["images"] == 4
+    assert sorted(routed.deltas) == sorted(direct.deltas)
+    assert all(torch.allclose(routed.deltas[n].dense(), direct.deltas[n].dense()) for n in direct.deltas)
+
+
+def test_one_loader_reads_both_kinds(tmp_path):
+    example = emcid.load_requests(EXAMPLES / "debias.yaml")
+    assert all(isinstance(r, DebiasRequest) for r in example)
+    assert [r.noun for r in example] == ["doctor", "nurse", "engineer"]
+    (tmp_path / "r.csv").write_text("source,debias,seed\nengineer,male|female,3\n")
+    (request,) = emcid.load_requests(tmp_path / "r.csv")
+    assert request.values == ("male", "female") and request.seed == 3
+    assert all(isinstance(r, emcid.EditRequest) for r in emcid.load_requests(EXAMPLES / "requests.yaml"))
+
+
+MIXED_FILES = {
+    "mixed.yaml": yaml.safe_dump([{"source": "tench", "destination": "goldfish"},
+                                  {"source": "doctor", "debias": ["male", "female"]}]),
+    "mixed.csv": "source,destination,debias\ntench,goldfish,\ndoctor,,male|female\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED_FILES))
+def test_a_file_mixing_edits_and_debias_is_refused_before_the_model_loads(name, tmp_path, capsys):
+    (tmp_path / name).write_text(MIXED_FILES[name])
+    out = tmp_path / "p.safetensors"
+    assert main(["edit", "--model", str(tmp_path / "nowhere"), "--requests", str(tmp_path / name),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "debias" in err and ("separate files" in err or "split them" in err)
+    assert "nowhere" not in err and not out.exists()
+
+
+def test_a_list_mixing_edits_and_debias_is_refused(sd1):
+    with pytest.raises(emcid.EmcidError, match="request 2 is a debias request but request 1 is an edit"):
+        emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish"), DebiasRequest("doctor", ["male", "female"])])
+
+
+@pytest.mark.parametrize("rows, flags, expected", [
+    ([{"source": "doctor", "debias": ["male"]}], [], "two attribute values"),
+    ([{"source": "doctor", "debias": ["male", "female"], "seed": "x"}], [], "request 1"),
+    ([{"source": "doctor", "debias": ["male", "female"]}], ["--method", "uce"], "cannot debias"),
+    ([{"source": "doctor", "debias": ["male", "female"]}], ["--rounds", "0"], "rounds"),
+    ([{"source": "doctor", "debias": ["male", "female"]}], ["--lam", "0"], "lam"),
+    ([{"source": "tench", "destination": "goldfish"}], ["--images", "4"], "--images"),
+])
+def test_bad_debias_input_to_edit_fails_before_the_model_loads(rows, flags, expected, tmp_path, capsys):
+    requests = tmp_path / "r.yaml"
+    requests.write_text(yaml.safe_dump(rows))
+    out = tmp_path / "p.safetensors"
+    assert main(["edit", "--model", str(tmp_path / "nowhere"), "--requests", str(requests),
+                 "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "nowhere" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_edit_cli_debiases_a_debias_request_file(tmp_path, sd1_dir, tiny_clip, capsys):
+    requests = tmp_path / "debias.csv"
+    requests.write_text("source,debias\ntench,male|female\n")
+    out = tmp_path / "debias.safetensors"
+    assert main(["edit", "--model", str(sd1_dir), "--requests", str(requests), "--out", str(out),
+                 "--classifier", str(tiny_clip), "--images", "4", "--rounds", "2", "--steps", "2",
+                 "--stats-samples", "50", "--lam", "1.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "before" in printed and "after" in printed and "1 concepts debiased" in printed
+    patch = emcid.EditPatch.load(out)
+    assert patch.metadata["task"] == "debias"
+    (report,) = patch.metadata["debias"]
+    assert report["values"] == ["male", "female"] and report["rounds"] <= 2

@@ -22,9 +22,15 @@ __all__ = ["EditPatch", "EditRequest", "EmcidError", "ModelBundle", "edit", "loa
            "load_requests"]
 
 
-def edit(bundle: ModelBundle, requests: Sequence[EditRequest], method: str = "emcid",
+def edit(bundle: ModelBundle, requests: Sequence, method: str = "emcid",
          progress: bool = True, **options) -> EditPatch:
     """Edit ``requests`` into ``bundle`` with ``method``; returns the patch (not yet applied).
+
+    ``requests`` are :class:`EditRequest` objects or mappings as in a request file; debias
+    requests (``{"source": "doctor", "debias": ["male", "female"]}`` or
+    :class:`emcid.debias.DebiasRequest`) run the debias task (:func:`emcid.debias.debias`),
+    which also takes ``classifier`` (a callable or a CLIP id) and tuning options such as
+    ``images`` and ``rounds``. One call takes one kind of request.
 
     ``options`` override the method's presets (e.g. ``steps=100, lam=6000,
     layers={"text_encoder": [7, 8, 9, 10]}``); ``task="artist"`` selects the artist presets;
@@ -32,5 +38,11 @@ def edit(bundle: ModelBundle, requests: Sequence[EditRequest], method: str = "em
     is checked before any work (:class:`~emcid.errors.OptionError`).
     """
     from .editors import get_editor
+    from .requests import is_debias_batch, parse_requests
 
+    requests = parse_requests(requests)
+    if is_debias_batch(requests):
+        from .debias import edit_debias
+
+        return edit_debias(bundle, requests, method, progress=progress, **options)
     return get_editor(method, bundle, **options).edit(bundle, requests, progress=progress)

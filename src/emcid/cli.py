@@ -64,21 +64,47 @@ def editor_options(args: argparse.Namespace, flags: dict) -> dict:
     return options
 
 
-def cmd_edit(args: argparse.Namespace) -> None:
-    from . import load_requests
+DEBIAS_FLAGS = ("classifier", "images", "rounds")  # `emcid edit` flags for debias requests only
+
+
+def check_edit_options(method: str, debiasing: bool, options: dict) -> None:
+    """Every option of `emcid edit`, checked for the requests' kind before the model loads."""
+    from .debias import debias_options
     from .editors import get_editor
+
+    if debiasing:
+        debias_options(method, options)
+        return
+    given = [f"--{name}" for name in DEBIAS_FLAGS if name in options]
+    if given:
+        raise OptionError(f"{', '.join(given)}: for debias requests only, and these requests are edits")
+    get_editor(method, **options)
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from . import edit, load_requests
+    from .requests import is_debias_batch
 
     options = editor_options(args, {
         "steps": args.steps, "lr": args.lr, "lam": args.lam, "alpha": args.alpha,
         "residual": args.residual, "layers": parse_layers(args.layers), "task": args.task,
         "stats_samples": args.stats_samples, "corpus": args.corpus,
+        "classifier": args.classifier, "images": args.images, "rounds": args.rounds,
     })
-    get_editor(args.method, **options)  # every option is checked before the model loads
-    requests = load_requests(args.requests)
+    requests = load_requests(args.requests)  # a bad file fails before the model loads ...
+    debiasing = is_debias_batch(requests)
+    check_edit_options(args.method, debiasing, options)  # ... and so does a bad option
     bundle = _load(args)
-    patch = get_editor(args.method, bundle, **options).edit(bundle, requests)
-    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, one process writes
-        patch.save(args.out)
+    patch = edit(bundle, requests, args.method, **options)
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, one process writes
+        return
+    patch.save(args.out)
+    if debiasing:
+        from .debias import format_report
+
+        print(format_report(patch.metadata["debias"]))
+        print(f"wrote {args.out}: {len(requests)} concepts debiased in {len(patch.deltas)} modules")
+    else:
         print(f"wrote {args.out}: {len(patch.metadata['requests'])} edits in {len(patch.deltas)} modules")
 
 
@@ -170,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = commands.add_parser("edit", help="compute an edit patch from a request file")
     _add_model_args(edit)
-    edit.add_argument("--requests", required=True, help="YAML, JSON or CSV file of edit requests")
+    edit.add_argument("--requests", required=True,
+                      help="YAML, JSON or CSV file of edit requests, or of debias requests")
     edit.add_argument("--out", required=True, help="patch file to write (.safetensors)")
     edit.add_argument("--method", default="emcid", help="emcid (default), memit, refact, time or uce")
     edit.add_argument("--config", help="YAML or JSON file of editor options (flags win over it)")
@@ -185,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--stats-samples", type=int, help="captions for the statistics (100000)")
     edit.add_argument("--corpus", help="caption file (one per line) for the statistics")
     edit.add_argument("--no-cache", action="store_true", help="recompute everything")
+    edit.add_argument("--classifier", help="debias requests: CLIP model (hub id or folder) that "
+                                           "classifies the images (default: CLIP ViT-L/14)")
+    edit.add_argument("--images", type=int, help="debias requests: images per tuning round (25)")
+    edit.add_argument("--rounds", type=int, help="debias requests: most tuning rounds per concept (10)")
     edit.set_defaults(func=cmd_edit)
 
     debias = commands.add_parser("debias", help="balance concepts over attribute values (one patch)")

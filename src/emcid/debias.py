@@ -24,7 +24,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from PIL import Image
 
 from .editors.emcid.stage1 import ConceptTarget
 from .editors.emcid.stage2 import compute_deltas
-from .errors import ModelLoadError, RequestError
+from .errors import ModelLoadError, OptionError, RequestError
 from .models import ModelBundle
 from .patch import EditPatch
 from .requests import LIST_SEPARATOR, OBJECT_PROMPTS, EditRequest
@@ -366,6 +366,39 @@ def debias(bundle: ModelBundle, requests: Sequence[DebiasRequest], classifier: C
         "emcid_version": package_version(),
     }
     return EditPatch.from_dense(deltas, metadata)
+
+
+def debias_options(method: str, options: dict) -> tuple[Classifier | str | None, DebiasConfig, dict]:
+    """Split ``emcid.edit``'s options for debias requests, checking them all (no model needed).
+
+    Returns the classifier (a callable, a CLIP hub id or folder, or None for the release's
+    CLIP), the tuning settings (:class:`DebiasConfig` fields: ``images``, ``rounds`` ...) and
+    EMCID's own options (``steps``, ``lam``, ``layers`` ...).
+    """
+    from .editors import get_editor
+
+    if method != "emcid":
+        raise OptionError(f"debias requests are EMCID's task (method 'emcid'); {method!r} cannot "
+                          "debias")
+    editor_options = dict(options)
+    classifier = editor_options.pop("classifier", None)
+    tuning = {f.name: editor_options.pop(f.name) for f in fields(DebiasConfig) if f.name in editor_options}
+    try:
+        config = DebiasConfig(**tuning)
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"debias tuning {tuning}: {exc}") from None
+    get_editor("emcid", **editor_options)
+    return classifier, config, editor_options
+
+
+def edit_debias(bundle: ModelBundle, requests: Sequence[DebiasRequest], method: str = "emcid",
+                progress: bool = True, **options) -> EditPatch:
+    """:func:`debias` with ``emcid.edit``'s signature: ``options`` as :func:`debias_options` reads
+    them; a classifier given as text is a CLIP model loaded for zero-shot judging."""
+    classifier, config, editor_options = debias_options(method, options)
+    if isinstance(classifier, (str, os.PathLike)):
+        classifier = ClipZeroShot(os.fspath(classifier), bundle.device)
+    return debias(bundle, requests, classifier, config, progress=progress, **editor_options)
 
 
 def format_report(reports: Sequence[dict]) -> str:

@@ -3,6 +3,9 @@
 A request names a ``source`` concept, the ``destination`` it should become, prompt
 templates with ``{}`` for the concept, optional reference images of the source, and a seed.
 The subject token of a prompt is the last token of the source text inside it.
+
+The same files and lists also carry debias requests (``{source: doctor, debias: [male,
+female]}``, :mod:`emcid.debias`); one file or list holds one kind of request.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Formatter
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 
 from .errors import RequestError
+
+if TYPE_CHECKING:
+    from .debias import DebiasRequest
 
 OBJECT_PROMPTS = ("An image of {}", "A photo of {}", "{}")  # release default for objects
 ARTIST_PROMPTS = ("painting by {}", "artwork by {}", "style of {}")  # release, artists
@@ -260,7 +267,11 @@ def _read_rows(path: Path) -> tuple[list, list[str]]:
     text = _read_text(path)
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        missing = {"source", "destination"} - set(reader.fieldnames or ())
+        header = set(reader.fieldnames or ())
+        if {"debias", "destination"} <= header:
+            raise RequestError(f"{path}:1: the header has both a destination (edit) and a debias "
+                               "column: put edit and debias requests in separate files")
+        missing = {"source", "debias" if "debias" in header else "destination"} - header
         if missing:
             raise RequestError(f"{path}:1: the header lacks the column(s) {sorted(missing)}")
         rows, labels = [], []
@@ -282,13 +293,15 @@ def _read_rows(path: Path) -> tuple[list, list[str]]:
     return rows, labels
 
 
-def load_requests(path: str | os.PathLike) -> list[EditRequest]:
+def load_requests(path: str | os.PathLike) -> list[EditRequest] | list[DebiasRequest]:
     """Read requests from YAML, JSON (a list, or ``{"requests": [...]}``) or CSV.
 
     CSV columns: source, destination, and optionally prompts and reference_images (several
     values separated by ``|``) and seed; an empty destination cell is an erase, a row with
-    fewer cells than the header an error. Relative image paths are taken from the file's
-    folder. Every error names the file, the line and the request.
+    fewer cells than the header an error. A file of debias requests (a ``debias`` field or
+    column instead of ``destination``) gives :class:`~emcid.debias.DebiasRequest` objects.
+    Relative image paths are taken from the file's folder. Every error names the file, the
+    line and the request.
     """
     path = Path(path)
     if not path.is_file():
@@ -297,15 +310,64 @@ def load_requests(path: str | os.PathLike) -> list[EditRequest]:
     if path.suffix.lower() not in (".yaml", ".yml", ".json", ".csv"):
         raise RequestError(f"{path}: request files are .yaml, .yml, .json or .csv")
     rows, labels = _read_rows(path)
+    return parse_requests(rows, labels, base=path.parent)
+
+
+def _is_debias(item: object) -> bool:
+    from .debias import DebiasRequest
+
+    return isinstance(item, DebiasRequest) or (isinstance(item, dict) and "debias" in item)
+
+
+def is_debias_batch(requests: Sequence) -> bool:
+    """Whether ``requests`` (parsed by :func:`parse_requests`) are debias requests."""
+    return bool(requests) and _is_debias(requests[0])
+
+
+def parse_requests(items: Sequence, labels: Sequence[str] | None = None, base: Path | None = None,
+                   ) -> list[EditRequest] | list[DebiasRequest]:
+    """Requests from mappings (a request file's rows) or request objects, checked as a batch.
+
+    Rows with a ``debias`` field are debias requests, the others edits; a batch mixing the
+    two is refused (they are two tasks, each with its own patch). ``labels`` name the items
+    in errors (default "request N"); ``base`` is the folder relative image paths start from.
+    """
+    items = list(items)
+    labels = list(labels) if labels is not None else [f"request {i}" for i in range(1, len(items) + 1)]
+    kinds = [_is_debias(item) for item in items]
+    if any(kinds) and not all(kinds):
+        raise RequestError(
+            f"{labels[kinds.index(True)]} is a debias request but {labels[kinds.index(False)]} is "
+            "an edit: a request file (or list) holds one kind; split them into two and run each")
+    debiasing = any(kinds)
     requests = []
-    for row, label in zip(rows, labels, strict=True):
-        if not isinstance(row, dict):
-            raise RequestError(f"{label}: not a mapping of fields: {_quote_start(repr(row))}")
+    for item, label in zip(items, labels, strict=True):
         try:
-            requests.append(EditRequest.from_dict(row, base=path.parent))
+            requests.append(_parse_one(item, debiasing, base))
         except RequestError as exc:
             raise RequestError(f"{label}: {exc}") from None
-    return validate_requests(requests, labels)
+    if not debiasing:
+        return validate_requests(requests, labels)
+    from .debias import validate_debias_requests
+
+    return validate_debias_requests(requests)
+
+
+def _parse_one(item: object, debiasing: bool, base: Path | None) -> EditRequest | DebiasRequest:
+    from .debias import DebiasRequest
+
+    if isinstance(item, (EditRequest, DebiasRequest)):
+        return item
+    if not isinstance(item, dict):
+        raise RequestError(f"not a mapping of fields: {_quote_start(repr(item))}")
+    if not debiasing:
+        return EditRequest.from_dict(item, base=base)
+    if None in item:  # csv.DictReader files surplus cells under the key None
+        raise RequestError(f"more cells than the header has columns: {item[None]!r}")
+    try:
+        return DebiasRequest.from_dict(item)
+    except (TypeError, ValueError) as exc:  # e.g. a seed that is not a number
+        raise RequestError(str(exc)) from None
 
 
 def save_requests(requests: Iterable[EditRequest], path: str | os.PathLike) -> None:
