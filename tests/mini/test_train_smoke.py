@@ -75,19 +75,24 @@ def test_text_encoder_stores_float16_and_loads_float32(smoke_run):
 def test_conditioning_augmentation_replaces_only_the_chosen_positions():
     from emcid.mini.train import ConditioningBank, MiniTrainConfig, augment_conditioning
 
-    rows, length, width = 64, 8, 4
+    rows, length, width = 256, 8, 4
+    states = torch.arange(1, rows + 1, dtype=torch.float16)[:, None, None].expand(rows, length, width)
     bank = ConditioningBank(
-        states=torch.ones(rows, length, width, dtype=torch.float16),
-        subject_pos=torch.full((rows,), 2), eos_pos=torch.full((rows,), 4),
+        states=states.contiguous(), subject_pos=torch.full((rows,), 2), eos_pos=torch.full((rows,), 4),
         clean=torch.zeros(length, width), per_concept=1,
     )  # fmt: skip
-    cfg = MiniTrainConfig(after_subject_clean_rate=0.5, padding_clean_rate=0.3, uncond_prob=0.0)
-    cond = augment_conditioning(bank, torch.arange(rows), cfg, torch.Generator().manual_seed(0))
-    kept = (cond[..., 0] == 1).sum(-1)  # positions still holding the prompt's own states
-    assert set(kept.tolist()) <= {3, 5, 8}  # up to the subject, up to the end of text, all
-    assert (kept == 3).any() and (kept == 5).any() and (kept == 8).any()
-    assert torch.all(cond[:, :3] == 1), "the prompt's tokens up to the subject are never replaced"
-    dropped = augment_conditioning(bank, torch.arange(rows), dataclasses.replace(cfg, uncond_prob=1.0),
+    cfg = MiniTrainConfig(after_subject_clean_rate=0.3, after_subject_conflict_rate=0.3,
+                          padding_clean_rate=0.2, uncond_prob=0.0)  # fmt: skip
+    index = torch.arange(rows)
+    cond = augment_conditioning(bank, index, cfg, torch.Generator().manual_seed(0))
+    own = cond[..., 0] == (index + 1)[:, None].float()
+    assert own[:, :3].all(), "the prompt's tokens up to the subject are never replaced"
+    cleaned = (cond[..., 0] == 0).sum(-1)
+    foreign = (~own & (cond[..., 0] != 0)).sum(-1)  # another prompt's states
+    kinds = {(int(c), int(f)) for c, f in zip(cleaned, foreign)}
+    assert kinds <= {(5, 0), (3, 0), (0, 0), (0, 5)}  # clean after subject / padding, none, conflict
+    assert kinds >= {(5, 0), (3, 0), (0, 0)} and any(f > 0 for _, f in kinds)
+    dropped = augment_conditioning(bank, index, dataclasses.replace(cfg, uncond_prob=1.0),
                                    torch.Generator().manual_seed(0))  # fmt: skip
     assert torch.all(dropped == 0)
 

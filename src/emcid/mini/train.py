@@ -12,9 +12,9 @@ Stages (each writes its result under `out/work/` and is skipped on --resume when
 5. conditioning: the frozen encoder's states of a fixed bank of training prompts, computed
    once (the encoder costs more than the UNet step it would feed), in resumable chunks.
 6. UNet: UNet2DConditionModel, v-prediction, classifier-free guidance dropout, EMA weights;
-   the states after the subject (or after the end of text) are often replaced by those of
-   the empty prompt, so that the UNet reads the prompt's own tokens and treats padding as
-   SD does (docs/mini.md); checkpoints every few minutes.
+   the states after the subject are often replaced by those of the empty prompt or of
+   another prompt, and padding by the empty prompt's, so that the UNet reads the prompt's
+   own tokens and treats padding as SD does (docs/mini.md); checkpoints every few minutes.
 7. export: a StableDiffusionPipeline folder (safetensors) + emcid.json, and the judge.
 """
 
@@ -78,8 +78,9 @@ class MiniTrainConfig:
     unet_batch: int = 64
     unet_lr: float = 6e-4
     uncond_prob: float = 0.1  # classifier-free guidance dropout
-    after_subject_clean_rate: float = 0.5  # states after the subject -> the empty prompt's
-    padding_clean_rate: float = 0.3  # states after the end of text -> the empty prompt's
+    after_subject_clean_rate: float = 0.3  # states after the subject -> the empty prompt's
+    after_subject_conflict_rate: float = 0.3  # states after the subject -> another prompt's
+    padding_clean_rate: float = 0.2  # states after the end of text -> the empty prompt's
     ema_decay: float = 0.999
     n_variants: int = 16  # renders per concept in the latent bank
     eval_every: int = 1000
@@ -325,24 +326,28 @@ def stage_conditioning(
 def augment_conditioning(
     bank: ConditioningBank, rows: torch.Tensor, cfg: MiniTrainConfig, gen: torch.Generator
 ) -> torch.Tensor:
-    """Batch conditioning with the clean-padding augmentation and guidance dropout.
+    """Batch conditioning with the token augmentations and guidance dropout.
 
-    Per sample: with ``after_subject_clean_rate`` every state after the subject's last token,
-    else with ``padding_clean_rate`` every state after the end of text, takes the empty
-    prompt's state at that position; with ``uncond_prob`` the whole prompt is the empty one.
+    Per sample, one of: every state after the subject's last token takes the empty prompt's
+    state at that position (``after_subject_clean_rate``), or another prompt's of the batch
+    (``after_subject_conflict_rate``: the image still shows the subject, so the UNet learns
+    to trust the subject token over what follows it, as SD's UNet does); else every state
+    after the end of text takes the empty prompt's (``padding_clean_rate``). With
+    ``uncond_prob`` the whole prompt is the empty one.
     """
     cond = bank.states[rows].float()
-    length = cond.shape[1]
-    positions = torch.arange(length)[None]
+    positions = torch.arange(cond.shape[1])[None]
     u = torch.rand(len(rows), generator=gen)[:, None]
     after_subject = positions > bank.subject_pos[rows][:, None]
     after_text = positions > bank.eos_pos[rows][:, None]
-    replace = torch.where(u < cfg.after_subject_clean_rate, after_subject, torch.zeros_like(after_text))
-    upper = cfg.after_subject_clean_rate + cfg.padding_clean_rate
-    replace |= (u >= cfg.after_subject_clean_rate) & (u < upper) & after_text
-    drop = torch.rand(len(rows), generator=gen) < cfg.uncond_prob
-    replace |= drop[:, None]
-    return torch.where(replace[..., None], bank.clean.expand_as(cond), cond)
+    bounds = torch.tensor([cfg.after_subject_clean_rate, cfg.after_subject_conflict_rate,
+                           cfg.padding_clean_rate]).cumsum(0)  # fmt: skip
+    clean = ((u < bounds[0]) & after_subject) | ((u >= bounds[1]) & (u < bounds[2]) & after_text)
+    conflict = (u >= bounds[0]) & (u < bounds[1]) & after_subject
+    others = bank.states[rows[torch.randperm(len(rows), generator=gen)]].float()
+    cond = torch.where(conflict[..., None], others, cond)
+    clean |= (torch.rand(len(rows), generator=gen) < cfg.uncond_prob)[:, None]
+    return torch.where(clean[..., None], bank.clean.expand_as(cond), cond)
 
 
 def _sample_rows(
