@@ -22,16 +22,9 @@ from pathlib import Path
 
 import torch
 
+from emcid.config import parse_option
+
 STAGE1_METHODS = {"emcid", "memit"}  # editors that take Stage I options
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    """``key=value`` with a JSON value where it parses (numbers, lists), else the string."""
-    key, _, value = text.partition("=")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def main() -> None:

@@ -22,18 +22,11 @@ from pathlib import Path
 
 import torch
 
+from emcid.config import parse_option
+
 AICE_OPTIONS = {"alpha": 0.6}  # ICEB's release value for arbitrary edits
 FIGURES = ("source_forget_efficacy", "source2dest_efficacy", "source_forget_generalization",
            "source2dest_generalization", "holdout_delta")
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    """``key=value`` with a JSON value where it parses (numbers, lists), else the string."""
-    key, _, value = text.partition("=")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def aice_items(bundle, world, bank, count: int, seed: int, holdout_eval: int | None):

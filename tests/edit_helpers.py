@@ -21,3 +21,14 @@ def block_output_at_subject(bundle, slot_name: str, layer: int, templates, subje
 # Small-model settings: the release lam (4000) is calibrated for SD's 3072-wide keys; the tiny
 # encoders have 128-wide keys, so a proportionally small preservation weight is used.
 FAST = {"steps": 20, "stats_samples": 300, "lam": 1.0}
+
+
+def model_state(bundle) -> dict[str, torch.Tensor]:
+    """A copy of every weight of the text encoder, UNet and VAE (for bit-exact comparisons)."""
+    return {f"{c}.{k}": v.clone() for c in ("text_encoder", "unet", "vae")
+            for k, v in getattr(bundle, c).state_dict().items()}
+
+
+def assert_same_state(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

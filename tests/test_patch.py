@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from edit_helpers import FAST
+from edit_helpers import FAST, assert_same_state, model_state
 
 import emcid
 from emcid import EditPatch
@@ -164,36 +164,26 @@ def _random_patch(bundle, seed: int) -> EditPatch:
                               "requests": [{"source": f"concept {seed}"}]})
 
 
-def _state(bundle) -> dict[str, torch.Tensor]:
-    return {f"{c}.{k}": v.clone() for c in ("text_encoder", "unet", "vae")
-            for k, v in getattr(bundle, c).state_dict().items()}
-
-
-def _assert_same(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[k], second[k]) for k in first)
-
-
 def test_chain_of_two_patches_reverts_last_first_bit_exact(tmp_path, sd1, patch):
-    original = _state(sd1)
+    original = model_state(sd1)
     patch.apply(sd1)
-    after_first = _state(sd1)
+    after_first = model_state(sd1)
     second = _random_patch(sd1, 1)
     second.apply(sd1)  # made for the patched model: a sequential edit
     folder = save_pipeline(sd1, tmp_path / "two")
     chained = emcid.load_model(folder)
     assert [s["sha256"] for s in chained.history] == [patch.checksum, second.checksum]
-    _assert_same(_state(chained), _state(sd1))
+    assert_same_state(model_state(chained), model_state(sd1))
     with pytest.raises(PatchMismatchError, match="last first: revert step 2 of 2"):
         revert_last(chained, patch)
     with pytest.raises(PatchMismatchError, match="not among the 2 patches"):
         revert_last(chained, _random_patch(chained, 2))
     assert revert_last(chained, second)["sha256"] == second.checksum
-    _assert_same(_state(chained), after_first)
+    assert_same_state(model_state(chained), after_first)
     one = emcid.load_model(save_pipeline(chained, tmp_path / "one"))
     assert [s["sha256"] for s in one.history] == [patch.checksum]
     revert_last(one)
-    _assert_same(_state(one), original)
+    assert_same_state(model_state(one), original)
     with pytest.raises(PatchMismatchError, match="no recorded patch"):
         revert_last(one)
 

@@ -3,7 +3,7 @@ the new patch records (and checks) the chain it was made on."""
 
 import pytest
 import torch
-from edit_helpers import FAST
+from edit_helpers import FAST, assert_same_state, model_state
 
 import emcid
 from emcid.cache import TensorCache
@@ -12,16 +12,6 @@ from emcid.patch import base_weights, revert_last, save_pipeline
 from emcid.stats import second_moments
 
 OPTIONS = {**FAST, "steps": 5}
-
-
-def _state(bundle) -> dict[str, torch.Tensor]:
-    return {f"{c}.{k}": v.clone() for c in ("text_encoder", "unet", "vae")
-            for k, v in getattr(bundle, c).state_dict().items()}
-
-
-def _assert_same(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def _stats_files(cache_folder) -> set[str]:
@@ -45,7 +35,7 @@ def chained(tmp_path, sd1, first):
 
 def test_second_edit_uses_the_base_statistics_and_reverts_to_the_base(
         tmp_path, sd1, first, chained, isolated_cache):
-    base_state, base_fingerprint = _state(sd1), sd1.fingerprint()
+    base_state, base_fingerprint = model_state(sd1), sd1.fingerprint()
     names = list(first.deltas)
     nocache = TensorCache("stats", enabled=False)
     base_moments = second_moments(sd1, names, None, OPTIONS["stats_samples"], cache=nocache,
@@ -59,10 +49,10 @@ def test_second_edit_uses_the_base_statistics_and_reverts_to_the_base(
     assert all(torch.equal(base_moments[n], inside[n]) for n in names)
 
     entries = _stats_files(isolated_cache)  # the base model's, written by the first edit
-    patched_state = _state(chained)
+    patched_state = model_state(chained)
     second = emcid.edit(chained, [emcid.EditRequest("zebra", "horse")], progress=False, **OPTIONS)
     assert _stats_files(isolated_cache) == entries  # read from the base model's cache entry
-    _assert_same(_state(chained), patched_state)
+    assert_same_state(model_state(chained), patched_state)
     assert second.metadata["chain"] == {"base_fingerprint": base_fingerprint,
                                         "patches": [first.checksum]}
 
@@ -70,25 +60,25 @@ def test_second_edit_uses_the_base_statistics_and_reverts_to_the_base(
     two = emcid.load_model(save_pipeline(chained, tmp_path / "two"))
     assert [s["sha256"] for s in two.history] == [first.checksum, second.checksum]
     revert_last(two)
-    _assert_same(_state(two), patched_state)
+    assert_same_state(model_state(two), patched_state)
     revert_last(two)
-    _assert_same(_state(two), base_state)
+    assert_same_state(model_state(two), base_state)
 
 
 @pytest.mark.parametrize("carried", ["recorded", "in memory", "both"])
 def test_base_weights_restore_the_base_then_the_edits(tmp_path, sd1, first, chained, carried):
-    base_state = _state(sd1)
+    base_state = model_state(sd1)
     bundle = sd1 if carried == "in memory" else chained
     if carried != "recorded":
         patch = emcid.edit(bundle, [emcid.EditRequest("zebra", "horse")], progress=False, **OPTIONS)
         patch.apply(bundle)
     if carried == "in memory":
         first.apply(sd1, force=True)  # a second in-memory patch, on top of the first
-    edited = _state(bundle)
+    edited = model_state(bundle)
     assert any(not torch.equal(edited[k], base_state[k]) for k in edited)
     with base_weights(bundle):
-        _assert_same(_state(bundle), base_state)
-    _assert_same(_state(bundle), edited)
+        assert_same_state(model_state(bundle), base_state)
+    assert_same_state(model_state(bundle), edited)
 
 
 def test_chain_edit_refused_on_the_bare_base_and_on_another_chain(sd1, sd1_dir, first, chained):
@@ -155,4 +145,4 @@ def test_command_line_sequential_edit_and_two_reverts(tmp_path, sd1, sd1_dir, ca
                  str(tmp_path / "two")]) == 0
     assert main(["revert", "--model", str(tmp_path / "two"), "--out", str(tmp_path / "back-one")]) == 0
     assert main(["revert", "--model", str(tmp_path / "back-one"), "--out", str(tmp_path / "base")]) == 0
-    _assert_same(_state(emcid.load_model(tmp_path / "base")), _state(sd1))
+    assert_same_state(model_state(emcid.load_model(tmp_path / "base")), model_state(sd1))

@@ -105,3 +105,12 @@ def read_config_file(path: str | Path) -> dict:
         raise OptionError(f"{path}: expected a mapping of option names to values, "
                           f"not a {type(data).__name__}")
     return data
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``key=value`` from a command line: a JSON value where it parses (numbers, lists), else text."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
