@@ -29,3 +29,24 @@ def test_weak_preservation_writes_the_residual_exactly():
     # with real preservation the update is still limited to rank = number of edits
     delta = closed_form_update(keys, residuals, torch.eye(8, dtype=torch.float64), 1.0, 0.5)
     assert torch.linalg.matrix_rank(delta) == 2
+
+
+def test_keys_read_without_padding_equal_the_padded_encoding(sdxl):
+    """Stage II encodes each prompt only up to its subject token (the encoders are causal):
+    keys and block outputs there must equal those of the pipeline's full padded encoding."""
+    from emcid.editors.emcid.stage2 import _read_keys_and_current
+    from emcid.hooks import capture
+    from emcid.requests import subject_positions
+
+    templates = ["a photo of {} at night", "{}", "an old painting of a {} by the sea"]
+    for slot_name in ("text_encoder", "text_encoder_2"):
+        slot = sdxl.slot(slot_name)
+        prompts = [t.format("goldfish") for t in templates] * 2
+        positions = subject_positions(slot.tokenizer, templates * 2, "goldfish")
+        fc2, block = slot.fc2(1), slot.block(2)
+        keys, current = _read_keys_and_current(sdxl, slot_name, prompts, positions, fc2, block, 2)
+        with torch.no_grad(), capture({"k": fc2}, positions, "input") as k, \
+                capture({"c": block}, positions) as c:
+            slot.encoder(slot.tokenize(prompts))
+        assert torch.allclose(keys, k["k"][0], atol=1e-5)
+        assert torch.allclose(current, c["c"][0], atol=1e-5)

@@ -72,21 +72,45 @@ def _mean_by_owner(rows: torch.Tensor, owner: torch.Tensor, count: int) -> torch
     return sums / torch.bincount(owner, minlength=count).unsqueeze(1)
 
 
+def _length_groups(token_ids: list[list[int]], positions: torch.Tensor,
+                   batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped by the length they are encoded at (subject position + 1), so a
+    group stacks into one tensor with no padding; each group at most ``batch_size`` long."""
+    by_length: dict[int, list[int]] = {}
+    for index in range(len(token_ids)):
+        by_length.setdefault(int(positions[index]) + 1, []).append(index)
+    return [rows[start:start + batch_size] for rows in by_length.values()
+            for start in range(0, len(rows), batch_size)]
+
+
 @torch.no_grad()
 def _read_keys_and_current(bundle: ModelBundle, slot_name: str, prompts: list[str],
                            positions: torch.Tensor, fc2: torch.nn.Module, current: torch.nn.Module,
                            batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fc2's input (the keys) and ``current``'s output at the subject tokens, in one pass."""
-    keys, outputs = [], []
+    """fc2's input (the keys) and ``current``'s output at the subject tokens, in one pass.
+
+    CLIP text encoders are causal: a token's states depend only on the tokens up to it. Each
+    prompt is therefore encoded only up to its subject token, without padding (SD pads to 77
+    tokens; subjects sit at about token 5), with prompts of equal length stacked together.
+    """
     encoder = bundle.slot(slot_name)
-    for start in range(0, len(prompts), batch_size):
-        stop = start + batch_size
-        with capture({"k": fc2}, positions[start:stop], "input") as key_records, \
-                capture({"c": current}, positions[start:stop], "output") as current_records:
-            encoder.encoder(encoder.tokenize(prompts[start:stop]))
-        keys.append(key_records["k"][0].float().cpu())
-        outputs.append(current_records["c"][0].float().cpu())
-    return torch.cat(keys), torch.cat(outputs)
+    token_ids = encoder.tokenizer(prompts, truncation=True,
+                                  max_length=encoder.tokenizer.model_max_length).input_ids
+    keys = torch.empty(len(prompts), fc2.in_features)
+    outputs: torch.Tensor | None = None
+    for rows in _length_groups(token_ids, positions, batch_size):
+        length = int(positions[rows[0]]) + 1
+        ids = torch.tensor([token_ids[i][:length] for i in rows], device=bundle.device)
+        last = torch.full((len(rows),), length - 1)
+        with capture({"k": fc2}, last, "input") as key_records, \
+                capture({"c": current}, last, "output") as current_records:
+            encoder.encoder(ids)
+        keys[rows] = key_records["k"][0].float().cpu()
+        read = current_records["c"][0].float().cpu()
+        if outputs is None:
+            outputs = torch.empty(len(prompts), read.shape[-1])
+        outputs[rows] = read
+    return keys, outputs
 
 
 def compute_deltas(
