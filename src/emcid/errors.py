@@ -23,3 +23,7 @@ class Stage1DivergedError(EmcidError, FloatingPointError):
 
 class PatchMismatchError(EmcidError):
     """A patch does not belong to the model it is applied to."""
+
+
+class DeviceError(EmcidError):
+    """The requested device (e.g. ``cuda:1``) is not available on this machine."""
