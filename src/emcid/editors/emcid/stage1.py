@@ -120,19 +120,27 @@ def _reference_images(request: EditRequest, height: int, width: int) -> torch.Te
     return pil_to_tensor(chosen, height, width)
 
 
-def source_latents(bundle: ModelBundle, request: EditRequest, config: Stage1Config,
-                   image_cache: TensorCache) -> torch.Tensor:
-    """VAE latents of the source images: the user's references, or generated once and cached."""
+def source_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+                   image_cache: TensorCache) -> list[torch.Tensor]:
+    """VAE latents of each request's source images: the user's references, or generated once
+    and cached (one cache lookup for all requests, so the model is fingerprinted once)."""
     settings = resolve_settings(bundle, guidance_scale=config.image_guidance_scale,
                                 num_inference_steps=config.image_steps)
-    if request.reference_images:
-        pixels = _reference_images(request, settings["height"], settings["width"])
-    else:
-        prompts = request.source_prompts()
-        seeds = [request.seed + i for i in range(len(prompts))]
-        arrays = generate_cached(bundle, prompts, seeds, image_cache, progress=False, **settings)
-        pixels = arrays.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return encode_images(bundle, pixels)
+    drawn = [r for r in requests if not r.reference_images]
+    prompts = [p for r in drawn for p in r.source_prompts()]
+    seeds = [r.seed + i for r in drawn for i in range(len(r.prompts))]
+    arrays = generate_cached(bundle, prompts, seeds, image_cache, progress=False, **settings) \
+        if drawn else None
+    latents, start = [], 0
+    for request in requests:
+        if request.reference_images:
+            pixels = _reference_images(request, settings["height"], settings["width"])
+        else:
+            count = len(request.prompts)
+            pixels = arrays[start:start + count].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            start += count
+        latents.append(encode_images(bundle, pixels))
+    return latents
 
 
 def _read_block_outputs(bundle: ModelBundle, prompts: list[str], z_layer: dict[str, int],
@@ -189,12 +197,12 @@ def _layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str,
         {name: torch.cat([p[name] for p in prompt_positions]) for name in z_layer})
     sizes = [len(r.prompts) for r in requests]
     hidden = {name: list(torch.split(read[name], sizes)) for name in z_layer}
-    owner, src, dst, latents = [], [], [], []
+    latents = source_latents(bundle, requests, config, image_cache) if config.noise_weight else []
+    owner, src, dst = [], [], []
     positions: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
     for index, request in enumerate(requests):
         if config.noise_weight:
-            latents.append(source_latents(bundle, request, config, image_cache))
-            rows = torch.arange(latents[-1].shape[0]) % len(request.prompts)
+            rows = torch.arange(latents[index].shape[0]) % len(request.prompts)
         else:  # text-only targets need no images
             rows = torch.arange(len(request.prompts))
         owner += [index] * len(rows)
