@@ -57,9 +57,12 @@ def distributed_state():
     """accelerate's process state when launched on several processes (``accelerate launch``)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None  # single process: skip importing accelerate
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # Without cpu=True accelerate sees no distributed setup on a machine without CUDA, and
+    # every process would run all of Stage I.
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 @register
