@@ -34,7 +34,7 @@ def test_weak_preservation_writes_the_residual_exactly():
 def test_keys_read_without_padding_equal_the_padded_encoding(sdxl):
     """Stage II encodes each prompt only up to its subject token (the encoders are causal):
     keys and block outputs there must equal those of the pipeline's full padded encoding."""
-    from emcid.editors.emcid.stage2 import _read_keys_and_current
+    from emcid.editors.emcid.stage2 import _KeyReader
     from emcid.hooks import capture
     from emcid.requests import subject_positions
 
@@ -44,9 +44,37 @@ def test_keys_read_without_padding_equal_the_padded_encoding(sdxl):
         prompts = [t.format("goldfish") for t in templates] * 2
         positions = subject_positions(slot.tokenizer, templates * 2, "goldfish")
         fc2, block = slot.fc2(1), slot.block(2)
-        keys, current = _read_keys_and_current(sdxl, slot_name, prompts, positions, fc2, block, 2)
+        keys, current = _KeyReader(sdxl, slot_name, prompts, positions, 2).read(1, block, 2)
         with torch.no_grad(), capture({"k": fc2}, positions, "input") as k, \
                 capture({"c": block}, positions) as c:
             slot.encoder(slot.tokenize(prompts))
         assert torch.allclose(keys, k["k"][0], atol=1e-5)
         assert torch.allclose(current, c["c"][0], atol=1e-5)
+
+
+def test_replaying_the_unchanged_blocks_changes_no_delta(sd1, monkeypatch):
+    """Stage II reruns only the blocks from the last updated one; the full encoder agrees."""
+    from contextlib import nullcontext
+
+    import emcid
+    from emcid.editors.emcid import stage2
+    from emcid.editors.emcid.stage1 import ConceptTarget
+
+    torch.manual_seed(0)
+    layers = {"text_encoder": [0, 1, 2]}
+    targets = []
+    for source in ("lobster", "owl", "otter"):
+        request = emcid.EditRequest(source, "crab")
+        targets.append(ConceptTarget(request, {"text_encoder": 2}, {"text_encoder": torch.randn(32)},
+                                     {"text_encoder": torch.randn(3, 32)}, 0.0))
+    width = sd1.slot("text_encoder").fc2(0).in_features
+    moments = {sd1.slot("text_encoder").fc2_name(i): torch.eye(width) for i in range(3)}
+    for residual in ("memit", "release"):
+        config = stage2.Stage2Config(lam=1.0, residual=residual)
+        fast = stage2.compute_deltas(sd1, targets, layers, moments, config, progress=False)
+        with monkeypatch.context() as patched:
+            patched.setattr(stage2, "replay_prefix", lambda *a: nullcontext())
+            full = stage2.compute_deltas(sd1, targets, layers, moments, config, progress=False)
+        for name, delta in full.items():
+            assert delta.abs().max() > 0
+            assert torch.allclose(fast[name], delta, atol=1e-5), (residual, name)
