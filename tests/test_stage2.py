@@ -78,3 +78,13 @@ def test_replaying_the_unchanged_blocks_changes_no_delta(sd1, monkeypatch):
         for name, delta in full.items():
             assert delta.abs().max() > 0
             assert torch.allclose(fast[name], delta, atol=1e-5), (residual, name)
+
+
+def test_closed_form_without_a_positive_definite_system_falls_back_to_lu():
+    """Rounding can leave C slightly indefinite: Cholesky fails there, the LU solve does not."""
+    second = torch.diag(torch.tensor([1.0, 2.0, 1.0, -1e-3], dtype=torch.float64))
+    keys = torch.tensor([[1.0], [0.5], [0.0], [0.0]], dtype=torch.float64)
+    residuals = torch.tensor([[2.0], [-1.0]], dtype=torch.float64)
+    system = 3.0 * 0.5 * second + 0.5 * keys @ keys.T
+    expected = (0.5 * torch.linalg.solve(system, keys @ residuals.T)).T
+    assert torch.allclose(closed_form_update(keys, residuals, second, 3.0, 0.5), expected)
