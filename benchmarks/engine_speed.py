@@ -61,8 +61,9 @@ def main() -> None:
     moments = second_moments(bundle, names, None, args.stats_samples, progress=False)
 
     batches = [int(b) for b in args.batches.split(",")]
-    probe = requests_for(max(max(batches), 8))
     for batch in batches:
+        # at least 8 concepts per measurement; one at a time needs no more to be steady
+        probe = requests_for(max(batch, 8))
         config = Stage1Config(steps=args.steps, concept_batch=batch, image_guidance_scale=None,
                               image_steps=None)
         # Warm-up: every probe concept's source images are generated and cached here, so the
