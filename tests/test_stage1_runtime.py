@@ -124,3 +124,14 @@ def test_bf16_autocast_stays_close_to_fp32_and_is_keyed_apart(sd1, monkeypatch):
 def test_missing_cuda_device_is_a_clear_error(sd1_dir):
     with pytest.raises(emcid.EmcidError, match="cuda:7"):
         emcid.load_model(sd1_dir, device="cuda:7")
+
+
+def test_cli_names_a_missing_device_in_one_line(sd1_dir, tmp_path, capsys):
+    from emcid.cli import main
+
+    requests = tmp_path / "r.yaml"
+    requests.write_text("- {source: tench, destination: goldfish}\n")
+    code = main(["edit", "--model", str(sd1_dir), "--requests", str(requests), "--out",
+                 str(tmp_path / "p.safetensors"), "--device", "cuda:5", "--concept-batch", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cuda:5" in err and len(err.strip().splitlines()) == 1

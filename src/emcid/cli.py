@@ -61,6 +61,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
         "steps": args.steps, "lr": args.lr, "lam": args.lam, "alpha": args.alpha,
         "residual": args.residual, "layers": parse_layers(args.layers), "task": args.task,
         "stats_samples": args.stats_samples, "corpus": args.corpus,
+        "concept_batch": args.concept_batch, "precision": args.precision,
+        "grad_checkpointing": args.grad_checkpointing or None,
     }.items() if v is not None}
     if args.no_cache:
         options["cache"] = False
@@ -124,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--stats-samples", type=int, help="captions for the statistics (100000)")
     edit.add_argument("--corpus", help="caption file (one per line) for the statistics")
     edit.add_argument("--no-cache", action="store_true", help="recompute everything")
+    edit.add_argument("--concept-batch", type=int, help="most Stage I concepts side by side")
+    edit.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                      help="Stage I UNet autocast (auto: bf16 on CUDA, fp32 elsewhere)")
+    edit.add_argument("--grad-checkpointing", action="store_true",
+                      help="Stage I: recompute UNet activations (less GPU memory)")
     edit.set_defaults(func=cmd_edit)
 
     apply = commands.add_parser("apply", help="apply a patch and save the full pipeline")
