@@ -460,7 +460,10 @@ def fitting_batch(bundle: ModelBundle, requests: list[EditRequest], z_layer: dic
         _release_memory(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        compute_z(bundle, requests[:size], z_layer, probe, image_cache)
+        try:
+            compute_z(bundle, requests[:size], z_layer, probe, image_cache)
+        except torch.OutOfMemoryError:
+            return 1  # the batch loop reports it if even one concept does not fit
         peaks.append(torch.cuda.max_memory_allocated(device) - base)
     per_concept = max(peaks[1] - peaks[0], 1)
     fixed = max(peaks[0] - per_concept, 0)
