@@ -21,7 +21,7 @@ import emcid
 from emcid.cache import TensorCache
 from emcid.concepts import imagenet1k_classes
 from emcid.editors.emcid import EMCIDEditor
-from emcid.editors.emcid.stage1 import Stage1Config, compute_targets
+from emcid.editors.emcid.stage1 import Stage1Config, Stage1Runtime, compute_targets
 from emcid.editors.emcid.stage2 import Stage2Config, compute_deltas
 from emcid.stats import second_moments
 
@@ -35,6 +35,13 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
     start = time.perf_counter()
     result = function(*args, **kwargs)
     return time.perf_counter() - start, result
+
+
+def cpu_timed(function, *args, **kwargs) -> tuple[float, float]:
+    """Wall and CPU seconds: on a shared machine the CPU time is the steadier figure."""
+    start, cpu = time.perf_counter(), time.process_time()
+    function(*args, **kwargs)
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -61,20 +68,24 @@ def main() -> None:
     moments = second_moments(bundle, names, None, args.stats_samples, progress=False)
 
     batches = [int(b) for b in args.batches.split(",")]
-    probe = requests_for(max(max(batches), 8))
     for batch in batches:
+        # at least 8 concepts per measurement; one at a time needs no more to be steady
+        probe = requests_for(max(batch, 8))
         config = Stage1Config(steps=args.steps, image_guidance_scale=None, image_steps=None)
+        runtime = Stage1Runtime(concept_batch=batch)
         # Warm-up: every probe concept's source images are generated and cached here, so the
         # timed run measures only the optimisation.
         compute_targets(bundle, probe, z_layer, replace(config, steps=1), TensorCache("s1", enabled=False),
-                        progress=False, concept_batch=batch)
-        seconds, _ = timed(compute_targets, bundle, probe, z_layer, config,
-                           TensorCache("s1", enabled=False), progress=False, concept_batch=batch)
-        print(f"Stage I, {args.steps} steps, concept_batch {batch}: {seconds / len(probe):.2f} s/concept")
+                        progress=False, runtime=runtime)
+        seconds, cpu = cpu_timed(compute_targets, bundle, probe, z_layer, config,
+                                 TensorCache("s1", enabled=False), progress=False, runtime=runtime)
+        print(f"Stage I, {args.steps} steps, concept_batch {batch}: {seconds / len(probe):.2f} s/concept "
+              f"({cpu / len(probe):.2f} s of CPU time)")
 
     largest = max(int(e) for e in args.edits.split(","))
     quick = Stage1Config(steps=1, image_guidance_scale=None, image_steps=None)
-    targets = compute_targets(bundle, requests_for(largest), z_layer, quick, progress=False, concept_batch=32)
+    targets = compute_targets(bundle, requests_for(largest), z_layer, quick, progress=False,
+                              runtime=Stage1Runtime(concept_batch=32))
     for count in sorted(int(e) for e in args.edits.split(",")):
         seconds, _ = timed(compute_deltas, bundle, targets[:count], layers, moments, Stage2Config(),
                            progress=False)

@@ -29,3 +29,62 @@ def test_weak_preservation_writes_the_residual_exactly():
     # with real preservation the update is still limited to rank = number of edits
     delta = closed_form_update(keys, residuals, torch.eye(8, dtype=torch.float64), 1.0, 0.5)
     assert torch.linalg.matrix_rank(delta) == 2
+
+
+def test_keys_read_without_padding_equal_the_padded_encoding(sdxl):
+    """Stage II encodes each prompt only up to its subject token (the encoders are causal):
+    keys and block outputs there must equal those of the pipeline's full padded encoding."""
+    from emcid.editors.emcid.stage2 import _KeyReader
+    from emcid.hooks import capture
+    from emcid.requests import subject_positions
+
+    templates = ["a photo of {} at night", "{}", "an old painting of a {} by the sea"]
+    for slot_name in ("text_encoder", "text_encoder_2"):
+        slot = sdxl.slot(slot_name)
+        prompts = [t.format("goldfish") for t in templates] * 2
+        positions = subject_positions(slot.tokenizer, templates * 2, "goldfish")
+        fc2, block = slot.fc2(1), slot.block(2)
+        keys, current = _KeyReader(sdxl, slot_name, prompts, positions, 2).read(1, block, 2)
+        with torch.no_grad(), capture({"k": fc2}, positions, "input") as k, \
+                capture({"c": block}, positions) as c:
+            slot.encoder(slot.tokenize(prompts))
+        assert torch.allclose(keys, k["k"][0], atol=1e-5)
+        assert torch.allclose(current, c["c"][0], atol=1e-5)
+
+
+def test_replaying_the_unchanged_blocks_changes_no_delta(sd1, monkeypatch):
+    """Stage II reruns only the blocks from the last updated one; the full encoder agrees."""
+    from contextlib import nullcontext
+
+    import emcid
+    from emcid.editors.emcid import stage2
+    from emcid.editors.emcid.stage1 import ConceptTarget
+
+    torch.manual_seed(0)
+    layers = {"text_encoder": [0, 1, 2]}
+    targets = []
+    for source in ("lobster", "owl", "otter"):
+        request = emcid.EditRequest(source, "crab")
+        targets.append(ConceptTarget(request, {"text_encoder": 2}, {"text_encoder": torch.randn(32)},
+                                     {"text_encoder": torch.randn(3, 32)}, 0.0))
+    width = sd1.slot("text_encoder").fc2(0).in_features
+    moments = {sd1.slot("text_encoder").fc2_name(i): torch.eye(width) for i in range(3)}
+    for residual in ("memit", "release"):
+        config = stage2.Stage2Config(lam=1.0, residual=residual)
+        fast = stage2.compute_deltas(sd1, targets, layers, moments, config, progress=False)
+        with monkeypatch.context() as patched:
+            patched.setattr(stage2, "replay_prefix", lambda *a: nullcontext())
+            full = stage2.compute_deltas(sd1, targets, layers, moments, config, progress=False)
+        for name, delta in full.items():
+            assert delta.abs().max() > 0
+            assert torch.allclose(fast[name], delta, atol=1e-5), (residual, name)
+
+
+def test_closed_form_without_a_positive_definite_system_falls_back_to_lu():
+    """Rounding can leave C slightly indefinite: Cholesky fails there, the LU solve does not."""
+    second = torch.diag(torch.tensor([1.0, 2.0, 1.0, -1e-3], dtype=torch.float64))
+    keys = torch.tensor([[1.0], [0.5], [0.0], [0.0]], dtype=torch.float64)
+    residuals = torch.tensor([[2.0], [-1.0]], dtype=torch.float64)
+    system = 3.0 * 0.5 * second + 0.5 * keys @ keys.T
+    expected = (0.5 * torch.linalg.solve(system, keys @ residuals.T)).T
+    assert torch.allclose(closed_form_update(keys, residuals, second, 3.0, 0.5), expected)

@@ -1,3 +1,4 @@
+import copy
 import shutil
 
 import pytest
@@ -71,3 +72,30 @@ def test_statistics_survive_a_new_unet(sd1, monkeypatch):
         next(sd1.unet.parameters()).add_(1.0)
     monkeypatch.setattr(stats, "_accumulate", lambda *a, **k: pytest.fail("recomputed"))
     second_moments(sd1, [name], CAPTIONS[:7], progress=False)
+
+
+def _direct_moment(bundle, name: str, captions) -> torch.Tensor:
+    """E[k k^T] over every caption's own tokens, one caption at a time (no padding at all)."""
+    slot = bundle.slot(name.split(".")[0])
+    keys = []
+    handle = bundle.module(name).register_forward_hook(lambda m, i, o: keys.append(i[0][0]))
+    for caption in captions:
+        ids = slot.tokenizer([caption], truncation=True, max_length=slot.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        with torch.no_grad():
+            slot.encoder(ids)
+    handle.remove()
+    stacked = torch.cat(keys).double()
+    return stacked.T @ stacked / len(stacked)
+
+
+def test_sdxl_statistics_divide_each_encoder_by_its_own_token_count(sdxl):
+    """The second tokenizer truncates long captions harder, so the two encoders see different
+    token counts; each module must be divided by its own encoder's count."""
+    sdxl.pipeline.tokenizer_2 = copy.deepcopy(sdxl.tokenizer)
+    sdxl.pipeline.tokenizer_2.model_max_length = 4
+    names = [sdxl.slot("text_encoder").fc2_name(1), sdxl.slot("text_encoder_2").fc2_name(2)]
+    moments = second_moments(sdxl, names, CAPTIONS, cache=TensorCache("stats-sdxl"), progress=False)
+    for name in names:
+        expected = _direct_moment(sdxl, name, CAPTIONS)
+        assert torch.allclose(moments[name].double(), expected, rtol=1e-4, atol=1e-6), name

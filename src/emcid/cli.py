@@ -89,6 +89,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
         "steps": args.steps, "lr": args.lr, "lam": args.lam, "alpha": args.alpha,
         "residual": args.residual, "layers": parse_layers(args.layers), "task": args.task,
         "stats_samples": args.stats_samples, "corpus": args.corpus,
+        "concept_batch": args.concept_batch, "precision": args.precision,
+        "grad_checkpointing": args.grad_checkpointing or None,
         "classifier": args.classifier, "images": args.images, "rounds": args.rounds,
     })
     requests = load_requests(args.requests)  # a bad file fails before the model loads ...
@@ -216,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "classifies the images (default: CLIP ViT-L/14)")
     edit.add_argument("--images", type=int, help="debias requests: images per tuning round (25)")
     edit.add_argument("--rounds", type=int, help="debias requests: most tuning rounds per concept (10)")
+    edit.add_argument("--concept-batch", type=int, help="most Stage I concepts side by side")
+    edit.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                      help="Stage I UNet autocast (auto: bf16 on CUDA, fp32 elsewhere)")
+    edit.add_argument("--grad-checkpointing", action="store_true",
+                      help="Stage I: recompute UNet activations (less GPU memory)")
     edit.set_defaults(func=cmd_edit)
 
     debias = commands.add_parser("debias", help="balance concepts over attribute values (one patch)")

@@ -69,11 +69,17 @@ class Runtime:
     cache: bool = True  # reuse and store Stage I targets, images and statistics on disk
     cache_root: str | None = None  # None: $EMCID_CACHE, else the user cache folder
     concept_batch: int = 8  # Stage I concepts optimised side by side in one tensor program
+    precision: str = "auto"  # Stage I UNet autocast: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, fp16
+    grad_checkpointing: bool = False  # Stage I: recompute UNet activations in backward (less memory)
+    checkpoint_every: int = 25  # Stage I steps between saved progress of unfinished concepts
 
     def __post_init__(self) -> None:
-        if not isinstance(self.cache, bool):
-            raise OptionError(f"runtime option cache={self.cache!r}: give true or false")
+        for name in ("cache", "grad_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"runtime option {name}={getattr(self, name)!r}: give true or false")
         check_int("runtime", "concept_batch", self.concept_batch)
+        check_int("runtime", "checkpoint_every", self.checkpoint_every)
+        check_choice("runtime", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -39,3 +39,7 @@ class OptionError(EmcidError, ValueError):
 
 class BenchmarkError(EmcidError, ValueError):
     """A benchmark cannot run as configured (bad settings, missing model or judge)."""
+
+
+class DeviceError(EmcidError):
+    """The requested device (e.g. ``cuda:1``) is not available on this machine."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import DeviceError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,23 @@ def _not_a_pipeline(path: Path) -> str:
     return f"{what} (a folder holding model_index.json, written by save_pretrained)"
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, or a clear error when this machine does not have it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"{device!r} is not a device name (try 'cpu', 'cuda' or 'cuda:1')") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {str(device)!r} requested, but this machine (or this torch "
+                              "build) has no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device {str(device)!r} requested, but this machine has {count} CUDA "
+                              f"device(s): cuda:0..cuda:{count - 1}")
+    return device
+
+
 def load_model(
     id_or_path: str | os.PathLike | None = None,
     *,
@@ -304,6 +321,7 @@ def load_model(
     """
     from diffusers import DiffusionPipeline
 
+    device = check_device(device)
     if id_or_path is None:
         id_or_path = default_model_path()
     id_or_path = str(id_or_path)

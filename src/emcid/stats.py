@@ -66,16 +66,21 @@ def _check(name: str, matrix: torch.Tensor, meta: dict, bundle: ModelBundle, wid
 @torch.no_grad()
 def _accumulate(bundle: ModelBundle, names: list[str], captions: Sequence[str],
                 batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
-    """Sum of k k^T (float64) and token count over all non-padding tokens, per module."""
+    """E[k k^T] over all non-padding tokens, per module, each divided by its own encoder's
+    token count (SDXL's two tokenizers may count differently).
+
+    Each batch's sum is one float32 matmul (fast); the totals are float64, so rounding does
+    not grow with the corpus.
+    """
     by_slot: dict[str, list[str]] = {}
     for name in names:
         by_slot.setdefault(name.split(".")[0], []).append(name)
     sums = {n: torch.zeros(bundle.module(n).in_features, bundle.module(n).in_features,
                            dtype=torch.float64, device=bundle.device) for n in names}
-    tokens = 0
+    tokens: dict[str, int] = {}
     for slot_name, slot_names in by_slot.items():
         slot = bundle.slot(slot_name)
-        tokens = 0
+        count = 0
         modules = {n: bundle.module(n) for n in slot_names}
         starts = range(0, len(captions), batch_size)
         for start in tqdm(starts, desc=f"statistics {slot_name}", disable=not progress):
@@ -86,11 +91,12 @@ def _accumulate(bundle: ModelBundle, names: list[str], captions: Sequence[str],
             mask = encoded.attention_mask.bool().to(bundle.device)
             with capture(modules, what="input") as records:
                 slot.encoder(encoded.input_ids.to(bundle.device), attention_mask=mask.long())
-            tokens += int(mask.sum())
+            count += int(mask.sum())
             for name in slot_names:
-                keys = records[name][0][mask].double()
-                sums[name] += keys.T @ keys
-    return {n: (s / tokens).float().cpu() for n, s in sums.items()}
+                keys = records[name][0][mask].float()
+                sums[name] += (keys.T @ keys).double()
+        tokens.update({n: count for n in slot_names})
+    return {n: (s / tokens[n]).float().cpu() for n, s in sums.items()}
 
 
 def second_moments(

@@ -1,4 +1,4 @@
-"""Stage I: per-concept target values by dual self-distillation (docs/method.md, Stage I).
+"""Stage I: per-concept target values by dual self-distillation (method.md section 4).
 
 For one request, a vector ``delta`` per edited text encoder is added to the output of its
 last edited block ``l*`` at the subject token of every source prompt. ``delta`` is optimised
@@ -10,9 +10,12 @@ No weight changes here; the result is the target ``z = h + delta`` at ``l*`` per
 
 from __future__ import annotations
 
+import gc
 import hashlib
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,11 +25,17 @@ from PIL import Image
 
 from ...cache import TensorCache, content_key
 from ...config import check_choice, check_float, check_int
-from ...errors import Stage1DivergedError
+from ...errors import EmcidError, Stage1DivergedError
 from ...generation import encode_images, generate_cached, pil_to_tensor, resolve_settings
 from ...hooks import add_at_positions, capture, replay_prefix
 from ...models import ModelBundle, PromptEncoding
 from ...requests import EditRequest, subject_positions
+
+log = logging.getLogger(__name__)
+
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+FP16_LOSS_SCALE = 1024.0  # fp16 gradients of a small MSE would underflow unscaled
 
 
 @dataclass
@@ -57,6 +66,34 @@ class Stage1Config:
             check_float("Stage I", "image_guidance_scale", self.image_guidance_scale, low=0)
         if self.image_steps is not None:
             check_int("Stage I", "image_steps", self.image_steps)
+
+
+@dataclass
+class Stage1Runtime:
+    """How Stage I runs (speed and memory), never what it computes; not recorded in patches.
+
+    Only ``precision`` other than fp32 can change a result slightly: it is part of the cache key.
+    """
+
+    concept_batch: int = 8  # most concepts side by side; on CUDA free memory may choose fewer
+    precision: Precision = "auto"  # UNet autocast; "auto": bf16 on CUDA, fp32 elsewhere
+    grad_checkpointing: bool = False  # recompute UNet activations in backward (less memory)
+    checkpoint_every: int = 25  # steps between saved progress of unfinished concepts
+
+    def __post_init__(self) -> None:
+        check_int("Stage I", "concept_batch", self.concept_batch)
+        check_int("Stage I", "checkpoint_every", self.checkpoint_every)
+        check_choice("Stage I", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """``auto``: bf16 on a CUDA device that has it (fp16 on older ones), fp32 elsewhere (CPU
+    autocast is slower than fp32 on most CPUs)."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 @dataclass
@@ -101,19 +138,27 @@ def _reference_images(request: EditRequest, height: int, width: int) -> torch.Te
     return pil_to_tensor(chosen, height, width)
 
 
-def source_latents(bundle: ModelBundle, request: EditRequest, config: Stage1Config,
-                   image_cache: TensorCache) -> torch.Tensor:
-    """VAE latents of the source images: the user's references, or generated once and cached."""
+def source_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+                   image_cache: TensorCache) -> list[torch.Tensor]:
+    """VAE latents of each request's source images: the user's references, or generated once
+    and cached (one cache lookup for all requests, so the model is fingerprinted once)."""
     settings = resolve_settings(bundle, guidance_scale=config.image_guidance_scale,
                                 num_inference_steps=config.image_steps)
-    if request.reference_images:
-        pixels = _reference_images(request, settings["height"], settings["width"])
-    else:
-        prompts = request.source_prompts()
-        seeds = [request.seed + i for i in range(len(prompts))]
-        arrays = generate_cached(bundle, prompts, seeds, image_cache, progress=False, **settings)
-        pixels = arrays.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return encode_images(bundle, pixels)
+    drawn = [r for r in requests if not r.reference_images]
+    prompts = [p for r in drawn for p in r.source_prompts()]
+    seeds = [r.seed + i for r in drawn for i in range(len(r.prompts))]
+    arrays = generate_cached(bundle, prompts, seeds, image_cache, progress=False, **settings) \
+        if drawn else None
+    latents, start = [], 0
+    for request in requests:
+        if request.reference_images:
+            pixels = _reference_images(request, settings["height"], settings["width"])
+        else:
+            count = len(request.prompts)
+            pixels = arrays[start:start + count].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            start += count
+        latents.append(encode_images(bundle, pixels))
+    return latents
 
 
 def _read_block_outputs(bundle: ModelBundle, prompts: list[str], z_layer: dict[str, int],
@@ -131,11 +176,21 @@ def _read_block_outputs(bundle: ModelBundle, prompts: list[str], z_layer: dict[s
 
 
 def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[str, int],
-                  config: Stage1Config, image_settings: dict) -> str:
-    """Everything a Stage I result depends on: model, request (prompts, seed, images), config."""
+                  config: Stage1Config, image_settings: dict, device: torch.device,
+                  precision: Precision = "auto") -> str:
+    """Everything a Stage I result depends on: model, request (prompts, seed, images), config,
+    and the precision where it is not fp32 (so fp32 keys are the same on every device)."""
     images = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in request.reference_images]
+    hyper = asdict(config)
+    precision = resolve_precision(precision, device)
+    if precision != "fp32":
+        hyper["precision"] = precision
     return content_key(model=bundle_fingerprint, request=request.to_dict(), images=images,
-                       z_layer=z_layer, config=asdict(config), image_settings=image_settings)
+                       z_layer=z_layer, config=hyper, image_settings=image_settings)
+
+
+class Stage1OutOfMemoryError(EmcidError, MemoryError):
+    """Even one concept at a time does not fit in the device's memory."""
 
 
 @dataclass
@@ -153,66 +208,159 @@ class _Batch:
 
 def _layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
             config: Stage1Config, image_cache: TensorCache) -> _Batch:
-    owner, src, dst, latents = [], [], [], []
+    """Rows of every concept, with the unedited states at the subject read in one pass."""
+    prompt_positions = [{name: subject_positions(bundle.slot(name).tokenizer, r.prompts, r.source)
+                         for name in z_layer} for r in requests]
+    read = _read_block_outputs(
+        bundle, [p for r in requests for p in r.source_prompts()], z_layer,
+        {name: torch.cat([p[name] for p in prompt_positions]) for name in z_layer})
+    sizes = [len(r.prompts) for r in requests]
+    hidden = {name: list(torch.split(read[name], sizes)) for name in z_layer}
+    latents = source_latents(bundle, requests, config, image_cache) if config.noise_weight else []
+    owner, src, dst = [], [], []
     positions: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
-    hidden: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
     for index, request in enumerate(requests):
-        prompt_positions = {
-            name: subject_positions(bundle.slot(name).tokenizer, request.prompts, request.source)
-            for name in z_layer
-        }
-        read = _read_block_outputs(bundle, request.source_prompts(), z_layer, prompt_positions)
         if config.noise_weight:
-            latents.append(source_latents(bundle, request, config, image_cache))
-            rows = torch.arange(latents[-1].shape[0]) % len(request.prompts)
+            rows = torch.arange(latents[index].shape[0]) % len(request.prompts)
         else:  # text-only targets need no images
             rows = torch.arange(len(request.prompts))
         owner += [index] * len(rows)
         src += [request.source_prompts()[i] for i in rows]
         dst += [request.destination_prompts()[i] for i in rows]
         for name in z_layer:
-            positions[name].append(prompt_positions[name][rows])
-            hidden[name].append(read[name])
+            positions[name].append(prompt_positions[index][name][rows])
     return _Batch(requests, torch.tensor(owner), src, dst,
                   {n: torch.cat(p) for n, p in positions.items()},
                   torch.cat(latents) if latents else None, hidden)
 
 
-def _per_concept_mean(values: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
-    """Mean of per-row values within each concept: (count,)."""
-    sums = torch.zeros(count, dtype=values.dtype, device=values.device)
-    sums.index_add_(0, owner.to(values.device), values)
-    return sums / torch.bincount(owner, minlength=count).to(values)
-
-
-def _draw_noise(batch: _Batch, generators: list[torch.Generator], steps: int):
-    """Timesteps and noise per row, each concept from its own generator (batch-independent)."""
+def _draw_noise(batch: _Batch, generators: list[torch.Generator], train_steps: int,
+                count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps (count, rows) and noise (count, rows, ...) for the next ``count`` steps, each
+    concept from its own generator in step order (so independent of batch and of ``count``),
+    moved to the device in one copy rather than once per step."""
+    shape = batch.latents.shape[1:]
     timesteps, noise = [], []
     for index, generator in enumerate(generators):
         rows = int((batch.owner == index).sum())
-        timesteps.append(torch.randint(0, steps, (rows,), generator=generator))
-        noise.append(torch.randn((rows, *batch.latents.shape[1:]), generator=generator))
-    return torch.cat(timesteps), torch.cat(noise).to(batch.latents)
+        draws = [(torch.randint(0, train_steps, (rows,), generator=generator),
+                  torch.randn((rows, *shape), generator=generator)) for _ in range(count)]
+        timesteps.append(torch.stack([t for t, _ in draws]))
+        noise.append(torch.stack([n for _, n in draws]))
+    device = batch.latents.device
+    return torch.cat(timesteps, 1).to(device), torch.cat(noise, 1).to(device, batch.latents.dtype)
 
 
-def _noise_loss(bundle: ModelBundle, scheduler, latents: torch.Tensor, noise: torch.Tensor,
-                t: torch.Tensor, edited: PromptEncoding, teacher: PromptEncoding,
-                target: str) -> torch.Tensor:
+@contextmanager
+def _unet_mode(unet: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None]:
+    """Gradient checkpointing of the UNet for the duration of Stage I only."""
+    was = getattr(unet, "is_gradient_checkpointing", False)
+    if grad_checkpointing and not was:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if grad_checkpointing and not was:
+            unet.disable_gradient_checkpointing()
+
+
+@dataclass
+class _Noising:
+    """DDPM's training-time noising with its tables on the device once (no copy per step)."""
+
+    alphas: torch.Tensor
+    velocity: bool
+
+    @classmethod
+    def of(cls, scheduler, device: torch.device, dtype: torch.dtype) -> _Noising:
+        return cls(scheduler.alphas_cumprod.to(device, dtype),
+                   scheduler.config.prediction_type == "v_prediction")
+
+    def scales(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self.alphas[t]
+        return (alpha ** 0.5).view(-1, 1, 1, 1), ((1 - alpha) ** 0.5).view(-1, 1, 1, 1)
+
+
+def _noise_loss(bundle: ModelBundle, noising: _Noising, latents: torch.Tensor, noise: torch.Tensor,
+                t: torch.Tensor, edited: PromptEncoding, teacher: PromptEncoding, target: str,
+                precision: str) -> torch.Tensor:
     """Per-row MSE between the UNet's prediction under the edited conditioning and the
-    unedited model's prediction under the destination's (or the true noise / velocity)."""
+    unedited model's prediction under the destination's (or the true noise / velocity).
+
+    The UNet runs under autocast at ``precision``; the loss is float32.
+    """
     settings = resolve_settings(bundle)
     size = (settings["height"], settings["width"])
-    noisy = scheduler.add_noise(latents, noise, t)
-    prediction = bundle.unet(noisy, t, encoder_hidden_states=edited.embeds,
-                             **bundle.unet_kwargs(edited, *size)).sample
-    with torch.no_grad():
-        if target == "noise":
-            is_v = scheduler.config.prediction_type == "v_prediction"
-            goal = scheduler.get_velocity(latents, noise, t) if is_v else noise
-        else:
-            goal = bundle.unet(noisy, t, encoder_hidden_states=teacher.embeds,
-                               **bundle.unet_kwargs(teacher, *size)).sample
+    signal, sigma = noising.scales(t)
+    noisy = signal * latents + sigma * noise
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(bundle.device.type, dtype=dtype, enabled=dtype is not None):
+        prediction = bundle.unet(noisy, t, encoder_hidden_states=edited.embeds,
+                                 **bundle.unet_kwargs(edited, *size)).sample
+        with torch.no_grad():  # the teacher: once per (concept, timestep draw), no graph
+            if target == "noise":
+                goal = signal * noise - sigma * latents if noising.velocity else noise
+            else:
+                goal = bundle.unet(noisy, t, encoder_hidden_states=teacher.embeds,
+                                   **bundle.unet_kwargs(teacher, *size)).sample
     return (prediction.float() - goal.float()).pow(2).flatten(1).mean(1)
+
+
+def _concept_state(deltas: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer,
+                   generator: torch.Generator, index: int, step: int) -> dict[str, torch.Tensor]:
+    """What resuming one concept after ``step`` steps needs: delta, Adam moments, noise state."""
+    state = {"step": torch.tensor(step), "generator": generator.get_state()}
+    for name, delta in deltas.items():
+        moments = optimiser.state.get(delta, {})
+        state[f"delta.{name}"] = delta[index].detach().cpu()
+        for moment in ("exp_avg", "exp_avg_sq"):
+            if moment in moments:
+                state[f"{moment}.{name}"] = moments[moment][index].cpu()
+    return state
+
+
+def _restore(states: list[dict[str, torch.Tensor]], deltas: dict[str, torch.Tensor],
+             optimiser: torch.optim.Optimizer, generators: list[torch.Generator]) -> int:
+    """Load saved concept states (all at the same step); returns that step."""
+    step = int(states[0]["step"])
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            delta.copy_(torch.stack([s[f"delta.{name}"] for s in states]))
+            optimiser.state[delta] = {
+                "step": torch.tensor(float(step)),
+                **{m: torch.stack([s[f"{m}.{name}"] for s in states]).to(delta)
+                   for m in ("exp_avg", "exp_avg_sq")},
+            }
+    for generator, state in zip(generators, states, strict=True):
+        generator.set_state(state["generator"])
+    return step
+
+
+def _check_health(requests: list[EditRequest], first_bad: torch.Tensor, overflow: torch.Tensor,
+                  deltas: dict[str, torch.Tensor] | None = None) -> None:
+    """One host sync: fail naming the first concept whose loss went NaN/inf, whose delta
+    overflowed, or (``deltas`` given, at the end) whose delta never moved from zero."""
+    moved = None
+    if deltas is not None:
+        moved = torch.stack([d.detach().abs().amax(1) > 0 for d in deltas.values()]).all(0).cpu()
+    first_bad, overflow = first_bad.cpu(), overflow.cpu()
+    for index, request in enumerate(requests):
+        name = f"{request.source!r} -> {request.destination!r}"
+        if first_bad[index] >= 0:
+            raise Stage1DivergedError(
+                f"Stage I diverged for {name} at step {int(first_bad[index])}: the loss is not "
+                "finite; lower the learning rate (--lr) or check the model")
+        if overflow[index] >= 0:
+            raise Stage1DivergedError(
+                f"Stage I diverged for {name} at step {int(overflow[index])}: delta overflowed "
+                "(its norm is not finite); lower the learning rate (--lr)")
+        if moved is not None and not moved[index]:
+            raise Stage1DivergedError(
+                f"Stage I did not move delta for {name}: it is exactly zero after optimisation; "
+                "check the learning rate (--lr) and that the subject reaches the loss")
+
+
+ProgressHook = Callable[[list[dict[str, torch.Tensor]]], None]
 
 
 def compute_z(
@@ -221,64 +369,88 @@ def compute_z(
     z_layer: dict[str, int],
     config: Stage1Config,
     image_cache: TensorCache,
+    runtime: Stage1Runtime | None = None,
+    resume: list[dict[str, torch.Tensor]] | None = None,
+    save_progress: ProgressHook | None = None,
 ) -> list[ConceptTarget]:
     """Optimise every request's ``delta`` (the paper's dual self-distillation), side by side.
 
     Concepts are independent: each has its own delta, loss terms, noise generator, norm
     clamp and Adam state (Adam is element-wise), so batching them changes nothing but speed.
+    ``resume`` continues from saved concept states; ``save_progress`` receives them every
+    ``runtime.checkpoint_every`` steps. The step loop never waits for the device except there.
     """
+    runtime = runtime or Stage1Runtime()
     batch = _layout(bundle, requests, z_layer, config, image_cache)
-    count, owner = len(requests), batch.owner
-    v_norm = {name: torch.stack([h[0].norm() for h in rows]).to(bundle.device)  # release: 1st prompt
+    device, count = bundle.device, len(requests)
+    owner = batch.owner.to(device)
+    rows_per_concept = torch.bincount(batch.owner, minlength=count).to(device)
+    precision = resolve_precision(runtime.precision, device)
+    v_norm = {name: torch.stack([h[0].norm() for h in rows]).to(device)  # release: 1st prompt
               for name, rows in batch.hidden.items()}
     with torch.no_grad():
         teacher = bundle.encode(batch.dst_prompts)
         teacher_pooled = [p.float() for p in teacher.pooled]
     prefix = _read_block_outputs(bundle, batch.src_prompts, z_layer)
-    deltas = {name: torch.zeros(count, rows[0].shape[-1], device=bundle.device, requires_grad=True)
+    deltas = {name: torch.zeros(count, rows[0].shape[-1], device=device, requires_grad=True)
               for name, rows in batch.hidden.items()}
     optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr)
     generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+    first = _restore(resume, deltas, optimiser, generators) if resume else 0
     # Training-time noising is DDPM's whatever the sampler (Euler's add_noise only accepts
     # timesteps of an inference schedule and skips the alpha scaling the UNet expects).
     scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
-    losses = torch.zeros(count)
-    for step in range(config.steps):
-        with ExitStack() as stack:
-            for name, layer in z_layer.items():
-                slot = bundle.slot(name)
-                stack.enter_context(replay_prefix([slot.block(i) for i in range(layer + 1)], prefix[name]))
-                stack.enter_context(add_at_positions(slot.block(layer), batch.positions[name],
-                                                     deltas[name][owner]))
-            edited = bundle.encode(batch.src_prompts)
-        row_loss = torch.zeros(len(batch.src_prompts), device=bundle.device)
-        if batch.latents is not None:
-            t, noise = _draw_noise(batch, generators, scheduler.config.num_train_timesteps)
-            row_loss = config.noise_weight * _noise_loss(bundle, scheduler, batch.latents, noise,
-                                                         t.to(bundle.device), edited, teacher,
-                                                         config.target)
-        if config.align_weight:
-            for edited_pooled, target_pooled in zip(edited.pooled, teacher_pooled):
-                align = (edited_pooled.float() - target_pooled).pow(2).mean(1)
-                row_loss = row_loss + config.align_weight * align
-        losses = _per_concept_mean(row_loss, owner, count)
-        for name, delta in deltas.items():
-            losses = losses + config.norm_decay * delta.norm(dim=1) / v_norm[name] ** 2
-        bad = ~torch.isfinite(losses)
-        if bad.any():
-            failed = requests[int(bad.nonzero()[0])]
-            raise Stage1DivergedError(
-                f"Stage I diverged for {failed.source!r} -> {failed.destination!r} at step "
-                f"{step}: the loss is not finite; lower the learning rate (--lr) or check the model"
-            )
-        optimiser.zero_grad()
-        losses.sum().backward()
-        optimiser.step()
-        with torch.no_grad():
+    noising = None if batch.latents is None else _Noising.of(scheduler, device, batch.latents.dtype)
+    loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
+    first_bad = torch.full((count,), -1, device=device)
+    overflow = torch.full((count,), -1, device=device)
+    losses = torch.zeros(count, device=device)
+    draws = None
+    with _unet_mode(bundle.unet, runtime.grad_checkpointing):
+        for step in range(first, config.steps):
+            if noising is not None and (step - first) % runtime.checkpoint_every == 0:
+                draws = _draw_noise(batch, generators, scheduler.config.num_train_timesteps,
+                                    min(runtime.checkpoint_every, config.steps - step))
+            with ExitStack() as stack:
+                for name, layer in z_layer.items():
+                    slot = bundle.slot(name)
+                    stack.enter_context(replay_prefix([slot.block(i) for i in range(layer + 1)],
+                                                      prefix[name]))
+                    stack.enter_context(add_at_positions(slot.block(layer), batch.positions[name],
+                                                         deltas[name][owner]))
+                edited = bundle.encode(batch.src_prompts)
+            row_loss = torch.zeros(len(batch.src_prompts), device=device)
+            if noising is not None:
+                t, noise = (d[(step - first) % runtime.checkpoint_every] for d in draws)
+                row_loss = config.noise_weight * _noise_loss(bundle, noising, batch.latents, noise, t,
+                                                             edited, teacher, config.target, precision)
+            if config.align_weight:
+                for edited_pooled, target_pooled in zip(edited.pooled, teacher_pooled):
+                    align = (edited_pooled.float() - target_pooled).pow(2).mean(1)
+                    row_loss = row_loss + config.align_weight * align
+            sums = torch.zeros(count, device=device).index_add_(0, owner, row_loss)
+            losses = sums / rows_per_concept
             for name, delta in deltas.items():
-                limit = config.clamp_factor * v_norm[name]
-                norms = delta.norm(dim=1)
-                delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)).unsqueeze(1))
+                losses = losses + config.norm_decay * delta.norm(dim=1) / v_norm[name] ** 2
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
+            optimiser.zero_grad()
+            (losses.sum() * loss_scale).backward()
+            if loss_scale != 1.0:
+                for delta in deltas.values():
+                    delta.grad.div_(loss_scale)
+            optimiser.step()
+            with torch.no_grad():
+                for name, delta in deltas.items():
+                    limit = config.clamp_factor * v_norm[name]
+                    norms = delta.norm(dim=1)
+                    overflow = torch.where((overflow < 0) & ~torch.isfinite(norms), step, overflow)
+                    delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)).unsqueeze(1))
+            done = step + 1
+            if save_progress is not None and done < config.steps and done % runtime.checkpoint_every == 0:
+                _check_health(requests, first_bad, overflow)
+                save_progress([_concept_state(deltas, optimiser, generators[i], i, done)
+                               for i in range(count)])
+    _check_health(requests, first_bad, overflow, deltas)
     final = losses.detach().cpu()
     return [
         ConceptTarget(request, dict(z_layer),
@@ -286,6 +458,51 @@ def compute_z(
                       {n: rows[i].cpu() for n, rows in batch.hidden.items()}, float(final[i]))
         for i, request in enumerate(requests)
     ]
+
+
+def _release_memory(device: torch.device) -> None:
+    """Give cached blocks back after an out-of-memory error, before a smaller batch tries."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fitting_batch(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
+                  config: Stage1Config, image_cache: TensorCache, runtime: Stage1Runtime) -> int:
+    """Concepts per batch that fit in the free memory of a CUDA device, measured by one probe
+    step at one and at two concepts (the difference is one concept's cost); at most
+    ``runtime.concept_batch``. Elsewhere ``runtime.concept_batch``."""
+    limit = min(runtime.concept_batch, len(requests))
+    if bundle.device.type != "cuda" or limit < 2:
+        return limit
+    device, probe = bundle.device, replace(config, steps=1)
+    peaks = []
+    for size in (1, 2):
+        _release_memory(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        try:
+            compute_z(bundle, requests[:size], z_layer, probe, image_cache, runtime)
+        except torch.OutOfMemoryError:
+            return 1  # the batch loop reports it if even one concept does not fit
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    per_concept = max(peaks[1] - peaks[0], 1)
+    fixed = max(peaks[0] - per_concept, 0)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    fit = int((0.9 * free - fixed) // per_concept)
+    log.info("Stage I: %.2f GiB per concept, %.1f GiB free: %d concepts per batch",
+             per_concept / 2**30, free / 2**30, fit)
+    return max(1, min(limit, fit))
+
+
+def _by_progress(missing: list[int], saved: dict[int, dict]) -> list[list[int]]:
+    """Concepts grouped by the step their saved progress reached (fresh ones at step 0), so
+    every batch resumes from one step."""
+    groups: dict[int, list[int]] = {}
+    for index in missing:
+        groups.setdefault(int(saved[index]["step"]) if index in saved else 0, []).append(index)
+    return list(groups.values())
 
 
 def compute_targets(
@@ -296,33 +513,74 @@ def compute_targets(
     cache: TensorCache | None = None,
     image_cache: TensorCache | None = None,
     progress: bool = True,
-    concept_batch: int = 8,
+    runtime: Stage1Runtime | None = None,
 ) -> list[ConceptTarget]:
     """Stage I for every request, each independent and cached under its full content key.
 
-    ``concept_batch`` concepts are optimised side by side (speed only: results do not change).
+    Unfinished concepts save their progress every ``runtime.checkpoint_every`` steps and resume
+    from it; a CUDA out-of-memory error halves the batch and goes on (finished concepts are
+    already in the cache, and results do not depend on the batch).
     """
     from tqdm.auto import tqdm
 
+    runtime = runtime or Stage1Runtime()
     cache = cache or TensorCache("stage1")
     image_cache = image_cache or TensorCache("images")
+    progress_cache = TensorCache(f"{cache.folder.name}-progress", cache.folder.parent, cache.enabled)
     model = bundle.fingerprint()
     image_settings = resolve_settings(bundle, guidance_scale=config.image_guidance_scale,
                                       num_inference_steps=config.image_steps)
     results: dict[int, ConceptTarget] = {}
-    keys = [cache_key_for(model, r, z_layer, config, image_settings) for r in requests]
+    keys = [cache_key_for(model, r, z_layer, config, image_settings, bundle.device, runtime.precision)
+            for r in requests]
+    saved: dict[int, dict] = {}
     for index, key in enumerate(keys):
         entry = cache.load(key)
         if entry is not None:
             results[index] = ConceptTarget.from_tensors(requests[index], z_layer, entry[0])
+        elif (state := progress_cache.load(key)) is not None:
+            saved[index] = state[0]
     missing = [i for i in range(len(requests)) if i not in results]
-    chunks = [missing[i:i + concept_batch] for i in range(0, len(missing), concept_batch)]
+    size = fitting_batch(bundle, [requests[i] for i in missing], z_layer, config, image_cache, runtime) \
+        if missing else 1
     with tqdm(total=len(missing), desc="Stage I", unit="concept", disable=not progress) as bar:
-        for chunk in chunks:
-            targets = compute_z(bundle, [requests[i] for i in chunk], z_layer, config, image_cache)
-            for index, target in zip(chunk, targets):
-                cache.save(keys[index], target.to_tensors(),
-                           {"source": target.request.source, "destination": target.request.destination})
-                results[index] = target
-            bar.update(len(chunk))
+        for group in _by_progress(missing, saved):
+            while group:
+                chunk = group[:size]
+                try:
+                    targets = _run_chunk(bundle, requests, keys, chunk, z_layer, config, runtime,
+                                         image_cache, progress_cache, saved)
+                except torch.OutOfMemoryError:
+                    if size == 1:
+                        raise Stage1OutOfMemoryError(
+                            "Stage I runs out of device memory even with one concept per batch: "
+                            "try precision='bf16' or grad_checkpointing=True") from None
+                    size //= 2
+                    log.warning("Stage I out of memory; going on with %d concepts per batch", size)
+                    _release_memory(bundle.device)
+                    continue
+                for index, target in zip(chunk, targets):
+                    cache.save(keys[index], target.to_tensors(),
+                               {"source": target.request.source,
+                                "destination": target.request.destination})
+                    progress_cache.path(keys[index]).unlink(missing_ok=True)
+                    results[index] = target
+                bar.update(len(chunk))
+                group = group[len(chunk):]
     return [results[i] for i in range(len(requests))]
+
+
+def _run_chunk(bundle: ModelBundle, requests: list[EditRequest], keys: list[str], chunk: list[int],
+               z_layer: dict[str, int], config: Stage1Config, runtime: Stage1Runtime,
+               image_cache: TensorCache, progress_cache: TensorCache,
+               saved: dict[int, dict]) -> list[ConceptTarget]:
+    """One batch of concepts, resumed from and saving to ``progress_cache``."""
+
+    def save_progress(states: list[dict[str, torch.Tensor]]) -> None:
+        for index, state in zip(chunk, states, strict=True):
+            progress_cache.save(keys[index], state, {"source": requests[index].source})
+            saved[index] = state
+
+    resume = [saved[i] for i in chunk] if chunk[0] in saved else None
+    return compute_z(bundle, [requests[i] for i in chunk], z_layer, config, image_cache, runtime,
+                     resume, save_progress if progress_cache.enabled else None)

@@ -12,6 +12,8 @@ update, so later blocks see the earlier ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...config import check_choice, check_float
-from ...hooks import capture
+from ...hooks import capture, replay_prefix
 from ...models import ModelBundle
 from ...requests import subject_positions
 from .stage1 import ConceptTarget
@@ -44,14 +46,18 @@ def closed_form_update(
     keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor, lam: float,
     alpha: float,
 ) -> torch.Tensor:
-    """``a R K^T (lam (1-a) C + a K K^T)^{-1}`` by a float64 linear solve.
+    """``a R K^T (lam (1-a) C + a K K^T)^{-1}`` by a float64 linear solve (Cholesky).
 
     keys: (d_in, e); residuals: (d_out, e); second_moment: (d_in, d_in). Returns (d_out, d_in).
     """
     k = keys.double()
     system = lam * (1 - alpha) * second_moment.double() + alpha * k @ k.T
-    # The system is symmetric, so Delta^T = a * system^{-1} K R^T.
-    return (alpha * torch.linalg.solve(system, k @ residuals.double().T)).T
+    rhs = k @ residuals.double().T
+    # The system is symmetric, so Delta^T = a * system^{-1} K R^T. It is positive definite
+    # unless lam = 0 or C is singular: Cholesky (half the work of LU) where it succeeds.
+    factor, info = torch.linalg.cholesky_ex(system)
+    solution = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(system, rhs)
+    return (alpha * solution).T
 
 
 def _prompt_batch(targets: list[ConceptTarget], slot_name: str, bundle: ModelBundle):
@@ -73,21 +79,90 @@ def _mean_by_owner(rows: torch.Tensor, owner: torch.Tensor, count: int) -> torch
     return sums / torch.bincount(owner, minlength=count).unsqueeze(1)
 
 
-@torch.no_grad()
-def _read_keys_and_current(bundle: ModelBundle, slot_name: str, prompts: list[str],
-                           positions: torch.Tensor, fc2: torch.nn.Module, current: torch.nn.Module,
-                           batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fc2's input (the keys) and ``current``'s output at the subject tokens, in one pass."""
-    keys, outputs = [], []
-    encoder = bundle.slot(slot_name)
-    for start in range(0, len(prompts), batch_size):
-        stop = start + batch_size
-        with capture({"k": fc2}, positions[start:stop], "input") as key_records, \
-                capture({"c": current}, positions[start:stop], "output") as current_records:
-            encoder.encoder(encoder.tokenize(prompts[start:stop]))
-        keys.append(key_records["k"][0].float().cpu())
-        outputs.append(current_records["c"][0].float().cpu())
-    return torch.cat(keys), torch.cat(outputs)
+def _length_groups(positions: torch.Tensor, batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped by the length they are encoded at (subject position + 1), so a
+    group stacks into one tensor with no padding; each group at most ``batch_size`` long.
+    (Sorting by length and padding batches on the right costs more: the padded tokens.)"""
+    by_length: dict[int, list[int]] = {}
+    for index, position in enumerate(positions.tolist()):
+        by_length.setdefault(position + 1, []).append(index)
+    return [rows[start:start + batch_size] for rows in by_length.values()
+            for start in range(0, len(rows), batch_size)]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the last block Stage II reads has run."""
+
+
+@contextmanager
+def _stop_after(block: torch.nn.Module) -> Iterator[None]:
+    def hook(*_args) -> None:
+        raise _StopForward
+
+    handle = block.register_forward_hook(hook)  # after the capture hooks, so they run first
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _KeyReader:
+    """Reads fc2 keys and a reference output at the subject tokens, layer after layer.
+
+    CLIP text encoders are causal: a token's states depend only on the tokens up to it. Each
+    prompt is therefore encoded only up to its subject token, without padding (SD pads to 77
+    tokens; subjects sit at about token 5), prompts of equal length stacked together. Layers
+    are read in ascending order while earlier ones are updated, so each pass records the
+    input of the block it reads; the next pass replays it (nothing before that block has
+    changed since) and runs only the blocks from there to the last one it needs.
+    """
+
+    def __init__(self, bundle: ModelBundle, slot_name: str, prompts: list[str],
+                 positions: torch.Tensor, batch_size: int):
+        self.slot = bundle.slot(slot_name)
+        tokenizer = self.slot.tokenizer
+        token_ids = tokenizer(prompts, truncation=True, max_length=tokenizer.model_max_length).input_ids
+        self.groups = _length_groups(positions, batch_size)
+        self.ids = [torch.tensor([token_ids[i][:int(positions[rows[0]]) + 1] for i in rows],
+                                 device=bundle.device) for rows in self.groups]
+        self.count = len(prompts)
+        self.replayed: int | None = None  # block whose recorded output the next pass replays
+        self.recorded: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def read(self, layer: int, current: torch.nn.Module,
+             last_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fc2 inputs of block ``layer`` and ``current``'s output, (prompts, width) each;
+        blocks after ``last_block`` are not run."""
+        fc2 = self.slot.fc2(layer)
+        keys = torch.empty(self.count, fc2.in_features)
+        outputs: torch.Tensor | None = None
+        recorded = []
+        for group, (rows, ids) in enumerate(zip(self.groups, self.ids, strict=True)):
+            last = torch.full((len(rows),), ids.shape[1] - 1)
+            with ExitStack() as stack:
+                if self.replayed is not None:
+                    blocks = [self.slot.block(i) for i in range(self.replayed + 1)]
+                    stack.enter_context(replay_prefix(blocks, self.recorded[group]))
+                key_records = stack.enter_context(capture({"k": fc2}, last, "input"))
+                current_records = stack.enter_context(capture({"c": current}, last, "output"))
+                if layer > 0:
+                    before = stack.enter_context(capture({"b": self.slot.block(layer - 1)}))
+                stack.enter_context(_stop_after(self.slot.block(last_block)))
+                try:
+                    self.slot.encoder(ids)
+                except _StopForward:
+                    pass
+            keys[rows] = key_records["k"][0].float().cpu()
+            read = current_records["c"][0].float().cpu()
+            if outputs is None:
+                outputs = torch.empty(self.count, read.shape[-1])
+            outputs[rows] = read
+            if layer > 0:
+                recorded.append(before["b"][0])
+        # The next pass updates nothing before ``layer``: it replays block layer-1's output.
+        self.replayed, self.recorded = (layer - 1, recorded) if layer > 0 else (None, [])
+        return keys, outputs
 
 
 def compute_deltas(
@@ -110,16 +185,18 @@ def compute_deltas(
             slot = bundle.slot(slot_name)
             prompts, positions, owner = _prompt_batch(targets, slot_name, bundle)
             z = torch.cat([t.targets(slot_name) for t in targets])  # per prompt, (n, width)
-            z_block = slot.block(max(slot_layers))
+            z_layer = max(slot_layers)
+            reader = _KeyReader(bundle, slot_name, prompts, positions, batch_size)
             ordered = sorted(slot_layers)
             bar = tqdm(ordered, desc=f"Stage II {slot_name}", disable=not progress)
             for i, layer in enumerate(bar):
                 fc2 = slot.fc2(layer)
                 name = slot.fc2_name(layer)
                 # memit: against block l*'s output; release: against this block's MLP output
-                reference = z_block if config.residual == "memit" else fc2
-                keys_in, current = _read_keys_and_current(bundle, slot_name, prompts, positions, fc2,
-                                                          reference, batch_size)
+                if config.residual == "memit":
+                    keys_in, current = reader.read(layer, slot.block(z_layer), z_layer)
+                else:
+                    keys_in, current = reader.read(layer, fc2, layer)
                 keys = _mean_by_owner(keys_in, owner, len(targets)).T
                 residual = _mean_by_owner(z - current, owner, len(targets)).T / (len(ordered) - i)
                 delta = closed_form_update(keys, residual, second_moments[name], config.lam,

@@ -1,0 +1,139 @@
+"""Stage I as a long job: out-of-memory recovery, interrupted runs, divergence, precision."""
+
+import pytest
+import torch
+
+import emcid
+from emcid.cache import TensorCache
+from emcid.editors.emcid import stage1
+from emcid.editors.emcid.stage1 import Stage1Config, Stage1Runtime, compute_targets
+
+REQUESTS = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=4),
+            emcid.EditRequest("castle", "tower", ("{}", "a {} on a hill"), seed=2),
+            emcid.EditRequest("lobster", "crab", seed=7)]
+LAYER = {"text_encoder": 2}
+
+
+def _deltas(targets) -> list[torch.Tensor]:
+    return [t.deltas["text_encoder"] for t in targets]
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_finished_concepts(sd1, monkeypatch):
+    config, runtime = Stage1Config(steps=4), Stage1Runtime(concept_batch=4)
+    expected = compute_targets(sd1, REQUESTS, LAYER, config, TensorCache("oom-reference"),
+                               progress=False, runtime=runtime)
+    sizes, original = [], stage1.compute_z
+
+    def short_of_memory(bundle, requests, *args, **kwargs):
+        sizes.append(len(requests))
+        if len(requests) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(bundle, requests, *args, **kwargs)
+
+    monkeypatch.setattr(stage1, "compute_z", short_of_memory)
+    cache = TensorCache("oom")
+    found = compute_targets(sd1, REQUESTS, LAYER, config, cache, progress=False, runtime=runtime)
+    assert sizes == [4, 2, 2]
+    assert len(list(cache.folder.glob("*.safetensors"))) == 4
+    for a, b in zip(_deltas(expected), _deltas(found)):
+        assert torch.allclose(a, b, atol=1e-4) and b.norm() > 0
+
+
+def test_out_of_memory_at_one_concept_is_a_clear_error(sd1, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(stage1, "compute_z", no_memory)
+    with pytest.raises(emcid.EmcidError, match="even with one concept"):
+        compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=2), TensorCache("oom-one"),
+                        progress=False, runtime=Stage1Runtime(concept_batch=2))
+
+
+def test_interrupted_stage1_resumes_bit_identically(sd1, monkeypatch):
+    config, runtime = Stage1Config(steps=7), Stage1Runtime(concept_batch=4, checkpoint_every=3)
+    expected = compute_targets(sd1, REQUESTS, LAYER, config, TensorCache("resume-reference"),
+                               progress=False, runtime=runtime)
+    original = stage1._check_health
+
+    def interrupted_before_the_end(requests, first_bad, overflow, deltas=None):
+        if deltas is not None:  # the last step is done; the results are not saved yet
+            raise KeyboardInterrupt
+        original(requests, first_bad, overflow, deltas)
+
+    monkeypatch.setattr(stage1, "_check_health", interrupted_before_the_end)
+    cache = TensorCache("resume")
+    with pytest.raises(KeyboardInterrupt):
+        compute_targets(sd1, REQUESTS, LAYER, config, cache, progress=False, runtime=runtime)
+    monkeypatch.setattr(stage1, "_check_health", original)
+    resumed_from = []
+    compute_z = stage1.compute_z
+
+    def recording(bundle, requests, z_layer, cfg, images, run, resume=None, save_progress=None):
+        resumed_from.append(None if resume is None else int(resume[0]["step"]))
+        return compute_z(bundle, requests, z_layer, cfg, images, run, resume, save_progress)
+
+    monkeypatch.setattr(stage1, "compute_z", recording)
+    found = compute_targets(sd1, REQUESTS, LAYER, config, cache, progress=False, runtime=runtime)
+    assert resumed_from == [6]
+    for a, b in zip(_deltas(expected), _deltas(found)):
+        assert torch.equal(a, b)
+    assert [t.final_loss for t in expected] == [t.final_loss for t in found]
+    progress = TensorCache("resume-progress")
+    assert not list(progress.folder.glob("*.safetensors"))  # removed once finished
+
+
+def test_a_delta_that_overflows_names_the_concept(sd1):
+    with pytest.raises(emcid.EmcidError, match="'tench' -> 'goldfish'.*(overflow|not finite)"):
+        emcid.edit(sd1, [REQUESTS[0]], progress=False, steps=3, lr=1e30, cache=False)
+    with pytest.raises(emcid.EmcidError, match="lr=inf"):  # refused before any work
+        emcid.edit(sd1, [REQUESTS[0]], progress=False, steps=3, lr=float("inf"), cache=False)
+
+
+def test_a_delta_that_never_moves_names_the_concept(sd1):
+    """No loss term reaches delta (both weights and the decay off): nothing is learnt."""
+    with pytest.raises(emcid.EmcidError, match="did not move delta for 'zebra' -> 'horse'"):
+        compute_targets(sd1, [REQUESTS[1]], LAYER,
+                        Stage1Config(steps=2, noise_weight=0.0, align_weight=0.0, norm_decay=0.0),
+                        TensorCache("frozen", enabled=False), progress=False)
+
+
+def test_gradient_checkpointing_changes_nothing(sd1):
+    plain = compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=3),
+                            TensorCache("ckpt-off", enabled=False), progress=False)
+    checkpointed = compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=3),
+                                   TensorCache("ckpt-on", enabled=False), progress=False,
+                                   runtime=Stage1Runtime(grad_checkpointing=True))
+    for a, b in zip(_deltas(plain), _deltas(checkpointed)):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not sd1.unet.is_gradient_checkpointing  # switched off again
+
+
+def test_bf16_autocast_stays_close_to_fp32_and_is_keyed_apart(sd1, monkeypatch):
+    fp32 = compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=5), TensorCache("p32"),
+                           progress=False)
+    cache = TensorCache("p16")
+    bf16 = compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=5), cache, progress=False,
+                           runtime=Stage1Runtime(precision="bf16"))
+    for a, b in zip(_deltas(fp32), _deltas(bf16)):
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+        assert not torch.equal(a, b)  # it did run in bf16
+    model = sd1.fingerprint()
+    keys = {stage1.cache_key_for(model, REQUESTS[0], LAYER, Stage1Config(), {}, sd1.device, p)
+            for p in ("auto", "fp32", "bf16")}
+    assert len(keys) == 2  # auto is fp32 on the CPU
+
+
+def test_missing_cuda_device_is_a_clear_error(sd1_dir):
+    with pytest.raises(emcid.EmcidError, match="cuda:7"):
+        emcid.load_model(sd1_dir, device="cuda:7")
+
+
+def test_cli_names_a_missing_device_in_one_line(sd1_dir, tmp_path, capsys):
+    from emcid.cli import main
+
+    requests = tmp_path / "r.yaml"
+    requests.write_text("- {source: tench, destination: goldfish}\n")
+    code = main(["edit", "--model", str(sd1_dir), "--requests", str(requests), "--out",
+                 str(tmp_path / "p.safetensors"), "--device", "cuda:5", "--concept-batch", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cuda:5" in err and len(err.strip().splitlines()) == 1
