@@ -48,7 +48,7 @@ def test_unet_stage_paused_by_max_minutes_resumes_bit_exactly(smoke_run, smoke_c
     from emcid.mini import train
 
     earlier = ("tokenizer", "text_encoder", "vae", "judge", "conditioning")
-    train.reuse_stages(tmp_path / "work", smoke_run / "work", earlier)
+    train.copy_stages(tmp_path / "work", smoke_run / "work", earlier)
     paused = dataclasses.replace(smoke_config, max_minutes=0.0)
     train.train_mini(tmp_path, paused, resume=True)
     state = torch.load(tmp_path / "work" / "unet" / "state.pt", weights_only=True)
@@ -122,3 +122,23 @@ def test_smoke_pipeline_tokenizer_is_clip_format(smoke_run):
     folder = smoke_run / "pipeline" / "tokenizer"
     assert (folder / "vocab.json").exists() and (folder / "merges.txt").exists()
     assert not (folder / "tokenizer.json").exists()
+
+
+def test_end_of_text_conflict_takes_another_prompt_from_its_end_of_text_on():
+    from emcid.mini.train import ConditioningBank, MiniTrainConfig, augment_conditioning
+
+    rows, length = 16, 8  # states up to 1,507: exact in float16
+    states = torch.arange(length, dtype=torch.float16)[None, :, None] + 100 * torch.arange(
+        rows, dtype=torch.float16)[:, None, None]  # state = 100 * row + position
+    eos = torch.arange(rows) % 3 + 2  # ends of text at 2, 3 or 4
+    bank = ConditioningBank(states=states.expand(rows, length, 2).contiguous(),
+                            subject_pos=eos - 1, eos_pos=eos, clean=torch.full((length, 2), -1.0),
+                            per_concept=1)  # fmt: skip
+    cfg = MiniTrainConfig(after_subject_clean_rate=0.0, after_subject_conflict_rate=1.0,
+                          padding_clean_rate=0.0, uncond_prob=0.0, conflict_from="end_of_text")
+    cond = augment_conditioning(bank, torch.arange(rows), cfg, torch.Generator().manual_seed(0))[..., 0]
+    for row in range(rows):
+        own_eos = int(eos[row])
+        assert torch.equal(cond[row, :own_eos], states[row, :own_eos, 0].float())  # prompt kept
+        other, position = divmod(int(cond[row, own_eos]), 100)
+        assert position == int(eos[other])  # the other prompt's end of text lands on ours

@@ -26,7 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-minutes", type=float, help="wall-clock cap of the UNet stage")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     train.add_argument("--reuse-from", metavar="WORK",
-                       help="an earlier run's work/ folder whose finished VAE and judge stages are copied")
+                       help="an earlier run's work/ folder whose finished stages are copied")
+    train.add_argument("--reuse-stages", nargs="+", default=["vae", "judge"], metavar="STAGE",
+                       help="which stages --reuse-from copies (default: vae judge; the text side "
+                            "(tokenizer text_encoder conditioning) only with the same text settings)")
+    train.add_argument("--conflict-from", choices=["subject", "end_of_text"],
+                       help="UNet conflict augmentation: replace every state after the subject "
+                            "(default) or only the end of text on")
     train.set_defaults(func=cmd_train)
 
     render = sub.add_parser("render", help="write true renders of concepts as PNG files")
@@ -57,7 +63,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.judge_steps is not None:
         cfg.judge.steps = args.judge_steps
     log.info("mini train config: %s", json.dumps(asdict(cfg)))
-    folder = train_mini(args.out, cfg, resume=args.resume, reuse_from=args.reuse_from)
+    if args.conflict_from is not None:
+        cfg.conflict_from = args.conflict_from
+    folder = train_mini(args.out, cfg, resume=args.resume, reuse_from=args.reuse_from,
+                        reuse_stages=tuple(args.reuse_stages))
     print(folder)
 
 

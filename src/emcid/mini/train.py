@@ -80,6 +80,7 @@ class MiniTrainConfig:
     uncond_prob: float = 0.1  # classifier-free guidance dropout
     after_subject_clean_rate: float = 0.3  # states after the subject -> the empty prompt's
     after_subject_conflict_rate: float = 0.3  # states after the subject -> another prompt's
+    conflict_from: str = "subject"  # "end_of_text": only the end of text on, aligned at it
     padding_clean_rate: float = 0.2  # states after the end of text -> the empty prompt's
     ema_decay: float = 0.999
     n_variants: int = 16  # renders per concept in the latent bank
@@ -150,11 +151,13 @@ def _mark(path: Path, info: dict) -> None:
     (path / "DONE").write_text(json.dumps(info, indent=1))
 
 
-def reuse_stages(work: Path, source: Path, stages: tuple[str, ...] = REUSABLE_STAGES) -> None:
-    """Copy finished stages (VAE, judge) from an earlier run's ``work`` folder.
+def copy_stages(work: Path, source: Path, stages: tuple[str, ...] = REUSABLE_STAGES) -> None:
+    """Copy finished stages from an earlier run's ``work`` folder.
 
-    They do not depend on the tokenizer or the text encoder, so a rebuild of the text side
-    need not pay for them again. Stages already present in ``work`` are left alone.
+    The VAE and judge do not depend on the text side, so a rebuild of the text side need not
+    pay for them again; the tokenizer, text encoder and conditioning bank can be reused by a
+    run that changes only the UNet's training. Stages already present in ``work`` are left
+    alone.
     """
     for stage in stages:
         src, dst = source / stage, work / stage
@@ -331,21 +334,32 @@ def augment_conditioning(
     Per sample, one of: every state after the subject's last token takes the empty prompt's
     state at that position (``after_subject_clean_rate``), or another prompt's of the batch
     (``after_subject_conflict_rate``: the image still shows the subject, so the UNet learns
-    to trust the subject token over what follows it, as SD's UNet does); else every state
-    after the end of text takes the empty prompt's (``padding_clean_rate``). With
-    ``uncond_prob`` the whole prompt is the empty one.
+    to trust the subject token over what follows it, as SD's UNet does; with
+    ``conflict_from="end_of_text"`` only the end-of-text and padding states are the other
+    prompt's, aligned at its end of text); else every state after the end of text takes the
+    empty prompt's (``padding_clean_rate``). With ``uncond_prob`` the whole prompt is the
+    empty one.
     """
     cond = bank.states[rows].float()
-    positions = torch.arange(cond.shape[1])[None]
+    length = cond.shape[1]
+    positions = torch.arange(length)[None]
     u = torch.rand(len(rows), generator=gen)[:, None]
     after_subject = positions > bank.subject_pos[rows][:, None]
     after_text = positions > bank.eos_pos[rows][:, None]
     bounds = torch.tensor([cfg.after_subject_clean_rate, cfg.after_subject_conflict_rate,
                            cfg.padding_clean_rate]).cumsum(0)  # fmt: skip
     clean = ((u < bounds[0]) & after_subject) | ((u >= bounds[1]) & (u < bounds[2]) & after_text)
-    conflict = (u >= bounds[0]) & (u < bounds[1]) & after_subject
-    others = bank.states[rows[torch.randperm(len(rows), generator=gen)]].float()
-    cond = torch.where(conflict[..., None], others, cond)
+    others = rows[torch.randperm(len(rows), generator=gen)]
+    conflict = (u >= bounds[0]) & (u < bounds[1])
+    if cfg.conflict_from == "end_of_text":
+        conflict = conflict & (positions >= bank.eos_pos[rows][:, None])
+        shift = (bank.eos_pos[others] - bank.eos_pos[rows])[:, None]
+        source = (positions + shift).clamp(0, length - 1)
+        foreign = bank.states[others].float().gather(1, source[..., None].expand_as(cond))
+    else:
+        conflict = conflict & after_subject
+        foreign = bank.states[others].float()
+    cond = torch.where(conflict[..., None], foreign, cond)
     clean |= (torch.rand(len(rows), generator=gen) < cfg.uncond_prob)[:, None]
     return torch.where(clean[..., None], bank.clean.expand_as(cond), cond)
 
@@ -463,11 +477,12 @@ def train_mini(
     cfg: MiniTrainConfig | None = None,
     resume: bool = False,
     reuse_from: str | Path | None = None,
+    reuse_stages: tuple[str, ...] = REUSABLE_STAGES,
 ) -> Path:
     """Run every stage; returns the exported pipeline folder.
 
     Without --resume an existing work folder is an error, so runs are never mixed.
-    ``reuse_from`` (an earlier run's ``work`` folder) supplies the VAE and judge stages.
+    ``reuse_from`` (an earlier run's ``work`` folder) supplies finished ``reuse_stages``.
     """
     cfg = cfg or MiniTrainConfig()
     out = Path(out_dir)
@@ -477,7 +492,7 @@ def train_mini(
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     if reuse_from is not None:
-        reuse_stages(work, Path(reuse_from))
+        copy_stages(work, Path(reuse_from), reuse_stages)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     tok = stage_tokenizer(work, cfg)
