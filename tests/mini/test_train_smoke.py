@@ -82,7 +82,7 @@ def test_conditioning_augmentation_replaces_only_the_chosen_positions():
         clean=torch.zeros(length, width), per_concept=1,
     )  # fmt: skip
     cfg = MiniTrainConfig(after_subject_clean_rate=0.3, after_subject_conflict_rate=0.3,
-                          padding_clean_rate=0.2, uncond_prob=0.0)  # fmt: skip
+                          padding_clean_rate=0.2, uncond_prob=0.0, conflict_from="subject")  # fmt: skip
     index = torch.arange(rows)
     cond = augment_conditioning(bank, index, cfg, torch.Generator().manual_seed(0))
     own = cond[..., 0] == (index + 1)[:, None].float()

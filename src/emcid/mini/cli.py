@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="which stages --reuse-from copies (default: vae judge; the text side "
                             "(tokenizer text_encoder conditioning) only with the same text settings)")
     train.add_argument("--conflict-from", choices=["subject", "end_of_text"],
-                       help="UNet conflict augmentation: replace every state after the subject "
-                            "(default) or only the end of text on")
+                       help="UNet conflict augmentation: replace only the end of text on "
+                            "(default) or every state after the subject")
     train.set_defaults(func=cmd_train)
 
     render = sub.add_parser("render", help="write true renders of concepts as PNG files")

@@ -80,7 +80,7 @@ class MiniTrainConfig:
     uncond_prob: float = 0.1  # classifier-free guidance dropout
     after_subject_clean_rate: float = 0.3  # states after the subject -> the empty prompt's
     after_subject_conflict_rate: float = 0.3  # states after the subject -> another prompt's
-    conflict_from: str = "subject"  # "end_of_text": only the end of text on, aligned at it
+    conflict_from: str = "end_of_text"  # or "subject": every state after the subject (recipe B)
     padding_clean_rate: float = 0.2  # states after the end of text -> the empty prompt's
     ema_decay: float = 0.999
     n_variants: int = 16  # renders per concept in the latent bank
