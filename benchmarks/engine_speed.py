@@ -20,8 +20,9 @@ import torch
 import emcid
 from emcid.cache import TensorCache
 from emcid.concepts import imagenet1k_classes
+from emcid.config import Runtime
 from emcid.editors.emcid import EMCIDEditor
-from emcid.editors.emcid.stage1 import Stage1Config, Stage1Runtime, compute_targets
+from emcid.editors.emcid.stage1 import Stage1Config, compute_targets
 from emcid.editors.emcid.stage2 import Stage2Config, compute_deltas
 from emcid.stats import second_moments
 
@@ -72,7 +73,7 @@ def main() -> None:
         # at least 8 concepts per measurement; one at a time needs no more to be steady
         probe = requests_for(max(batch, 8))
         config = Stage1Config(steps=args.steps, image_guidance_scale=None, image_steps=None)
-        runtime = Stage1Runtime(concept_batch=batch)
+        runtime = Runtime(concept_batch=batch)
         # Warm-up: every probe concept's source images are generated and cached here, so the
         # timed run measures only the optimisation.
         compute_targets(bundle, probe, z_layer, replace(config, steps=1), TensorCache("s1", enabled=False),
@@ -85,7 +86,7 @@ def main() -> None:
     largest = max(int(e) for e in args.edits.split(","))
     quick = Stage1Config(steps=1, image_guidance_scale=None, image_steps=None)
     targets = compute_targets(bundle, requests_for(largest), z_layer, quick, progress=False,
-                              runtime=Stage1Runtime(concept_batch=32))
+                              runtime=Runtime(concept_batch=32))
     for count in sorted(int(e) for e in args.edits.split(",")):
         seconds, _ = timed(compute_deltas, bundle, targets[:count], layers, moments, Stage2Config(),
                            progress=False)

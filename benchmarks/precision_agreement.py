@@ -20,7 +20,8 @@ import torch
 
 import emcid
 from emcid.cache import TensorCache
-from emcid.editors.emcid.stage1 import Stage1Config, Stage1Runtime, compute_z
+from emcid.config import Runtime
+from emcid.editors.emcid.stage1 import Stage1Config, compute_z
 
 
 def embedded_requests(bundle, count: int, seed: int) -> list[emcid.EditRequest]:
@@ -56,7 +57,7 @@ def main() -> None:
     results = {}
     for precision in ["fp32"] + args.precisions.split(","):
         start = time.perf_counter()
-        runtime = Stage1Runtime(concept_batch=args.concepts, precision=precision)
+        runtime = Runtime(concept_batch=args.concepts, precision=precision)
         targets = compute_z(bundle, requests, z_layer, config, images, runtime)
         seconds = time.perf_counter() - start
         results[precision] = torch.stack([t.deltas["text_encoder"].float().cpu() for t in targets])

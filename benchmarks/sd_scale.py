@@ -29,7 +29,8 @@ import torch
 import emcid
 from emcid.cache import TensorCache
 from emcid.concepts import builtin_caption_corpus, imagenet1k_classes
-from emcid.editors.emcid.stage1 import ConceptTarget, Stage1Config, Stage1Runtime, compute_z
+from emcid.config import Runtime
+from emcid.editors.emcid.stage1 import ConceptTarget, Stage1Config, compute_z
 from emcid.editors.emcid.stage2 import Stage2Config, compute_deltas
 from emcid.editors.presets import preset_options, resolve_layers
 from emcid.models import FAMILY_SAMPLING, ModelBundle
@@ -130,7 +131,7 @@ def time_stage1(bundle: ModelBundle, z_layer: dict[str, int], batches: list[int]
     probe = requests_for(max(batches))
     for precision in precisions:
         for batch in batches:
-            runtime = Stage1Runtime(concept_batch=batch, precision=precision)
+            runtime = Runtime(concept_batch=batch, precision=precision)
             try:
                 compute_z(bundle, probe[:batch], z_layer, replace(base, steps=1), images, runtime)
                 torch.cuda.synchronize()

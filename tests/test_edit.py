@@ -5,8 +5,9 @@ import torch
 from edit_helpers import FAST, block_output_at_subject
 
 import emcid
+from emcid.config import Runtime
 from emcid.editors.emcid import EMCIDEditor
-from emcid.editors.emcid.stage1 import Stage1Config, Stage1Runtime, compute_targets
+from emcid.editors.emcid.stage1 import Stage1Config, compute_targets
 from emcid.errors import RequestError
 
 # Single-token words of the tiny tokenizer, as most concept names are in CLIP's vocabulary.
@@ -135,10 +136,10 @@ def test_batched_stage1_equals_one_concept_at_a_time(sd1):
     requests = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=4),
                 emcid.EditRequest("castle", "tower", ("{}", "a {} on a hill"), seed=2)]
     alone = compute_targets(sd1, requests, {"text_encoder": 2}, Stage1Config(steps=6),
-                            TensorCache("s1-alone"), progress=False, runtime=Stage1Runtime(concept_batch=1))
+                            TensorCache("s1-alone"), progress=False, runtime=Runtime(concept_batch=1))
     together = compute_targets(sd1, requests, {"text_encoder": 2}, Stage1Config(steps=6),
                                TensorCache("s1-together"), progress=False,
-                               runtime=Stage1Runtime(concept_batch=3))
+                               runtime=Runtime(concept_batch=3))
     for a, b in zip(alone, together):
         assert torch.allclose(a.deltas["text_encoder"], b.deltas["text_encoder"], atol=1e-4)
         assert a.deltas["text_encoder"].norm() > 0

@@ -5,8 +5,9 @@ import torch
 
 import emcid
 from emcid.cache import TensorCache
+from emcid.config import Runtime
 from emcid.editors.emcid import stage1
-from emcid.editors.emcid.stage1 import Stage1Config, Stage1Runtime, compute_targets
+from emcid.editors.emcid.stage1 import Stage1Config, compute_targets
 
 REQUESTS = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=4),
             emcid.EditRequest("castle", "tower", ("{}", "a {} on a hill"), seed=2),
@@ -19,7 +20,7 @@ def _deltas(targets) -> list[torch.Tensor]:
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_finished_concepts(sd1, monkeypatch):
-    config, runtime = Stage1Config(steps=4), Stage1Runtime(concept_batch=4)
+    config, runtime = Stage1Config(steps=4), Runtime(concept_batch=4)
     expected = compute_targets(sd1, REQUESTS, LAYER, config, TensorCache("oom-reference"),
                                progress=False, runtime=runtime)
     sizes, original = [], stage1.compute_z
@@ -46,11 +47,11 @@ def test_out_of_memory_at_one_concept_is_a_clear_error(sd1, monkeypatch):
     monkeypatch.setattr(stage1, "compute_z", no_memory)
     with pytest.raises(emcid.EmcidError, match="even with one concept"):
         compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=2), TensorCache("oom-one"),
-                        progress=False, runtime=Stage1Runtime(concept_batch=2))
+                        progress=False, runtime=Runtime(concept_batch=2))
 
 
 def test_interrupted_stage1_resumes_bit_identically(sd1, monkeypatch):
-    config, runtime = Stage1Config(steps=7), Stage1Runtime(concept_batch=4, checkpoint_every=3)
+    config, runtime = Stage1Config(steps=7), Runtime(concept_batch=4, checkpoint_every=3)
     expected = compute_targets(sd1, REQUESTS, LAYER, config, TensorCache("resume-reference"),
                                progress=False, runtime=runtime)
     original = stage1._check_health
@@ -102,7 +103,7 @@ def test_gradient_checkpointing_changes_nothing(sd1):
                             TensorCache("ckpt-off", enabled=False), progress=False)
     checkpointed = compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=3),
                                    TensorCache("ckpt-on", enabled=False), progress=False,
-                                   runtime=Stage1Runtime(grad_checkpointing=True))
+                                   runtime=Runtime(grad_checkpointing=True))
     for a, b in zip(_deltas(plain), _deltas(checkpointed)):
         assert torch.allclose(a, b, atol=1e-6)
     assert not sd1.unet.is_gradient_checkpointing  # switched off again
@@ -113,7 +114,7 @@ def test_bf16_autocast_stays_close_to_fp32_and_is_keyed_apart(sd1, monkeypatch):
                            progress=False)
     cache = TensorCache("p16")
     bf16 = compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=5), cache, progress=False,
-                           runtime=Stage1Runtime(precision="bf16"))
+                           runtime=Runtime(precision="bf16"))
     for a, b in zip(_deltas(fp32), _deltas(bf16)):
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
         assert not torch.equal(a, b)  # it did run in bf16

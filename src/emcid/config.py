@@ -64,7 +64,12 @@ def build(cls: type, data: dict, owner: str) -> Any:
 
 @dataclass
 class Runtime:
-    """Switches that change speed or storage, never results (not recorded in patches)."""
+    """Switches that change speed or storage, not which edit is made (not recorded in patches).
+
+    Stage I reads ``concept_batch``, ``precision``, ``grad_checkpointing`` and
+    ``checkpoint_every``; a precision other than fp32 may move results slightly, so it is part
+    of Stage I's cache key.
+    """
 
     cache: bool = True  # reuse and store Stage I targets, images and statistics on disk
     cache_root: str | None = None  # None: $EMCID_CACHE, else the user cache folder

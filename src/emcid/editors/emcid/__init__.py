@@ -15,7 +15,7 @@ from ...requests import OBJECT_PROMPTS, EditRequest
 from ...stats import DEFAULT_SAMPLES, read_corpus, second_moments
 from ..base import ConfiguredEditor
 from ..presets import preset_options, resolve_layers
-from .stage1 import Stage1Config, Stage1Runtime, compute_targets
+from .stage1 import Stage1Config, compute_targets
 from .stage2 import Stage2Config, compute_deltas
 
 STAGE1_KEYS = frozenset(f.name for f in fields(Stage1Config))
@@ -160,12 +160,6 @@ class EMCIDEditor(ConfiguredEditor):
             state.wait_for_everyone()
         return self._stage1(bundle, requests, z_layer, caches, progress)
 
-    def stage1_runtime(self) -> Stage1Runtime:
-        """The runtime switches that Stage I reads (speed and memory only)."""
-        runtime = self.runtime
-        return Stage1Runtime(runtime.concept_batch, runtime.precision, runtime.grad_checkpointing,
-                             runtime.checkpoint_every)
-
     def second_moments(self, bundle: ModelBundle, layers: dict[str, list[int]],
                        progress: bool) -> dict:
         """The preservation statistics of every edited fc2, cached on disk."""
@@ -187,7 +181,7 @@ class EMCIDEditor(ConfiguredEditor):
         for config, indices in groups.values():
             chosen = [requests[i] for i in indices]
             found = compute_targets(bundle, chosen, z_layer, config, *caches, progress,
-                                    self.stage1_runtime())
+                                    self.runtime)
             for index, target in zip(indices, found, strict=True):
                 targets[index] = target
         return targets

@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from ...cache import TensorCache, content_key
-from ...config import check_choice, check_float, check_int
+from ...config import Runtime, check_choice, check_float, check_int
 from ...errors import EmcidError, Stage1DivergedError
 from ...generation import encode_images, generate_cached, pil_to_tensor, resolve_settings
 from ...hooks import add_at_positions, capture, replay_prefix
@@ -66,24 +66,6 @@ class Stage1Config:
             check_float("Stage I", "image_guidance_scale", self.image_guidance_scale, low=0)
         if self.image_steps is not None:
             check_int("Stage I", "image_steps", self.image_steps)
-
-
-@dataclass
-class Stage1Runtime:
-    """How Stage I runs (speed and memory), never what it computes; not recorded in patches.
-
-    Only ``precision`` other than fp32 can change a result slightly: it is part of the cache key.
-    """
-
-    concept_batch: int = 8  # most concepts side by side; on CUDA free memory may choose fewer
-    precision: Precision = "auto"  # UNet autocast; "auto": bf16 on CUDA, fp32 elsewhere
-    grad_checkpointing: bool = False  # recompute UNet activations in backward (less memory)
-    checkpoint_every: int = 25  # steps between saved progress of unfinished concepts
-
-    def __post_init__(self) -> None:
-        check_int("Stage I", "concept_batch", self.concept_batch)
-        check_int("Stage I", "checkpoint_every", self.checkpoint_every)
-        check_choice("Stage I", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:
@@ -369,7 +351,7 @@ def compute_z(
     z_layer: dict[str, int],
     config: Stage1Config,
     image_cache: TensorCache,
-    runtime: Stage1Runtime | None = None,
+    runtime: Runtime | None = None,
     resume: list[dict[str, torch.Tensor]] | None = None,
     save_progress: ProgressHook | None = None,
 ) -> list[ConceptTarget]:
@@ -380,7 +362,7 @@ def compute_z(
     ``resume`` continues from saved concept states; ``save_progress`` receives them every
     ``runtime.checkpoint_every`` steps. The step loop never waits for the device except there.
     """
-    runtime = runtime or Stage1Runtime()
+    runtime = runtime or Runtime()
     batch = _layout(bundle, requests, z_layer, config, image_cache)
     device, count = bundle.device, len(requests)
     owner = batch.owner.to(device)
@@ -468,7 +450,7 @@ def _release_memory(device: torch.device) -> None:
 
 
 def fitting_batch(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
-                  config: Stage1Config, image_cache: TensorCache, runtime: Stage1Runtime) -> int:
+                  config: Stage1Config, image_cache: TensorCache, runtime: Runtime) -> int:
     """Concepts per batch that fit in the free memory of a CUDA device, measured by one probe
     step at one and at two concepts (the difference is one concept's cost); at most
     ``runtime.concept_batch``. Elsewhere ``runtime.concept_batch``."""
@@ -513,7 +495,7 @@ def compute_targets(
     cache: TensorCache | None = None,
     image_cache: TensorCache | None = None,
     progress: bool = True,
-    runtime: Stage1Runtime | None = None,
+    runtime: Runtime | None = None,
 ) -> list[ConceptTarget]:
     """Stage I for every request, each independent and cached under its full content key.
 
@@ -523,7 +505,7 @@ def compute_targets(
     """
     from tqdm.auto import tqdm
 
-    runtime = runtime or Stage1Runtime()
+    runtime = runtime or Runtime()
     cache = cache or TensorCache("stage1")
     image_cache = image_cache or TensorCache("images")
     progress_cache = TensorCache(f"{cache.folder.name}-progress", cache.folder.parent, cache.enabled)
@@ -571,7 +553,7 @@ def compute_targets(
 
 
 def _run_chunk(bundle: ModelBundle, requests: list[EditRequest], keys: list[str], chunk: list[int],
-               z_layer: dict[str, int], config: Stage1Config, runtime: Stage1Runtime,
+               z_layer: dict[str, int], config: Stage1Config, runtime: Runtime,
                image_cache: TensorCache, progress_cache: TensorCache,
                saved: dict[int, dict]) -> list[ConceptTarget]:
     """One batch of concepts, resumed from and saving to ``progress_cache``."""
