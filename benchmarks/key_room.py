@@ -8,7 +8,7 @@ second moment C = E[k k^T] of its inputs over the model's default caption corpus
 - the convergence of C with the number of captions: the relative Frobenius distance
   ||C_n - C_N|| / ||C_N|| of the estimate after n captions to the one after all N.
 
-Accumulation is float32 per batch into float64 totals (what `emcid.stats` does).
+Accumulation is `emcid.stats.running_sums` (float32 per batch into float64 totals).
 
     python benchmarks/key_room.py [--model M] [--captions 20000] [--threads 2]
 """
@@ -22,8 +22,7 @@ import torch
 
 import emcid
 from emcid.editors.presets import preset_options, resolve_layers
-from emcid.hooks import capture
-from emcid.stats import default_corpus
+from emcid.stats import default_corpus, running_sums
 
 
 def checkpoints(total: int) -> list[int]:
@@ -42,28 +41,15 @@ def effective_rank(matrix: torch.Tensor, share: float = 0.99) -> int:
     return int((cumulative < share).sum()) + 1
 
 
-@torch.no_grad()
-def accumulate(bundle, names: list[str], captions: list[str], marks: list[int], batch: int = 256):
-    """Snapshots of C per module after each number of captions in ``marks``."""
-    slot = bundle.slots()[0]
-    modules = {n: bundle.module(n) for n in names}
-    width = {n: m.in_features for n, m in modules.items()}
-    sums = {n: torch.zeros(width[n], width[n], dtype=torch.float64) for n in names}
-    tokens, snapshots = 0, {}
-    for start in range(0, len(captions), batch):
-        encoded = slot.tokenizer(captions[start:start + batch], padding="longest", truncation=True,
-                                 max_length=slot.tokenizer.model_max_length, return_tensors="pt")
-        mask = encoded.attention_mask.bool()
-        with capture(modules, what="input") as records:
-            slot.encoder(encoded.input_ids, attention_mask=mask.long())
-        tokens += int(mask.sum())
-        for n in names:
-            keys = records[n][0][mask].float()
-            sums[n] += (keys.T @ keys).double()
-        done = min(start + batch, len(captions))
+def accumulate(bundle, names: list[str], captions: list[str], marks: list[int]):
+    """Snapshots of C per module after each number of captions in ``marks`` (at the batch that
+    reaches it)."""
+    snapshots, done_before = {}, 0
+    for done, sums, tokens in running_sums(bundle, bundle.slots()[0].name, names, captions):
         for mark in marks:
-            if start < mark <= done:
+            if done_before < mark <= done:
                 snapshots[mark] = {n: s / tokens for n, s in sums.items()}
+        done_before = done
     return snapshots
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -64,39 +64,48 @@ def _check(name: str, matrix: torch.Tensor, meta: dict, bundle: ModelBundle, wid
 
 
 @torch.no_grad()
+def running_sums(bundle: ModelBundle, slot_name: str, names: list[str], captions: Sequence[str],
+                 batch_size: int = 256, progress: bool = False,
+                 ) -> Iterator[tuple[int, dict[str, torch.Tensor], int]]:
+    """After each batch of captions: (captions done, float64 sums of k k^T per module, tokens).
+
+    One encoder's modules; all non-padding tokens count. Each batch's sum is one float32
+    matmul (fast); the totals are float64, so rounding does not grow with the corpus. The
+    sums are updated in place: copy what must outlive the next batch.
+    """
+    slot = bundle.slot(slot_name)
+    modules = {n: bundle.module(n) for n in names}
+    sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=bundle.device)
+            for n, m in modules.items()}
+    count = 0
+    starts = range(0, len(captions), batch_size)
+    for start in tqdm(starts, desc=f"statistics {slot_name}", disable=not progress):
+        batch = list(captions[start:start + batch_size])
+        encoded = slot.tokenizer(batch, padding="longest", truncation=True,
+                                 max_length=slot.tokenizer.model_max_length, return_tensors="pt")
+        mask = encoded.attention_mask.bool().to(bundle.device)
+        with capture(modules, what="input") as records:
+            slot.encoder(encoded.input_ids.to(bundle.device), attention_mask=mask.long())
+        count += int(mask.sum())
+        for name in names:
+            keys = records[name][0][mask].float()
+            sums[name] += (keys.T @ keys).double()
+        yield start + len(batch), sums, count
+
+
 def _accumulate(bundle: ModelBundle, names: list[str], captions: Sequence[str],
                 batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
     """E[k k^T] over all non-padding tokens, per module, each divided by its own encoder's
-    token count (SDXL's two tokenizers may count differently).
-
-    Each batch's sum is one float32 matmul (fast); the totals are float64, so rounding does
-    not grow with the corpus.
-    """
+    token count (SDXL's two tokenizers may count differently)."""
     by_slot: dict[str, list[str]] = {}
     for name in names:
         by_slot.setdefault(name.split(".")[0], []).append(name)
-    sums = {n: torch.zeros(bundle.module(n).in_features, bundle.module(n).in_features,
-                           dtype=torch.float64, device=bundle.device) for n in names}
-    tokens: dict[str, int] = {}
+    result: dict[str, torch.Tensor] = {}
     for slot_name, slot_names in by_slot.items():
-        slot = bundle.slot(slot_name)
-        count = 0
-        modules = {n: bundle.module(n) for n in slot_names}
-        starts = range(0, len(captions), batch_size)
-        for start in tqdm(starts, desc=f"statistics {slot_name}", disable=not progress):
-            batch = list(captions[start:start + batch_size])
-            encoded = slot.tokenizer(batch, padding="longest", truncation=True,
-                                     max_length=slot.tokenizer.model_max_length,
-                                     return_tensors="pt")
-            mask = encoded.attention_mask.bool().to(bundle.device)
-            with capture(modules, what="input") as records:
-                slot.encoder(encoded.input_ids.to(bundle.device), attention_mask=mask.long())
-            count += int(mask.sum())
-            for name in slot_names:
-                keys = records[name][0][mask].float()
-                sums[name] += (keys.T @ keys).double()
-        tokens.update({n: count for n in slot_names})
-    return {n: (s / tokens[n]).float().cpu() for n, s in sums.items()}
+        *_, (_, sums, count) = running_sums(bundle, slot_name, slot_names, captions, batch_size,
+                                            progress)  # the totals after the last batch
+        result.update({n: (s / count).float().cpu() for n, s in sums.items()})
+    return {n: result[n] for n in names}
 
 
 def second_moments(
