@@ -2,7 +2,7 @@
 
     python benchmarks/iceb_mini.py --out runs/iceb_mini
 
-Defaults: AICE and rectification at 1, 10, 100, 300, 1000 edits (the issue's bar), EMCID
+Defaults: AICE and rectification at 1, 10, 100, 300, 1000 edits (the benchmark's full sweep), EMCID
 with its release hyperparameters (AICE alpha 0.6), every holdout class scored. Pre-edit
 images and Stage I targets are cached ($EMCID_CACHE), so a rerun or a larger sweep reuses
 them. ``--model``/``--judge-dir`` point at a development checkpoint instead of the shipped

@@ -1,5 +1,5 @@
 """Sequential edits on the embedded model: N batches of M edits, one after another, versus
-one batch of N*M edits (issue 11: 10 sequential batches of 100 against one batch of 1,000).
+one batch of N*M edits (by default 10 sequential batches of 100 against one batch of 1,000).
 
     python benchmarks/sequential_mini.py                      # N=10, M=100 (hours on a CPU)
     python benchmarks/sequential_mini.py --batches 3 --batch-size 5 --holdout-eval 20 --steps 50

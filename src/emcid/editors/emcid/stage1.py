@@ -1,4 +1,4 @@
-"""Stage I: per-concept target values by dual self-distillation (method.md section 4).
+"""Stage I: per-concept target values by dual self-distillation (docs/method.md).
 
 For one request, a vector ``delta`` per edited text encoder is added to the output of its
 last edited block ``l*`` at the subject token of every source prompt. ``delta`` is optimised
