@@ -1,4 +1,4 @@
-"""Debiasing (method.md 6): make a concept draw each value of an attribute equally often.
+"""Debiasing (docs/method.md section 8): make a concept draw each value of an attribute equally often.
 
 For a concept X ("doctor") and attribute values ("male", "female"), Stage I runs once per
 value, towards "a male doctor" and "a female doctor", from the same source "a doctor". The
@@ -177,7 +177,7 @@ def load_debias_requests(path: str | os.PathLike) -> list[DebiasRequest]:
 
 @dataclass
 class DebiasConfig:
-    """Factor tuning; defaults are the release's (method.md 6)."""
+    """Factor tuning; defaults are the release's (docs/method.md section 8)."""
 
     images: int = 25  # release: 25 images per round
     rounds: int = 10  # release: at most 10 rounds
