@@ -142,3 +142,29 @@ def test_end_of_text_conflict_takes_another_prompt_from_its_end_of_text_on():
         assert torch.equal(cond[row, :own_eos], states[row, :own_eos, 0].float())  # prompt kept
         other, position = divmod(int(cond[row, own_eos]), 100)
         assert position == int(eos[other])  # the other prompt's end of text lands on ours
+
+
+def test_unet_warm_start_copies_weights_and_refuses_other_shapes(smoke_run, smoke_config, tmp_path):
+    from emcid.mini import train
+    from emcid.mini.build import build_unet
+
+    folder = smoke_run / "work" / "unet" / "ema"
+    trained = load_file(folder / "diffusion_pytorch_model.safetensors")
+    torch.manual_seed(123)
+    fresh = build_unet(smoke_config.unet_channels, 128, smoke_config.vae_latent_channels)
+    assert not all(torch.equal(fresh.state_dict()[k], trained[k]) for k in trained)
+    train.warm_start(fresh, folder)
+    assert all(torch.equal(fresh.state_dict()[k], trained[k]) for k in trained)
+    narrower = build_unet((16, 32, 32), 128, smoke_config.vae_latent_channels)
+    with pytest.raises(ValueError, match="shape differs"):
+        train.warm_start(narrower, folder)
+    with pytest.raises(FileNotFoundError, match="not a diffusers UNet folder"):
+        train.warm_start(narrower, tmp_path)
+
+
+def test_augmentation_rates_must_fit_in_one():
+    from emcid.mini.train import MiniTrainConfig
+
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        MiniTrainConfig(after_subject_clean_rate=0.5, after_subject_conflict_rate=0.5,
+                        padding_clean_rate=0.2)  # fmt: skip

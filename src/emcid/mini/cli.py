@@ -30,6 +30,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--reuse-stages", nargs="+", default=["vae", "judge"], metavar="STAGE",
                        help="which stages --reuse-from copies (default: vae judge; the text side "
                             "(tokenizer text_encoder conditioning) only with the same text settings)")
+    train.add_argument("--unet-lr", type=float, help="UNet peak learning rate (default 6e-4)")
+    train.add_argument("--unet-init", metavar="FOLDER",
+                       help="start the UNet from this diffusers UNet folder (same shape)")
+    train.add_argument("--after-clean-rate", type=float,
+                       help="share of UNet samples whose states after the subject are the empty "
+                            "prompt's (default 0.3)")
+    train.add_argument("--conflict-rate", type=float,
+                       help="share of UNet samples whose later states are another prompt's "
+                            "(default 0.3)")
+    train.add_argument("--padding-clean-rate", type=float,
+                       help="share of UNet samples whose padding is the empty prompt's (default 0.2)")
     train.add_argument("--conflict-from", choices=["subject", "end_of_text"],
                        help="UNet conflict augmentation: replace only the end of text on "
                             "(default) or every state after the subject")
@@ -52,19 +63,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import MiniTrainConfig, train_mini
 
     torch.set_num_threads(args.threads)
-    cfg = MiniTrainConfig(seed=args.seed, max_minutes=args.max_minutes)
+    top_level = {  # MiniTrainConfig field <- command-line option
+        "unet_steps": args.unet_steps,
+        "unet_lr": args.unet_lr,
+        "unet_init": args.unet_init,
+        "vae_steps": args.vae_steps,
+        "conflict_from": args.conflict_from,
+        "after_subject_clean_rate": args.after_clean_rate,
+        "after_subject_conflict_rate": args.conflict_rate,
+        "padding_clean_rate": args.padding_clean_rate,
+    }
+    given = {name: value for name, value in top_level.items() if value is not None}
+    try:
+        cfg = MiniTrainConfig(seed=args.seed, max_minutes=args.max_minutes, **given)
+    except ValueError as exc:
+        raise SystemExit(f"emcid mini train: {exc}") from None
     cfg.text.seed = cfg.judge.seed = args.seed
-    if args.unet_steps is not None:
-        cfg.unet_steps = args.unet_steps
     if args.text_steps is not None:
         cfg.text.steps = args.text_steps
-    if args.vae_steps is not None:
-        cfg.vae_steps = args.vae_steps
     if args.judge_steps is not None:
         cfg.judge.steps = args.judge_steps
     log.info("mini train config: %s", json.dumps(asdict(cfg)))
-    if args.conflict_from is not None:
-        cfg.conflict_from = args.conflict_from
     folder = train_mini(args.out, cfg, resume=args.resume, reuse_from=args.reuse_from,
                         reuse_stages=tuple(args.reuse_stages))
     print(folder)

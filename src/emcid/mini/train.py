@@ -77,6 +77,7 @@ class MiniTrainConfig:
     unet_steps: int = 6000
     unet_batch: int = 64
     unet_lr: float = 6e-4
+    unet_init: str | None = None  # a diffusers UNet folder of the same shape to start from
     uncond_prob: float = 0.1  # classifier-free guidance dropout
     after_subject_clean_rate: float = 0.3  # states after the subject -> the empty prompt's
     after_subject_conflict_rate: float = 0.3  # states after the subject -> another prompt's
@@ -89,6 +90,12 @@ class MiniTrainConfig:
     checkpoint_minutes: float = 5.0
     max_minutes: float | None = None  # wall-clock cap of the UNet stage (None: run all steps)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+    def __post_init__(self) -> None:
+        rates = (self.after_subject_clean_rate, self.after_subject_conflict_rate,
+                 self.padding_clean_rate)  # fmt: skip
+        if min(rates) < 0 or sum(rates) > 1:
+            raise ValueError(f"UNet augmentation rates must be >= 0 and sum to at most 1, got {rates}")
 
 
 # --- sampling for evaluation -------------------------------------------------------
@@ -379,6 +386,24 @@ def _sample_rows(
 # --- the UNet ------------------------------------------------------------------------
 
 
+def warm_start(unet: UNet2DConditionModel, folder: Path) -> None:
+    """Start from an earlier UNet of the same shape (e.g. one trained on another text side).
+
+    Drawing the world transfers between text encoders that share the VAE; only reading the
+    conditioning has to be learned again, which costs far fewer steps than drawing.
+    """
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"--unet-init {folder}: not a diffusers UNet folder (no config.json)")
+    weights = UNet2DConditionModel.from_pretrained(folder).state_dict()
+    own = unet.state_dict()
+    mismatched = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
+    if mismatched:
+        raise ValueError(f"--unet-init {folder}: UNet shape differs from the configured one "
+                         f"({len(mismatched)} tensors, e.g. {mismatched[0]})")
+    unet.load_state_dict(weights)
+    log.info("UNet warm-started from %s", folder)
+
+
 def stage_unet(
     work: Path,
     out: Path,
@@ -402,6 +427,8 @@ def stage_unet(
     torch.manual_seed(cfg.seed + 5)
     lat = vae.config.latent_channels
     unet = build_unet(cfg.unet_channels, text_encoder.config.hidden_size, lat)
+    if cfg.unet_init is not None:
+        warm_start(unet, Path(cfg.unet_init))
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     sched = te_mod.warmup_cosine(opt, cfg.unet_steps, warmup=200)
