@@ -168,3 +168,34 @@ def test_augmentation_rates_must_fit_in_one():
     with pytest.raises(ValueError, match="sum to at most 1"):
         MiniTrainConfig(after_subject_clean_rate=0.5, after_subject_conflict_rate=0.5,
                         padding_clean_rate=0.2)  # fmt: skip
+
+
+def test_text_stage_reports_the_subject_marker_and_fine_tunes_from_init(smoke_run, smoke_config,
+                                                                        tmp_path):  # fmt: skip
+    """The subject-marking head is trained and probed; --text-init starts from given weights."""
+    from emcid.mini import train
+
+    probe = json.loads((smoke_run / "work" / "text_encoder" / "DONE").read_text())["probe"]
+    assert 0.0 <= probe["edit_templates_marker"] <= 1.0
+    source = smoke_run / "work" / "text_encoder"
+    text = dataclasses.replace(smoke_config.text, steps=0, init_from=str(source))
+    cfg = dataclasses.replace(smoke_config, text=text)
+    train.copy_stages(tmp_path / "work", smoke_run / "work", ("tokenizer",))
+    tok = train.stage_tokenizer(tmp_path / "work", cfg)
+    model = train.stage_text_encoder(tmp_path / "work", cfg, tok)
+    original = load_file(source / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k].half(), original[k]) for k in original)
+
+
+def test_subject_marker_scores_pick_the_subject_position():
+    from emcid.mini.text_encoder import SubjectMarker
+
+    marker = SubjectMarker(4)
+    with torch.no_grad():
+        marker.score.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+        marker.score.bias.zero_()
+    hidden = torch.zeros(2, 5, 4)
+    hidden[0, 3, 0] = hidden[1, 1, 0] = 5.0
+    loss, correct = marker.loss_and_correct(hidden, torch.tensor([3, 2]))
+    assert correct.tolist() == [True, False]
+    assert float(loss.detach()) > 0

@@ -30,6 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--reuse-stages", nargs="+", default=["vae", "judge"], metavar="STAGE",
                        help="which stages --reuse-from copies (default: vae judge; the text side "
                             "(tokenizer text_encoder conditioning) only with the same text settings)")
+    train.add_argument("--text-lr", type=float, help="text encoder peak learning rate")
+    train.add_argument("--text-init", metavar="FOLDER",
+                       help="fine-tune this CLIPTextModel folder instead of a fresh encoder "
+                            "(same tokenizer)")
     train.add_argument("--unet-lr", type=float, help="UNet peak learning rate (default 6e-4)")
     train.add_argument("--unet-init", metavar="FOLDER",
                        help="start the UNet from this diffusers UNet folder (same shape)")
@@ -81,6 +85,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg.text.seed = cfg.judge.seed = args.seed
     if args.text_steps is not None:
         cfg.text.steps = args.text_steps
+    if args.text_lr is not None:
+        cfg.text.lr = args.text_lr
+    if args.text_init is not None:
+        cfg.text.init_from = args.text_init
     if args.judge_steps is not None:
         cfg.judge.steps = args.judge_steps
     log.info("mini train config: %s", json.dumps(asdict(cfg)))

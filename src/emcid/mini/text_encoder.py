@@ -10,6 +10,11 @@ knowledge then sits in the encoder's MLPs (what EMCID edits); the heads are drop
 The heads never read padding positions (nor the words between subject and end of text):
 trained on them, every padding state carried the whole concept and the v1 UNet learned to
 read concepts from padding, which Stable Diffusion's UNet does not (docs/mini.md).
+A third head marks the subject: one linear score per position whose softmax over the
+prompt's positions must pick the subject's last token. Without it the subject state is
+linearly findable in only 45 % of prompts (the end-of-text token always is: its embedding
+is constant), so a UNet, whose cross-attention keys are linear in the states, could read
+the concept only from the end of text; SD's CLIP marks content words the same way.
 The shape follows SD 1.x's editing geometry: 12 blocks whose ``fc2`` inputs are 3,072 wide,
 so the release's edited blocks (0-10) and lambda apply unchanged; the hidden width stays
 small because it is what the CPU pays for in the UNet's cross-attention.
@@ -52,6 +57,8 @@ class TextEncoderConfig:
     lr: float = 1.5e-3
     weak_alias_rate: float = 0.01  # how often a weak alias replaces a good name
     context_rate: float = 0.25  # random-context augmentation (free-form generalization)
+    subject_marker_weight: float = 1.0  # loss weight of the subject-marking head (0: none)
+    init_from: str | None = None  # a CLIPTextModel folder to fine-tune instead of a fresh model
     seed: int = 0
 
 
@@ -174,11 +181,23 @@ class AttributeHeads(nn.Module):
         return loss, correct
 
 
-def _states(model: CLIPTextModel, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final states at the subject's last token and at the end-of-text token."""
+class SubjectMarker(nn.Module):
+    """One linear score per token state; its softmax over positions should pick the subject."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(hidden, 1)
+
+    def loss_and_correct(self, hidden: torch.Tensor, subject_pos: torch.Tensor):
+        logits = self.score(hidden).squeeze(-1)  # [b, L]
+        return F.cross_entropy(logits, subject_pos), logits.argmax(-1) == subject_pos
+
+
+def _states(model: CLIPTextModel, batch: PromptBatch) -> tuple[torch.Tensor, ...]:
+    """All final states, then those at the subject's last token and at the end of text."""
     hidden = model(batch.input_ids).last_hidden_state  # after the final layer norm
     rows = torch.arange(hidden.shape[0])
-    return hidden[rows, batch.subject_pos], hidden[rows, batch.eos_pos]
+    return hidden, hidden[rows, batch.subject_pos], hidden[rows, batch.eos_pos]
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: int = 50):
@@ -208,10 +227,11 @@ def pretrain_text_encoder(
     torch.manual_seed(cfg.seed)
     concepts = world.load_concepts()
     heads = AttributeHeads(cfg.hidden_size)
-    params = list(model.parameters()) + list(heads.parameters())
+    marker = SubjectMarker(cfg.hidden_size)
+    params = [*model.parameters(), *heads.parameters(), *marker.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, cfg.steps)
-    parts = {"model": model, "heads": heads, "opt": opt, "sched": sched}
+    parts = {"model": model, "heads": heads, "marker": marker, "opt": opt, "sched": sched}
     start = load_training_state(state_file, parts)
     model.train()
     last_save = time.time()
@@ -223,10 +243,13 @@ def pretrain_text_encoder(
             weak_alias_rate=cfg.weak_alias_rate, context_rate=cfg.context_rate,
         )  # fmt: skip
         batch = make_batch(tokenizer, items)
+        hidden, *read_out = _states(model, batch)
         loss = 0.0
-        for states in _states(model, batch):
+        for states in read_out:
             part, correct = heads.loss_and_correct(states, batch.labels)
             loss = loss + part
+        if cfg.subject_marker_weight:
+            loss = loss + cfg.subject_marker_weight * marker.loss_and_correct(hidden, batch.subject_pos)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -238,7 +261,7 @@ def pretrain_text_encoder(
             save_training_state(state_file, parts, step + 1)
             last_save = time.time()
     model.eval()
-    metrics = probe_text_encoder(model, tokenizer, heads)
+    metrics = probe_text_encoder(model, tokenizer, heads, marker if cfg.subject_marker_weight else None)
     log.info("text encoder probe: %s", metrics)
     return metrics
 
@@ -263,9 +286,13 @@ def load_training_state(state_file: Path | None, parts: dict) -> int:
 
 @torch.no_grad()
 def probe_text_encoder(
-    model: CLIPTextModel, tokenizer: CLIPTokenizer, heads: AttributeHeads
+    model: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    heads: AttributeHeads,
+    marker: SubjectMarker | None = None,
 ) -> dict[str, float]:
-    """Signature read-out accuracy (eos and subject token) on edit-template, free-form, weak prompts."""
+    """Signature read-out accuracy (eos and subject token) on edit-template, free-form, weak
+    prompts, and how often the marker's top position is the subject (``*_marker``)."""
     concepts = world.load_concepts()
     groups: dict[str, list[tuple[world.Concept, str, str]]] = {
         "edit_templates": [(c, c.name, t) for c in concepts for t in world.EDIT_TEMPLATES],
@@ -281,12 +308,16 @@ def probe_text_encoder(
     }
     out = {}
     for key, items in groups.items():
-        hits = subject_hits = 0
+        hits = subject_hits = marker_hits = 0
         for i in range(0, len(items), 512):
-            batch = make_batch(tokenizer, items[i : i + 512])
-            subj, eos = _states(model, batch)
+            batch = make_batch(tokenizer, items[i : i + 512], pad_to_max=True)
+            hidden, subj, eos = _states(model, batch)
             hits += int(heads.loss_and_correct(eos, batch.labels)[1].sum())
             subject_hits += int(heads.loss_and_correct(subj, batch.labels)[1].sum())
+            if marker is not None:
+                marker_hits += int(marker.loss_and_correct(hidden, batch.subject_pos)[1].sum())
         out[key] = hits / max(1, len(items))
         out[f"{key}_subject"] = subject_hits / max(1, len(items))
+        if marker is not None:
+            out[f"{key}_marker"] = marker_hits / max(1, len(items))
     return out

@@ -191,7 +191,10 @@ def stage_text_encoder(work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer) -> 
         path.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         torch.manual_seed(cfg.text.seed)
-        model = te_mod.build_text_encoder(tok, cfg.text)
+        if cfg.text.init_from is not None:  # fine-tune an earlier encoder (e.g. to add the marker)
+            model = CLIPTextModel.from_pretrained(cfg.text.init_from, dtype=torch.float32)
+        else:
+            model = te_mod.build_text_encoder(tok, cfg.text)
         metrics = te_mod.pretrain_text_encoder(
             model, tok, cfg.text, state_file=path / "state.pt",
             checkpoint_minutes=cfg.checkpoint_minutes,
