@@ -61,7 +61,7 @@ def test_erase_on_the_embedded_model():
     judge = load_judge(bundle)
     requests = load_requests(EXAMPLE)[:2]
     by_name = {c.name: c.index for c in world.load_concepts()}
-    kept = "paper towel"
+    kept = "goldfish"
     concepts = [r.source for r in requests] + [kept]
     prompts = [t.format(c) for c in concepts for t in world.EDIT_TEMPLATES]
     classes = torch.tensor([by_name[c] for c in concepts for _ in world.EDIT_TEMPLATES])
@@ -73,7 +73,7 @@ def test_erase_on_the_embedded_model():
 
     before = own_class_probability()
     assert bool((before > 0.8).all()), before  # the model draws all three before the edit
-    patch = emcid.edit(bundle, requests, progress=False, stats_samples=500)
+    patch = emcid.edit(bundle, requests, progress=False, stats_samples=2000)
     assert patch.metadata["erase_destination"] == generic_destination(bundle)
     patch.apply(bundle)
     after = own_class_probability()
