@@ -310,7 +310,8 @@ def probe_text_encoder(
     for key, items in groups.items():
         hits = subject_hits = marker_hits = 0
         for i in range(0, len(items), 512):
-            batch = make_batch(tokenizer, items[i : i + 512], pad_to_max=True)
+            # the marker competes with padding positions too; the read-outs do not see them
+            batch = make_batch(tokenizer, items[i : i + 512], pad_to_max=marker is not None)
             hidden, subj, eos = _states(model, batch)
             hits += int(heads.loss_and_correct(eos, batch.labels)[1].sum())
             subject_hits += int(heads.loss_and_correct(subj, batch.labels)[1].sum())

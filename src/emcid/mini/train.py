@@ -398,12 +398,12 @@ def warm_start(unet: UNet2DConditionModel, folder: Path) -> None:
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"--unet-init {folder}: not a diffusers UNet folder (no config.json)")
     weights = UNet2DConditionModel.from_pretrained(folder).state_dict()
-    own = unet.state_dict()
-    mismatched = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
-    if mismatched:
+    try:
+        unet.load_state_dict(weights)  # strict: every key present, every shape equal
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines()[1:]), str(exc))
         raise ValueError(f"--unet-init {folder}: UNet shape differs from the configured one "
-                         f"({len(mismatched)} tensors, e.g. {mismatched[0]})")
-    unet.load_state_dict(weights)
+                         f"({detail})") from None
     log.info("UNet warm-started from %s", folder)
 
 
