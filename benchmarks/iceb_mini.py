@@ -9,7 +9,8 @@ them. ``--model``/``--judge-dir`` point at a development checkpoint instead of t
 weights (``--embedded`` marks a checkpoint whose emcid.json lacks ``"world": "mini"``).
 ``--methods emcid,uce,time,refact,memit`` runs several editors into one report; ``--option
 lam=667`` passes an editor option. Uses both cores (``--threads``) and 64 concepts per Stage I
-batch (speed only).
+batch on a CPU; ``--device cuda`` runs the model and the judge on a GPU, with as many
+concepts per batch as fit (speed only).
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def main() -> None:
                         help="an editor option for every method, e.g. lam=667 (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concept-batch", type=int,
-                        help="Stage I concepts optimised side by side (speed only; the embedded model's "
-                             "default is 64)")
+                        help="Stage I concepts optimised side by side, at most (speed only; the embedded "
+                             "model's default is 64 on a CPU, as many as fit on CUDA)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (our machines have 2 cores)")
+    parser.add_argument("--device", default="cpu", help="where the model and the judge run (cpu, cuda)")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -55,7 +57,7 @@ def main() -> None:
     from emcid.bench.iceb import run_iceb
     from emcid.bench.report import summary_table
 
-    bundle = emcid.load_model(args.model)
+    bundle = emcid.load_model(args.model, device=args.device)
     if args.embedded:
         bundle.settings["world"] = "mini"
     if not bundle.is_embedded:
@@ -64,7 +66,7 @@ def main() -> None:
     if args.judge_dir:
         from emcid.mini.judge import load_judge
 
-        judge = load_judge("cpu", args.judge_dir)
+        judge = load_judge(args.device, args.judge_dir)
         judge.source = args.judge_dir  # recorded in results.json
     stage1_options = {k: v for k, v in {"concept_batch": args.concept_batch, "steps": args.steps}.items()
                       if v is not None}

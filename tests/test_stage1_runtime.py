@@ -138,3 +138,16 @@ def test_cli_names_a_missing_device_in_one_line(sd1_dir, tmp_path, capsys):
                  str(tmp_path / "p.safetensors"), "--device", "cuda:5", "--concept-batch", "2"])
     err = capsys.readouterr().err
     assert code == 2 and "cuda:5" in err and len(err.strip().splitlines()) == 1
+
+
+def test_batch_without_a_cap_is_the_cpu_default_on_a_cpu(sd1):
+    """concept_batch=None: cpu_concept_batch on a CPU (on CUDA, as many as fit), never more than
+    there are concepts; a set concept_batch caps the batch on any device."""
+    sizes = {}
+    for runtime in (Runtime(), Runtime(cpu_concept_batch=3), Runtime(cpu_concept_batch=64),
+                    Runtime(concept_batch=2, cpu_concept_batch=3)):
+        sizes[(runtime.concept_batch, runtime.cpu_concept_batch)] = stage1.fitting_batch(
+            sd1, REQUESTS, LAYER, Stage1Config(steps=1), TensorCache("fit", enabled=False), runtime)
+    assert sizes == {(None, 8): 4, (None, 3): 3, (None, 64): 4, (2, 3): 2}
+    with pytest.raises(emcid.EmcidError, match="cpu_concept_batch"):
+        Runtime(cpu_concept_batch=0)

@@ -66,14 +66,18 @@ def build(cls: type, data: dict, owner: str) -> Any:
 class Runtime:
     """Switches that change speed or storage, not which edit is made (not recorded in patches).
 
-    Stage I reads ``concept_batch``, ``precision``, ``grad_checkpointing`` and
-    ``checkpoint_every``; a precision other than fp32 may move results slightly, so it is part
-    of Stage I's cache key.
+    Stage I reads ``concept_batch`` (``cpu_concept_batch``), ``precision``,
+    ``grad_checkpointing`` and ``checkpoint_every``; a precision other than fp32 may move
+    results slightly, so it is part of Stage I's cache key.
     """
 
     cache: bool = True  # reuse and store Stage I targets, images and statistics on disk
     cache_root: str | None = None  # None: $EMCID_CACHE, else the user cache folder
-    concept_batch: int = 8  # Stage I concepts optimised side by side in one tensor program
+    # Stage I concepts optimised side by side in one tensor program, at most. None: on CUDA as
+    # many as fit the free memory (a small model is launch-bound there, so more is faster),
+    # elsewhere cpu_concept_batch.
+    concept_batch: int | None = None
+    cpu_concept_batch: int = 8
     precision: str = "auto"  # Stage I UNet autocast: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, fp16
     grad_checkpointing: bool = False  # Stage I: recompute UNet activations in backward (less memory)
     checkpoint_every: int = 25  # Stage I steps between saved progress of unfinished concepts
@@ -82,7 +86,9 @@ class Runtime:
         for name in ("cache", "grad_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"runtime option {name}={getattr(self, name)!r}: give true or false")
-        check_int("runtime", "concept_batch", self.concept_batch)
+        if self.concept_batch is not None:
+            check_int("runtime", "concept_batch", self.concept_batch)
+        check_int("runtime", "cpu_concept_batch", self.cpu_concept_batch)
         check_int("runtime", "checkpoint_every", self.checkpoint_every)
         check_choice("runtime", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
 

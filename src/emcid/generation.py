@@ -99,11 +99,21 @@ def decode_latents(bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 2, 3, 1).cpu()
 
 
+def generation_batch(bundle: ModelBundle, settings: dict) -> int:
+    """Images per generation batch: 64; on CUDA as many latent pixels as 64 SD 1.x images
+    (at most 512), since a small model is launch-bound on a GPU at 64."""
+    if bundle.device.type != "cuda":
+        return 64
+    scale = bundle.latent_scale()
+    pixels = (settings["height"] // scale) * (settings["width"] // scale)
+    return max(1, min(512, 64 * 64 * 64 // pixels))
+
+
 def generate_batches(
     bundle: ModelBundle,
     prompts: Sequence[str],
     seeds: Sequence[int],
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: bool = True,
     negative_prompt: str = "",
     **overrides: object,
@@ -112,8 +122,9 @@ def generate_batches(
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     check_seeds(seeds)
-    check_int("generation", "batch_size", batch_size)
     settings = resolve_settings(bundle, **overrides)
+    batch_size = generation_batch(bundle, settings) if batch_size is None else batch_size
+    check_int("generation", "batch_size", batch_size)
     if not prompts:
         return
     stock = stock_pipeline(bundle)
@@ -129,7 +140,7 @@ def generate_arrays(
     bundle: ModelBundle,
     prompts: Sequence[str],
     seeds: Sequence[int],
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: bool = True,
     negative_prompt: str = "",
     **overrides: object,
@@ -153,7 +164,7 @@ def generate(
     seeds: Sequence[int],
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: bool = True,
     **overrides: object,
 ) -> list[Image.Image]:
@@ -170,7 +181,7 @@ def generate_cached(
     prompts: Sequence[str],
     seeds: Sequence[int],
     cache: TensorCache,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: bool = True,
     **overrides: object,
 ) -> torch.Tensor:

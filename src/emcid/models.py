@@ -142,15 +142,23 @@ class ModelBundle:
     def fingerprint(self, components: tuple[str, ...] = COMPONENTS) -> str:
         return fingerprint(self, components)
 
+    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids of ``prompts`` for each text encoder, in ``slots()`` order."""
+        return [slot.tokenize(prompts) for slot in self.slots()]
+
     def encode(self, prompts: list[str]) -> PromptEncoding:
         """Encode prompts exactly as the family's diffusers pipeline does (gradients kept)."""
+        return self.encode_ids(self.tokenize(prompts))
+
+    def encode_ids(self, ids: list[torch.Tensor]) -> PromptEncoding:
+        """``encode`` from ``tokenize``'s ids: a loop that encodes the same prompts many times
+        (Stage I) tokenises them once."""
         if self.family != "sdxl":
-            (slot,) = self.slots()
-            out = slot.encoder(slot.tokenize(prompts))
+            out = self.text_encoder(ids[0])
             return PromptEncoding(out.last_hidden_state, [out.pooler_output])
         states, pooled = [], []
-        for slot in self.slots():
-            out = slot.encoder(slot.tokenize(prompts), output_hidden_states=True)
+        for slot, slot_ids in zip(self.slots(), ids, strict=True):
+            out = slot.encoder(slot_ids, output_hidden_states=True)
             states.append(out.hidden_states[-2])
             # CLIPTextModelWithProjection returns its projected pooled state as text_embeds.
             projected = getattr(out, "text_embeds", None)

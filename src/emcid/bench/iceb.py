@@ -66,7 +66,7 @@ class IcebConfig:
     drawable_threshold: float = 0.5  # release: best alias < 0.5 -> reference images
     classes: tuple[int, ...] | None = None  # restrict the run to these class indices
     reference_dir: str | None = None  # real images for undrawable classes (SD models)
-    batch_size: int = 64  # images per generation batch
+    batch_size: int | None = None  # images per generation batch; None: the device's default
     chunk_size: int = 512  # images generated and judged per step (bounds memory)
     grid_samples: int = 4  # edits and holdout classes shown in the report's image grids
     cache: bool = True  # images, and the editor's Stage I targets and statistics
@@ -350,7 +350,7 @@ def run_iceb(
     config.check_scales(len(config.select(world.classes)))
     judge_name = judge if isinstance(judge, str) else (
         default_judge_name(bundle) if judge is None else str(getattr(judge, "source", type(judge).__name__)))
-    judge_obj = load_judge(bundle, judge, device)
+    judge_obj = load_judge(bundle, judge, bundle.device)  # a given bundle's device wins
     base_fingerprint = bundle.fingerprint()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -369,7 +369,7 @@ def run_iceb(
         "hparams": {s: editor.hparams() for s, editor in editors.items()},
         "sampling": dict(bundle.sampling),
         "versions": versions(),
-        "device": str(device),
+        "device": str(bundle.device),
         "dtype": str(bundle.dtype),
     })
     run = IcebRun(bundle, editors, judge_obj, world, config, out, writer)

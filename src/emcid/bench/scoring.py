@@ -54,7 +54,7 @@ class Scorer:
     """Generates images for bank rows and judges them; pre-edit images go through the cache."""
 
     def __init__(self, bundle: ModelBundle, judge: Judge, bank: ImageBank, cache: TensorCache,
-                 batch_size: int = 64, chunk_size: int = 512, progress: bool = True):
+                 batch_size: int | None = None, chunk_size: int = 512, progress: bool = True):
         self.bundle, self.judge, self.bank, self.cache = bundle, judge, bank, cache
         self.batch_size, self.chunk_size, self.progress = batch_size, chunk_size, progress
         self.pre = torch.zeros(0, 0)

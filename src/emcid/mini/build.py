@@ -27,10 +27,10 @@ class SamplingDefaults:
 
 #: Editor settings the embedded model carries in its emcid.json (`emcid.editors.presets`
 #: reads them): its own sampler settings stand in for SD's guidance 7.5 / 50 steps in Stage I's
-#: source images; its small UNet is fastest with many concepts per Stage I batch; and its
+#: source images; its small UNet is fastest on a CPU with 64 concepts per Stage I batch; and its
 #: statistics converge within 1.6 % at 5,000 captions of its small vocabulary (docs/mini.md).
 EDITOR_OVERRIDES: dict[str, dict] = {
-    "emcid": {"image_guidance_scale": None, "image_steps": None, "concept_batch": 64,
+    "emcid": {"image_guidance_scale": None, "image_steps": None, "cpu_concept_batch": 64,
               "stats_samples": 5000},
     "refact": {"stats_samples": 5000},
 }

@@ -99,8 +99,8 @@ def distributed_state():
 class EMCIDEditor(ConfiguredEditor):
     name = "emcid"
     config_class = EMCIDConfig
-    runtime_options = frozenset({"cache", "cache_root", "concept_batch", "precision",
-                                 "grad_checkpointing", "checkpoint_every"})
+    runtime_options = frozenset({"cache", "cache_root", "concept_batch", "cpu_concept_batch",
+                                 "precision", "grad_checkpointing", "checkpoint_every"})
 
     @classmethod
     def flat_options(cls, options: dict) -> dict:

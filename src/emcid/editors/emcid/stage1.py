@@ -374,6 +374,7 @@ def compute_z(
         teacher = bundle.encode(batch.dst_prompts)
         teacher_pooled = [p.float() for p in teacher.pooled]
     prefix = _read_block_outputs(bundle, batch.src_prompts, z_layer)
+    source_ids = bundle.tokenize(batch.src_prompts)  # once: it costs more than a small model's step
     deltas = {name: torch.zeros(count, rows[0].shape[-1], device=device, requires_grad=True)
               for name, rows in batch.hidden.items()}
     optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr)
@@ -400,7 +401,7 @@ def compute_z(
                                                       prefix[name]))
                     stack.enter_context(add_at_positions(slot.block(layer), batch.positions[name],
                                                          deltas[name][owner]))
-                edited = bundle.encode(batch.src_prompts)
+                edited = bundle.encode_ids(source_ids)
             row_loss = torch.zeros(len(batch.src_prompts), device=device)
             if noising is not None:
                 t, noise = (d[(step - first) % runtime.checkpoint_every] for d in draws)
@@ -453,9 +454,12 @@ def fitting_batch(bundle: ModelBundle, requests: list[EditRequest], z_layer: dic
                   config: Stage1Config, image_cache: TensorCache, runtime: Runtime) -> int:
     """Concepts per batch that fit in the free memory of a CUDA device, measured by one probe
     step at one and at two concepts (the difference is one concept's cost); at most
-    ``runtime.concept_batch``. Elsewhere ``runtime.concept_batch``."""
-    limit = min(runtime.concept_batch, len(requests))
-    if bundle.device.type != "cuda" or limit < 2:
+    ``runtime.concept_batch`` where it is set. Elsewhere ``runtime.concept_batch``, or
+    ``runtime.cpu_concept_batch`` where that is not set."""
+    cuda = bundle.device.type == "cuda"
+    cap = runtime.concept_batch or (len(requests) if cuda else runtime.cpu_concept_batch)
+    limit = min(cap, len(requests))
+    if not cuda or limit < 2:
         return limit
     device, probe = bundle.device, replace(config, steps=1)
     peaks = []

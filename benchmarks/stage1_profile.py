@@ -1,0 +1,81 @@
+"""Where a Stage I step spends its time: torch.profiler over one batch of concepts.
+
+    python benchmarks/stage1_profile.py [--model M] [--device cuda] [--batch 64] [--steps 20]
+
+Prints the wall time per step and the operators that take most host (CPU) time and, on a
+GPU, most device time, plus the count of host-device synchronisations: a step whose host
+time exceeds its device time is overhead-bound (launches, Python), not compute-bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import emcid
+from emcid.cache import TensorCache
+from emcid.concepts import imagenet1k_classes
+from emcid.config import Runtime
+from emcid.editors.emcid import EMCIDEditor
+from emcid.editors.emcid.stage1 import Stage1Config, compute_z
+
+
+def requests_for(count: int) -> list[emcid.EditRequest]:
+    classes = imagenet1k_classes()
+    return [emcid.EditRequest(classes[i].name, classes[999 - i].name, seed=i) for i in range(count)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8, help="concepts side by side")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--rows", type=int, default=15, help="operators to list")
+    args = parser.parse_args()
+    if not 1 <= args.batch <= 500:
+        raise SystemExit("--batch: 1 to 500 concepts (pairs of the 1,000 ImageNet classes)")
+    bundle = emcid.load_model(args.model, device=args.device)
+    editor = EMCIDEditor.create(bundle)
+    z_layer = {slot: max(indices) for slot, indices in editor.layers_for(bundle).items()}
+    requests = requests_for(args.batch)
+    config = Stage1Config(steps=args.steps, image_guidance_scale=None, image_steps=None)
+    runtime = Runtime(concept_batch=args.batch, precision=args.precision)
+    # The warm-up draws and caches the source images, so the timed runs measure the steps.
+    images = TensorCache("images", root=Path(tempfile.mkdtemp(prefix="emcid-profile-")))
+    compute_z(bundle, requests, z_layer, replace(config, steps=2), images, runtime)
+    synchronize(bundle.device)
+    start = time.perf_counter()
+    compute_z(bundle, requests, z_layer, config, images, runtime)
+    synchronize(bundle.device)
+    seconds = time.perf_counter() - start
+    step = 1000 * seconds / args.steps
+    print(f"{args.batch} concepts x {args.steps} steps on {args.device}: {step:.1f} ms per step, "
+          f"{step / args.batch:.2f} ms per concept per step (setup included)")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bundle.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        compute_z(bundle, requests, z_layer, config, images, runtime)
+        synchronize(bundle.device)
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if bundle.device.type == "cuda":
+        print(events.table(sort_by="self_device_time_total", row_limit=args.rows))
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                     "cudaMemcpyAsync", "cudaMemcpy"))
+    print(f"host-device copies and synchronisations: {syncs} ({syncs / args.steps:.1f} per step)")
+
+
+if __name__ == "__main__":
+    main()
