@@ -187,6 +187,28 @@ def test_text_stage_reports_the_subject_marker_and_fine_tunes_from_init(smoke_ru
     assert all(torch.equal(model.state_dict()[k].half(), original[k]) for k in original)
 
 
+def test_warm_starts_that_do_not_fit_are_refused_before_training(smoke_run, smoke_config, tmp_path):
+    """--text-init must fit the tokenizer and the text settings; --unet-init is checked before
+    any stage runs (nothing is written)."""
+    from emcid.errors import OptionError
+    from emcid.mini import train
+
+    source = smoke_run / "work" / "text_encoder"
+    deeper = dataclasses.replace(smoke_config.text, steps=0, init_from=str(source), num_hidden_layers=3)
+    train.copy_stages(tmp_path / "work", smoke_run / "work", ("tokenizer",))
+    tok = train.stage_tokenizer(tmp_path / "work", smoke_config)
+    with pytest.raises(OptionError, match="num_hidden_layers 2 \\(expected 3\\)"):
+        train.stage_text_encoder(tmp_path / "work", dataclasses.replace(smoke_config, text=deeper), tok)
+    with pytest.raises(FileNotFoundError, match="not a CLIPTextModel folder"):
+        train.stage_text_encoder(tmp_path / "work", dataclasses.replace(
+            smoke_config, text=dataclasses.replace(deeper, init_from=str(tmp_path))), tok)
+    wide = dataclasses.replace(smoke_config, unet_init=str(smoke_run / "work" / "unet" / "ema"),
+                               unet_channels=(16, 32, 32))
+    with pytest.raises(OptionError, match="shape differs"):
+        train.train_mini(tmp_path / "early", wide)
+    assert not (tmp_path / "early").exists()
+
+
 def test_subject_marker_scores_pick_the_subject_position():
     from emcid.mini.text_encoder import SubjectMarker
 

@@ -39,6 +39,7 @@ from transformers import (
     get_cosine_with_min_lr_schedule_with_warmup,
 )
 
+from ..errors import OptionError
 from . import world
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,9 @@ class TextEncoderConfig:
     seed: int = 0
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer, cfg: TextEncoderConfig) -> CLIPTextModel:
-    """A small CLIPTextModel whose special ids match the tokenizer."""
-    config = CLIPTextConfig(
+def text_encoder_config(tokenizer: CLIPTokenizer, cfg: TextEncoderConfig) -> CLIPTextConfig:
+    """The mini encoder's shape, with special ids that match the tokenizer."""
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -77,7 +78,32 @@ def build_text_encoder(tokenizer: CLIPTokenizer, cfg: TextEncoderConfig) -> CLIP
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, cfg: TextEncoderConfig) -> CLIPTextModel:
+    """A fresh small CLIPTextModel."""
+    return CLIPTextModel(text_encoder_config(tokenizer, cfg))
+
+
+#: What an encoder to fine-tune must share with the configured one.
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "max_position_embeddings", "eos_token_id")
+
+
+def load_init_encoder(folder: str | Path, tokenizer: CLIPTokenizer, cfg: TextEncoderConfig) -> CLIPTextModel:
+    """The encoder ``--text-init`` names, refused unless it fits the tokenizer and the configured
+    shape: a mismatch would otherwise fail deep inside training, or train on wrong token ids."""
+    path = Path(folder)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--text-init {folder}: not a CLIPTextModel folder (no config.json)")
+    model = CLIPTextModel.from_pretrained(path, dtype=torch.float32)
+    expected = text_encoder_config(tokenizer, cfg)
+    differ = [f"{name} {getattr(model.config, name)} (expected {getattr(expected, name)})"
+              for name in _SHAPE_FIELDS if getattr(model.config, name) != getattr(expected, name)]
+    if differ:
+        raise OptionError(f"--text-init {folder}: the encoder does not fit this run's tokenizer and "
+                          f"text settings: {'; '.join(differ)}")
+    return model
 
 
 @dataclass

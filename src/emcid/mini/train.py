@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..errors import OptionError
 from . import judge as judge_mod
 from . import text_encoder as te_mod
 from . import tokenizer as tok_mod
@@ -192,7 +193,7 @@ def stage_text_encoder(work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer) -> 
         t0 = time.time()
         torch.manual_seed(cfg.text.seed)
         if cfg.text.init_from is not None:  # fine-tune an earlier encoder (e.g. to add the marker)
-            model = CLIPTextModel.from_pretrained(cfg.text.init_from, dtype=torch.float32)
+            model = te_mod.load_init_encoder(cfg.text.init_from, tok, cfg.text)
         else:
             model = te_mod.build_text_encoder(tok, cfg.text)
         metrics = te_mod.pretrain_text_encoder(
@@ -402,7 +403,7 @@ def warm_start(unet: UNet2DConditionModel, folder: Path) -> None:
         unet.load_state_dict(weights)  # strict: every key present, every shape equal
     except RuntimeError as exc:
         detail = next((line.strip() for line in str(exc).splitlines()[1:]), str(exc))
-        raise ValueError(f"--unet-init {folder}: UNet shape differs from the configured one "
+        raise OptionError(f"--unet-init {folder}: UNet shape differs from the configured one "
                          f"({detail})") from None
     log.info("UNet warm-started from %s", folder)
 
@@ -515,6 +516,9 @@ def train_mini(
     ``reuse_from`` (an earlier run's ``work`` folder) supplies finished ``reuse_stages``.
     """
     cfg = cfg or MiniTrainConfig()
+    if cfg.unet_init is not None:  # refused now, not after the stages before the UNet's
+        warm_start(build_unet(cfg.unet_channels, cfg.text.hidden_size, cfg.vae_latent_channels),
+                   Path(cfg.unet_init))
     out = Path(out_dir)
     work = out / "work"
     if work.exists() and not resume:
