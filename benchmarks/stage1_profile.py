@@ -3,8 +3,8 @@
     python benchmarks/stage1_profile.py [--model M] [--device cuda] [--batch 64] [--steps 20]
 
 Prints the wall time per step and the operators that take most host (CPU) time and, on a
-GPU, most device time, plus the count of host-device synchronisations: a step whose host
-time exceeds its device time is overhead-bound (launches, Python), not compute-bound.
+GPU, most device time, plus the count of explicit synchronisations and memory copies: a step
+whose host time exceeds its device time is overhead-bound (launches, Python), not compute-bound.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ def main() -> None:
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if bundle.device.type == "cuda":
         print(events.table(sort_by="self_device_time_total", row_limit=args.rows))
-    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
-                                                     "cudaMemcpyAsync", "cudaMemcpy"))
-    print(f"host-device copies and synchronisations: {syncs} ({syncs / args.steps:.1f} per step)")
+    for label, keys in (("synchronisations", ("cudaStreamSynchronize", "cudaDeviceSynchronize")),
+                        ("memory copies, any direction", ("cudaMemcpyAsync", "cudaMemcpy"))):
+        count = sum(e.count for e in events if e.key in keys)
+        print(f"{label}: {count} ({count / args.steps:.1f} per step)")
 
 
 if __name__ == "__main__":
