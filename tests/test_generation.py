@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from emcid.cache import TensorCache
-from emcid.generation import encode_images, generate, generate_arrays, generate_cached
+from emcid.generation import encode_images, generate, generate_arrays, generate_cached, generation_batch
 
 
 def test_images_depend_on_seed_not_on_batching(sd1):
@@ -49,3 +49,22 @@ def test_encode_images_is_deterministic(sd1):
     latents = encode_images(sd1, pixels)
     assert latents.shape == (2, 4, 8, 8)
     assert torch.equal(latents, encode_images(sd1, pixels))
+
+
+class _Placed:
+    """What generation_batch reads of a bundle: its device and its VAE's downscaling."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+
+    def latent_scale(self) -> int:
+        return 8  # SD's VAE
+
+
+def test_generation_batch_holds_as_many_latent_pixels_on_cuda_as_64_sd1_images():
+    cuda, cpu = _Placed("cuda"), _Placed("cpu")
+    assert generation_batch(cuda, {"height": 512, "width": 512}) == 64  # SD 1.x
+    assert generation_batch(cuda, {"height": 768, "width": 768}) == 28  # SD 2.x
+    assert generation_batch(cuda, {"height": 1024, "width": 1024}) == 16  # SDXL
+    assert generation_batch(cuda, {"height": 64, "width": 64}) == 512  # small models: capped
+    assert generation_batch(cpu, {"height": 64, "width": 64}) == 64  # elsewhere always 64
