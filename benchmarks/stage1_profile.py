@@ -16,19 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from engine_speed import requests_for  # this folder is on sys.path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 import emcid
 from emcid.cache import TensorCache
-from emcid.concepts import imagenet1k_classes
 from emcid.config import Runtime
 from emcid.editors.emcid import EMCIDEditor
 from emcid.editors.emcid.stage1 import Stage1Config, compute_z
-
-
-def requests_for(count: int) -> list[emcid.EditRequest]:
-    classes = imagenet1k_classes()
-    return [emcid.EditRequest(classes[i].name, classes[999 - i].name, seed=i) for i in range(count)]
 
 
 def synchronize(device: torch.device) -> None:

@@ -404,7 +404,7 @@ def warm_start(unet: UNet2DConditionModel, folder: Path) -> None:
     except RuntimeError as exc:
         detail = next((line.strip() for line in str(exc).splitlines()[1:]), str(exc))
         raise OptionError(f"--unet-init {folder}: UNet shape differs from the configured one "
-                         f"({detail})") from None
+                          f"({detail})") from None
     log.info("UNet warm-started from %s", folder)
 
 
