@@ -212,10 +212,13 @@ def test_debias_cli_with_a_tiny_clip(tmp_path, sd1_dir, tiny_clip, capsys):
     assert report["values"] == ["male", "female"] and len(report["after"]) == 2
 
 
-def test_the_embedded_model_is_refused_with_a_reason(sd1, monkeypatch):
+def test_the_embedded_model_debiases_colour_words_of_its_tasks_variant_only(sd1, monkeypatch):
     monkeypatch.setitem(sd1.settings, "world", "mini")
-    with pytest.raises(emcid.EmcidError, match="attribute-conditioned"):
-        debias(sd1, [DebiasRequest("tench", ["male", "female"])], classifier=lambda i, labels: None)
+    with pytest.raises(emcid.EmcidError, match="draws no attribute words.*embedded:tasks"):
+        debias(sd1, [DebiasRequest("tench", ["teal", "amber"])])
+    monkeypatch.setitem(sd1.settings, "tasks", True)
+    with pytest.raises(emcid.EmcidError, match="colour words .*'male' is not one"):
+        debias(sd1, [DebiasRequest("tench", ["teal", "male"])])
 
 
 def brightness(images, labels):

@@ -298,6 +298,26 @@ def deltas_applied(bundle: ModelBundle, deltas: dict[str, torch.Tensor]) -> Iter
                 bundle.module(name).weight.copy_(weight)
 
 
+def embedded_classifier(bundle: ModelBundle, requests: Sequence[DebiasRequest]) -> Classifier:
+    """The embedded world's debias judge (background colour), after checking that the model
+    draws attribute words and that every value is one of its colour words."""
+    from .mini import styles
+    from .mini.judge import ColourWordJudge, load_judge
+    from .models import EMBEDDED_TASKS
+
+    if not bundle.settings.get("tasks"):
+        raise RequestError(f"the embedded model draws no attribute words; debias on its world with "
+                           f"--model {EMBEDDED_TASKS} (its UNet draws colour words: \"a teal tench\"), "
+                           "or give a Stable Diffusion model")
+    for request in requests:
+        unknown = [v for v in request.values if v.lower() not in styles.COLOUR_WORDS]
+        if unknown:
+            raise RequestError(f"the debias request for {request.source!r}: on the embedded world the "
+                               f"values are colour words ({', '.join(sorted(styles.COLOUR_WORDS))}); "
+                               f"{', '.join(map(repr, unknown))} is not one")
+    return ColourWordJudge(load_judge(str(bundle.device)))
+
+
 def mix(targets: Sequence[ConceptTarget], factors: Sequence[float]) -> ConceptTarget:
     """One Stage I target whose delta is the factor-weighted sum of the values' deltas (all
     share the source, so this is also the mix of their targets z)."""
@@ -321,8 +341,7 @@ def debias(bundle: ModelBundle, requests: Sequence[DebiasRequest], classifier: C
 
     requests = validate_debias_requests(list(requests))
     if bundle.is_embedded:
-        raise RequestError("the embedded world has no attribute-conditioned prompts yet: debias "
-                           "needs a Stable Diffusion model (--model)")
+        classifier = classifier or embedded_classifier(bundle, requests)
     editor = get_editor("emcid", bundle, **options)
     config = config or DebiasConfig()
     classifier = classifier or ClipZeroShot(device=bundle.device)

@@ -31,6 +31,9 @@ SETTINGS_FILE = "emcid.json"
 HISTORY_DIR = "emcid_history"  # a patched pipeline folder's patch chain (written by apply)
 HISTORY_FILE = "chain.json"
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # what a fingerprint covers
+#: The embedded model with a UNet that also draws its world's styles and colour words
+#: (emcid/mini/styles.py): the model of the artist and debias tasks on the embedded world.
+EMBEDDED_TASKS = "embedded:tasks"
 
 # Sampling defaults of each family's reference pipeline; a model folder may override them
 # with an ``emcid.json`` file (the embedded model does).
@@ -330,6 +333,10 @@ def load_model(
     from diffusers import DiffusionPipeline
 
     device = check_device(device)
+    source, components = None if id_or_path is None else str(id_or_path), {}
+    if source == EMBEDDED_TASKS:
+        components["unet"] = _embedded_tasks_unet(dtype)
+        id_or_path = None
     if id_or_path is None:
         id_or_path = default_model_path()
     id_or_path = str(id_or_path)
@@ -351,8 +358,8 @@ def load_model(
         kwargs = {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipeline = DiffusionPipeline.from_pretrained(
-            id_or_path, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
-        )
+            id_or_path, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs,
+            **components)
     except Exception as exc:
         problem = None if looks_local else _hub_problem(id_or_path, exc)
         raise ModelLoadError(problem or f"cannot load {id_or_path!r}: {exc}") from exc
@@ -365,10 +372,25 @@ def load_model(
         if module is not None:
             module.requires_grad_(False).eval()
     settings = _read_settings(local) if looks_local else {}
+    if components:
+        settings = {**settings, "tasks": True}
     sampling = {k: settings.get(k, v) for k, v in FAMILY_SAMPLING[detected].items()}
     history, recorded = _read_history(local) if looks_local else ([], None)
-    return ModelBundle(pipeline, detected, id_or_path, sampling, settings, history=history,
-                       recorded_fingerprint=recorded)
+    return ModelBundle(pipeline, detected, source if components else id_or_path, sampling, settings,
+                       history=history, recorded_fingerprint=recorded)
+
+
+def _embedded_tasks_unet(dtype: torch.dtype) -> nn.Module:
+    """The UNet of ``EMBEDDED_TASKS`` (shipped beside the embedded pipeline, float16 on disk)."""
+    from diffusers import UNet2DConditionModel
+
+    from .mini import tasks_unet_dir
+
+    folder = tasks_unet_dir()
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{EMBEDDED_TASKS!r}: its UNet is not installed ({folder} has no "
+                             "config.json)")
+    return UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
 
 
 def _read_history(folder: Path) -> tuple[list[dict], str | None]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["default_model_dir", "default_judge_dir", "weights_present"]
+__all__ = ["default_model_dir", "default_judge_dir", "tasks_unet_dir", "weights_present"]
 
 _WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -21,6 +21,12 @@ def default_model_dir() -> Path:
 def default_judge_dir() -> Path:
     """The shipped judge folder (judge.safetensors + config.json)."""
     return _WEIGHTS / "judge"
+
+
+def tasks_unet_dir() -> Path:
+    """The UNet of the model that also draws the world's styles and colour words
+    (``emcid.models.EMBEDDED_TASKS``; same text encoder, VAE and judge)."""
+    return _WEIGHTS / "tasks-unet"
 
 
 def weights_present() -> bool:

@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "(default 0.3)")
     train.add_argument("--padding-clean-rate", type=float,
                        help="share of UNet samples whose padding is the empty prompt's (default 0.2)")
+    train.add_argument("--task-rate", type=float,
+                       help="share of each UNet batch showing the world's styles and colour words "
+                            "(mini/styles.py; default 0: none)")
     train.add_argument("--conflict-from", choices=["subject", "end_of_text"],
                        help="UNet conflict augmentation: replace only the end of text on "
                             "(default) or every state after the subject")
@@ -76,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         "after_subject_clean_rate": args.after_clean_rate,
         "after_subject_conflict_rate": args.conflict_rate,
         "padding_clean_rate": args.padding_clean_rate,
+        "task_rate": args.task_rate,
     }
     given = {name: value for name, value in top_level.items() if value is not None}
     try:

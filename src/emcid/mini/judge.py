@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import default_judge_dir, world
+from . import default_judge_dir, styles, world
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +120,32 @@ class Judge:
         self.class_names = [c.name for c in world.load_concepts()]
 
     @torch.no_grad()
+    def _batched(self, images: list[Image.Image], logits, width: int, batch_size: int) -> torch.Tensor:
+        outs = [logits(to_tensor(images[i : i + batch_size]).to(self.device)).softmax(-1).cpu()
+                for i in range(0, len(images), batch_size)]
+        return torch.cat(outs) if outs else torch.zeros(0, width)
+
     def predict_proba(self, images: list[Image.Image], batch_size: int = 256) -> torch.Tensor:
         """Probabilities [n, 2000], index-aligned with load_concepts()."""
-        outs = []
-        for i in range(0, len(images), batch_size):
-            x = to_tensor(images[i : i + batch_size]).to(self.device)
-            outs.append(self.net(x).softmax(-1).cpu())
-        if not outs:
-            return torch.zeros(0, len(self.class_names))
-        return torch.cat(outs)
+        return self._batched(images, self.net, len(self.class_names), batch_size)
+
+    def background_proba(self, images: list[Image.Image], batch_size: int = 256) -> torch.Tensor:
+        """Probabilities [n, 27] of each palette colour being the background (what the
+        world's styles and colour words change)."""
+        return self._batched(images, lambda x: self.net.attribute_logits(x)[2], len(world.PALETTE),
+                             batch_size)
+
+
+class ColourWordJudge:
+    """Debias classifier of the embedded world: scores each image against each label by the
+    judge's belief that its background is the label's colour word ("a teal tench" -> teal)."""
+
+    def __init__(self, judge: Judge) -> None:
+        self.judge = judge
+
+    def __call__(self, images: list[Image.Image], labels: list[str]) -> torch.Tensor:
+        colours = [styles.colour_of_phrase(label) for label in labels]
+        return self.judge.background_proba(images)[:, colours]
 
 
 def save_judge(net: JudgeNet, folder: str | Path, cfg: JudgeConfig) -> None:

@@ -11,11 +11,13 @@ Stages (each writes its result under `out/work/` and is skipped on --resume when
 4. judge: the world's classifier (also evaluates the UNet during training).
 5. conditioning: the frozen encoder's states of a fixed bank of training prompts, computed
    once (the encoder costs more than the UNet step it would feed), in resumable chunks.
-6. UNet: UNet2DConditionModel, v-prediction, classifier-free guidance dropout, EMA weights;
+6. task bank (only with ``task_rate`` > 0): the frozen encoder's states and the VAE latents of
+   seeded examples of the world's style and colour-word prompts (mini/styles.py).
+7. UNet: UNet2DConditionModel, v-prediction, classifier-free guidance dropout, EMA weights;
    the states after the subject are often replaced by those of the empty prompt or of
    another prompt, and padding by the empty prompt's, so that the UNet reads the prompt's
    own tokens and treats padding as SD does (docs/mini.md); checkpoints every few minutes.
-7. export: a StableDiffusionPipeline folder (safetensors) + emcid.json, and the judge.
+8. export: a StableDiffusionPipeline folder (safetensors) + emcid.json, and the judge.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..errors import OptionError
 from . import judge as judge_mod
+from . import styles, world
 from . import text_encoder as te_mod
 from . import tokenizer as tok_mod
-from . import world
 from .build import (
     SamplingDefaults,
     assemble_pipeline,
@@ -84,6 +86,8 @@ class MiniTrainConfig:
     after_subject_conflict_rate: float = 0.3  # states after the subject -> another prompt's
     conflict_from: str = "end_of_text"  # or "subject": every state after the subject (recipe B)
     padding_clean_rate: float = 0.2  # states after the end of text -> the empty prompt's
+    task_rate: float = 0.0  # share of each UNet batch from the task bank (styles, colour words)
+    task_examples: int = 32768  # rows of the task bank
     ema_decay: float = 0.999
     n_variants: int = 16  # renders per concept in the latent bank
     eval_every: int = 1000
@@ -97,6 +101,8 @@ class MiniTrainConfig:
                  self.padding_clean_rate)  # fmt: skip
         if min(rates) < 0 or sum(rates) > 1:
             raise ValueError(f"UNet augmentation rates must be >= 0 and sum to at most 1, got {rates}")
+        if not 0 <= self.task_rate < 1:
+            raise ValueError(f"task_rate must be in [0, 1), got {self.task_rate}")
 
 
 # --- sampling for evaluation -------------------------------------------------------
@@ -255,12 +261,16 @@ def stage_judge(work: Path, cfg: MiniTrainConfig) -> judge_mod.Judge:
 
 
 @torch.no_grad()
-def encode_bank(vae: AutoencoderKL, bank: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Scaled latent means of all renders, then the neutral canvas's (row index 2,000)."""
+def encode_bank(vae: AutoencoderKL, bank: torch.Tensor, batch: int = 256,
+                with_neutral: bool = True) -> torch.Tensor:
+    """Scaled latent means of all renders, then (``with_neutral``) the neutral canvas's (row
+    index 2,000)."""
     out = []
-    for i in tqdm(range(0, len(bank), batch), desc="latents", mininterval=5):
+    for i in tqdm(range(0, len(bank), batch), desc="latents", mininterval=5, disable=not with_neutral):
         x = bank[i : i + batch].float() / 127.5 - 1
         out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+    if not with_neutral:
+        return torch.cat(out)
     neutral = torch.from_numpy(np.array(world.render_neutral())).permute(2, 0, 1)[None]
     neutral = neutral.float() / 127.5 - 1
     out.append(vae.encode(neutral).latent_dist.mode() * vae.config.scaling_factor)
@@ -337,6 +347,53 @@ def stage_conditioning(
     )
 
 
+@dataclass
+class TaskBank:
+    """Frozen-encoder states and VAE latents of the task vocabulary's examples, one per row."""
+
+    states: torch.Tensor  # [rows, L, hidden] float16
+    eos_pos: torch.Tensor  # [rows]
+    latents: torch.Tensor  # [rows, C, h, w]
+
+
+def stage_task_bank(work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer, text_encoder: CLIPTextModel,
+                    vae: AutoencoderKL, chunk: int = 2048) -> TaskBank:
+    """Encode ``cfg.task_examples`` seeded style / colour-word examples once, in resumable chunks."""
+    path = work / "tasks"
+    path.mkdir(parents=True, exist_ok=True)
+    n_chunks = (cfg.task_examples + chunk - 1) // chunk
+    for i in tqdm(range(n_chunks), desc="task bank", mininterval=5):
+        file = path / f"chunk{i:04d}.safetensors"
+        if file.exists():
+            continue
+        count = min(chunk, cfg.task_examples - i * chunk)
+        examples = styles.sample_task_examples(count, seed=cfg.seed * 1_000_003 + i)
+        ids = te_mod.encode_prompts(tok, [e.prompt for e in examples], pad_to_max=True)
+        pixels = torch.from_numpy(np.stack([np.asarray(e.image) for e in examples])).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            states = torch.cat([text_encoder(ids[j : j + 256])[0] for j in range(0, len(ids), 256)])
+            latents = encode_bank(vae, pixels, with_neutral=False)
+        eos = (ids == tok.eos_token_id).int().argmax(dim=1)
+        tmp = file.with_suffix(".tmp")
+        save_file({"states": states.half(), "eos": eos, "latents": latents.contiguous()}, str(tmp))
+        tmp.replace(file)
+    if not _done(path):
+        _mark(path, {"examples": cfg.task_examples, "chunks": n_chunks})
+    parts = [load_file(str(path / f"chunk{i:04d}.safetensors")) for i in range(n_chunks)]
+    return TaskBank(*(torch.cat([p[k] for p in parts]) for k in ("states", "eos", "latents")))
+
+
+def task_conditioning(tasks: TaskBank, rows: torch.Tensor, clean: torch.Tensor, cfg: MiniTrainConfig,
+                      gen: torch.Generator) -> torch.Tensor:
+    """Task rows' states: every word counts (no state after a subject is replaced), padding
+    is the empty prompt's with ``padding_clean_rate``, and guidance dropout as for the bank."""
+    cond = tasks.states[rows].float()
+    after_text = torch.arange(cond.shape[1])[None] > tasks.eos_pos[rows][:, None]
+    blank = (torch.rand(len(rows), generator=gen) < cfg.padding_clean_rate)[:, None] & after_text
+    blank |= (torch.rand(len(rows), generator=gen) < cfg.uncond_prob)[:, None]
+    return torch.where(blank[..., None], clean.expand_as(cond), cond)
+
+
 def augment_conditioning(
     bank: ConditioningBank, rows: torch.Tensor, cfg: MiniTrainConfig, gen: torch.Generator
 ) -> torch.Tensor:
@@ -376,12 +433,12 @@ def augment_conditioning(
 
 
 def _sample_rows(
-    rng: random.Random, cfg: MiniTrainConfig, n_concepts: int
+    rng: random.Random, cfg: MiniTrainConfig, n_concepts: int, count: int
 ) -> tuple[torch.Tensor, list[int]]:
-    """Bank rows and their concept indices for one UNet batch (the neutral one rarely)."""
+    """``count`` bank rows and their concept indices (the neutral one rarely)."""
     picks = [
         n_concepts if rng.random() < cfg.neutral_rate else rng.randrange(n_concepts)
-        for _ in range(cfg.unet_batch)
+        for _ in range(count)
     ]
     rows = [c * cfg.prompts_per_concept + rng.randrange(cfg.prompts_per_concept) for c in picks]
     return torch.tensor(rows), picks
@@ -418,8 +475,10 @@ def stage_unet(
     latents: torch.Tensor,
     bank: ConditioningBank,
     judge: judge_mod.Judge,
+    tasks: TaskBank | None = None,
 ) -> tuple[UNet2DConditionModel, bool]:
-    """v-prediction training on the cached conditioning, resumable from work/unet/state.pt.
+    """v-prediction training on the cached conditioning, resumable from work/unet/state.pt;
+    with ``tasks``, ``cfg.task_rate`` of each batch comes from the task bank.
 
     Returns the EMA UNet and whether the schedule is finished (``max_minutes`` may stop it
     early; a later ``--resume`` continues it).
@@ -465,12 +524,17 @@ def stage_unet(
     for step in bar:
         rng = te_mod.step_rng(cfg.seed, step)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        rows, picks = _sample_rows(rng, cfg, n_concepts)
+        n_task = round(cfg.unet_batch * cfg.task_rate) if tasks is not None else 0
+        rows, picks = _sample_rows(rng, cfg, n_concepts, cfg.unet_batch - n_task)
         cond = augment_conditioning(bank, rows, cfg, gen)
         x0 = latents[torch.tensor([c * n_var + rng.randrange(n_var) if c < n_concepts
                                    else len(latents) - 1 for c in picks])]  # fmt: skip
+        if n_task:
+            task_rows = torch.tensor([rng.randrange(len(tasks.latents)) for _ in range(n_task)])
+            cond = torch.cat([cond, task_conditioning(tasks, task_rows, bank.clean, cfg, gen)])
+            x0 = torch.cat([x0, tasks.latents[task_rows]])
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=gen)
+        t = torch.randint(0, 1000, (len(x0),), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         loss = F.mse_loss(unet(xt, t, cond).sample, target)
@@ -541,7 +605,9 @@ def train_mini(
     del bank
     conditioning = stage_conditioning(work, cfg, tok, text_encoder)
     log.info("stage conditioning done at %.1f min", (time.time() - t0) / 60)
-    unet, finished = stage_unet(work, out, cfg, tok, text_encoder, vae, latents, conditioning, judge)
+    tasks = stage_task_bank(work, cfg, tok, text_encoder, vae) if cfg.task_rate else None
+    unet, finished = stage_unet(work, out, cfg, tok, text_encoder, vae, latents, conditioning, judge,
+                                tasks)
     log.info("stage unet %s at %.1f min", "done" if finished else "paused", (time.time() - t0) / 60)
     pipe = assemble_pipeline(vae, text_encoder, tok, unet)
     save_pipeline(pipe, out / "pipeline", cfg.sampling, work / "tokenizer", half_text_encoder=True)

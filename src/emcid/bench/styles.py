@@ -1,0 +1,204 @@
+"""Style erasure on the embedded world: the artist task's benchmark, measured by the world's
+judge on generated images (emcid/mini/styles.py; docs/iceb.md, "Styles").
+
+A style is a concept name; its colour is that concept's background. The "artists" are the
+world's 1,000 ImageNet-21k concepts in a seeded order; a scale of N erases the first N (each
+towards the world's neutral concept, whose style is grey) with the artist task's presets.
+Every figure is measured on the same prompts and seeds before and after the edit:
+
+- **erased styles**: share of images of their prompts that still show the style's colour
+  (the release's three artist prompts alone, and two objects "in the style of" it);
+  *efficacy* is before minus after, and *to neutral* the share drawn on grey after the edit;
+- **other styles**: the same share for held-out styles; *delta* is after minus before;
+- **objects**: the judge's top-1 on "An image of Y" for held-out objects; *delta* likewise.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation import generate_arrays, to_pil
+from ..models import ModelBundle
+from ..requests import EditRequest
+
+OBJECT_TEMPLATE = "An image of {}"
+OBJECTS_PER_STYLE = 2
+
+
+@dataclass(frozen=True)
+class StyleProbe:
+    """Prompts and seeds of one style, and the colour they should show."""
+
+    style: str
+    colour: int
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+@dataclass
+class StyleSplit:
+    """The styles a sweep erases (in order), the held-out styles and objects it watches."""
+
+    artists: list[str]
+    held_styles: list[str]
+    held_objects: list[int] = field(default_factory=list)  # concept indices
+
+
+def style_split(seed: int = 0, held_styles: int = 100, held_objects: int = 100) -> StyleSplit:
+    """Artists: the ImageNet-21k concepts' class names, seeded order; the last ``held_styles``
+    of that order are never erased. Held-out objects: ImageNet-1k concepts."""
+    from ..mini import world
+
+    concepts = world.load_concepts()
+    extra = [c.name for c in concepts if c.split == "extra"]
+    random.Random(f"styles-{seed}").shuffle(extra)
+    objects = [c.index for c in concepts if c.split == "imagenet1k"]
+    chosen = sorted(random.Random(f"style-objects-{seed}").sample(objects, held_objects))
+    return StyleSplit(extra[:len(extra) - held_styles], extra[len(extra) - held_styles:], chosen)
+
+
+def style_probe(style: str, seed: int = 0) -> StyleProbe:
+    """The release's artist prompts with ``style``, and "An image of Y in the style of X" for
+    ``OBJECTS_PER_STYLE`` ImageNet-1k objects that stand out from the style's colour."""
+    from ..mini import styles, world
+
+    colour = styles.style_colour(style)
+    rng = random.Random(f"style-probe-{seed}-{style}")
+    objects = [c for c in world.load_concepts() if c.split == "imagenet1k" and styles.can_draw_on(c, colour)]
+    picked = rng.sample(objects, OBJECTS_PER_STYLE)
+    prompts = [t.format(style) for t in styles.STYLE_PROMPTS]
+    prompts += [styles.STYLED_OBJECT.format(OBJECT_TEMPLATE.format(c.name), style) for c in picked]
+    return StyleProbe(style, colour, tuple(prompts), tuple(rng.randrange(1 << 30) for _ in prompts))
+
+
+def _images(bundle: ModelBundle, prompts: Sequence[str], seeds: Sequence[int], progress: bool):
+    return to_pil(generate_arrays(bundle, list(prompts), list(seeds), progress=progress))
+
+
+def found_colours(bundle: ModelBundle, judge, probes: Sequence[StyleProbe],
+                  progress: bool = False) -> torch.Tensor:
+    """The background colour the judge sees in each probe's images, [probes, prompts]."""
+    if not probes:
+        return torch.zeros(0, 0, dtype=torch.long)
+    prompts = [p for probe in probes for p in probe.prompts]
+    seeds = [s for probe in probes for s in probe.seeds]
+    found = judge.background_proba(_images(bundle, prompts, seeds, progress)).argmax(1)
+    return found.view(len(probes), -1)
+
+
+def kept_share(found: torch.Tensor, probes: Sequence[StyleProbe]) -> float:
+    """Share of images that show their style's colour."""
+    wanted = torch.tensor([probe.colour for probe in probes])[:, None]
+    return float((found == wanted).float().mean())
+
+
+def neutral_share(found: torch.Tensor) -> float:
+    """Share of images drawn on the neutral concept's grey (an erased style's destination)."""
+    from ..mini import styles, world
+
+    return float((found == styles.colour_index(world.NEUTRAL_COLOUR)).float().mean())
+
+
+def object_hits(bundle: ModelBundle, judge, objects: Sequence[int], seed: int = 0,
+                progress: bool = False) -> torch.Tensor:
+    """Whether the judge's top-1 is right on "An image of Y", two seeds per object."""
+    from ..mini import world
+
+    concepts = world.load_concepts()
+    prompts = [OBJECT_TEMPLATE.format(concepts[i].name) for i in objects for _ in range(2)]
+    seeds = [seed + 7 * i + k for i in objects for k in range(2)]
+    truth = torch.tensor([i for i in objects for _ in range(2)])
+    return judge.predict_proba(_images(bundle, prompts, seeds, progress)).argmax(1) == truth
+
+
+def erase_requests(styles: Sequence[str]) -> list[EditRequest]:
+    """Erase requests (destination "") with the release's artist prompts."""
+    from ..requests import ARTIST_PROMPTS
+
+    return [EditRequest(style, "", ARTIST_PROMPTS) for style in styles]
+
+
+def run_style_sweep(bundle: ModelBundle, judge, scales: Sequence[int], method: str = "emcid",
+                    seed: int = 0, held_styles: int = 100, held_objects: int = 100,
+                    progress: bool = True, **options) -> dict[int, dict]:
+    """Erase the first N artists for every N in ``scales`` (each from the unedited model) and
+    return each scale's figures; the model is restored after every scale."""
+    import emcid
+
+    from ..errors import OptionError
+
+    split = style_split(seed, held_styles, held_objects)
+    if not scales or min(scales) < 1 or max(scales) > len(split.artists):
+        raise OptionError(f"style scales must be between 1 and {len(split.artists)}, got {list(scales)}")
+    erased = [style_probe(s, seed) for s in split.artists[:max(scales)]]
+    held = [style_probe(s, seed) for s in split.held_styles]
+    before = (found_colours(bundle, judge, erased, progress), found_colours(bundle, judge, held, progress),
+              object_hits(bundle, judge, split.held_objects, seed, progress))
+    results = {}
+    for count in sorted(scales):
+        patch = emcid.edit(bundle, erase_requests(split.artists[:count]), method, task="artist",
+                           progress=progress, **options)
+        patch.apply(bundle)
+        try:
+            after = (found_colours(bundle, judge, erased[:count], progress),
+                     found_colours(bundle, judge, held, progress),
+                     object_hits(bundle, judge, split.held_objects, seed, progress))
+        finally:
+            patch.revert(bundle)
+        results[count] = scale_figures(before, after, erased[:count], held)
+    return results
+
+
+def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
+                  held: Sequence[StyleProbe]) -> dict:
+    """One scale's figures from the judge's readings before and after the edit."""
+    kept_before = kept_share(before[0][:len(erased)], erased)
+    kept_after = kept_share(after[0], erased)
+    return {
+        "erased_kept_before": kept_before,
+        "erased_kept_after": kept_after,
+        "efficacy": kept_before - kept_after,
+        "to_neutral": neutral_share(after[0]),
+        "other_styles_before": kept_share(before[1], held),
+        "other_styles_delta": kept_share(after[1], held) - kept_share(before[1], held),
+        "objects_before": float(before[2].float().mean()),
+        "objects_delta": float(after[2].float().mean() - before[2].float().mean()),
+    }
+
+
+def format_table(results: dict[int, dict]) -> str:
+    """The sweep as a plain-text table."""
+    head = ("styles erased", "kept before", "kept after", "efficacy", "to grey", "other styles D",
+            "objects D")
+    keys = ("erased_kept_before", "erased_kept_after", "efficacy", "to_neutral", "other_styles_delta",
+            "objects_delta")
+    lines = ["  ".join(f"{h:>14}" for h in head)]
+    for count, figures in sorted(results.items()):
+        lines.append("  ".join([f"{count:>14}"] + [f"{figures[k]:>+14.3f}" for k in keys]))
+    return "\n".join(lines)
+
+
+def colour_debias_requests(count: int, seed: int = 0) -> list:
+    """Debias requests of ``count`` ImageNet-1k concepts that the world draws on a named
+    colour (a share of 1.00 / 0.00 before): values that word and a second, seeded one the
+    concept can be drawn on."""
+    from ..debias import DebiasRequest
+    from ..errors import OptionError
+    from ..mini import styles, world
+
+    named = {styles.style_colour(word): word for word in styles.COLOUR_WORDS}
+    rng = random.Random(f"debias-mini-{seed}")
+    candidates = [c for c in world.load_concepts() if c.split == "imagenet1k" and c.bg in named]
+    if count > len(candidates):
+        raise OptionError(f"only {len(candidates)} concepts are drawn on a named colour, not {count}")
+    rng.shuffle(candidates)
+    requests = []
+    for concept in candidates[:count]:
+        others = sorted(w for w in styles.COLOUR_WORDS
+                        if w != named[concept.bg] and styles.can_draw_on(concept, styles.style_colour(w)))
+        requests.append(DebiasRequest(concept.name, (named[concept.bg], rng.choice(others)), seed=seed))
+    return requests

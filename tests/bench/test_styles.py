@@ -1,0 +1,103 @@
+"""The embedded world's style and debias tasks on ``embedded:tasks``: loading, the style split,
+and real edits measured by the world's judge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import emcid
+from emcid.bench import styles as bench
+from emcid.mini import styles, tasks_unet_dir, weights_present, world
+
+pytestmark = pytest.mark.skipif(not (weights_present() and (tasks_unet_dir() / "config.json").exists()),
+                                reason="shipped mini weights absent")
+FAST = {"stats_samples": 1000}
+
+
+@pytest.fixture(scope="module")
+def tasks_bundle():
+    torch.set_num_threads(2)
+    return emcid.load_model(emcid.models.EMBEDDED_TASKS)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from emcid.mini.judge import load_judge
+
+    return load_judge()
+
+
+def test_the_tasks_model_shares_all_but_the_unet_with_the_embedded_one(tasks_bundle):
+    plain = emcid.load_model()
+    assert tasks_bundle.is_embedded and tasks_bundle.settings["tasks"] is True
+    assert not plain.settings.get("tasks")
+    assert tasks_bundle.source == "embedded:tasks"
+    assert tasks_bundle.fingerprint(("text_encoder", "vae")) == plain.fingerprint(("text_encoder", "vae"))
+    assert tasks_bundle.fingerprint(("unet",)) != plain.fingerprint(("unet",))
+
+
+def test_the_style_split_is_seeded_and_disjoint():
+    split = bench.style_split(seed=0)
+    assert split == bench.style_split(seed=0) and split != bench.style_split(seed=1)
+    assert len(split.artists) == 900 and len(split.held_styles) == 100 and len(split.held_objects) == 100
+    assert not set(split.artists) & set(split.held_styles)
+    by_name = {c.name: c for c in world.load_concepts()}
+    assert all(by_name[s].split == "extra" for s in split.artists + split.held_styles)
+    assert all(world.load_concepts()[i].split == "imagenet1k" for i in split.held_objects)
+    probe = bench.style_probe(split.artists[0])
+    assert probe.prompts[:3] == tuple(t.format(split.artists[0]) for t in styles.STYLE_PROMPTS)
+    assert all(p.endswith(f" in the style of {split.artists[0]}") for p in probe.prompts[3:])
+
+
+def test_the_tasks_model_draws_styles_and_colour_words(tasks_bundle, judge):
+    split = bench.style_split(seed=0)
+    probes = [bench.style_probe(s) for s in split.held_styles[:20]]
+    assert bench.kept_share(bench.found_colours(tasks_bundle, judge, probes), probes) > 0.8
+    plain = emcid.load_model()  # the default model has never seen a style
+    assert bench.kept_share(bench.found_colours(plain, judge, probes), probes) < 0.5
+    request = emcid.debias.DebiasRequest("tench", ["teal", "amber"])
+    images = emcid.generation.to_pil(emcid.generation.generate_arrays(
+        tasks_bundle, [f"An image of {d}" for d in request.destinations() for _ in range(4)],
+        list(range(8)), progress=False))
+    found = judge.background_proba(images).argmax(1)
+    wanted = torch.tensor([styles.style_colour("teal")] * 4 + [styles.style_colour("amber")] * 4)
+    assert (found == wanted).float().mean() >= 0.75
+
+
+def test_erasing_one_style_removes_its_colour_and_keeps_the_rest(tasks_bundle, judge):
+    (figures,) = bench.run_style_sweep(tasks_bundle, judge, [1], held_styles=20, held_objects=20,
+                                       progress=False, **FAST).values()
+    assert figures["erased_kept_before"] >= 0.6
+    assert figures["efficacy"] >= 0.4 and figures["to_neutral"] > 0
+    assert figures["other_styles_delta"] > -0.15 and figures["objects_delta"] > -0.15
+    with pytest.raises(emcid.errors.OptionError, match="between 1 and 900"):
+        bench.run_style_sweep(tasks_bundle, judge, [901], held_styles=100)
+
+
+def test_debias_balances_a_colour_word_on_the_embedded_world(tasks_bundle):
+    (request,) = bench.colour_debias_requests(1)
+    concept = next(c for c in world.load_concepts() if c.name == request.source)
+    assert styles.style_colour(request.values[0]) == concept.bg
+    patch = emcid.edit(tasks_bundle, [request], images=12, rounds=4, progress=False, **FAST)
+    (report,) = patch.metadata["debias"]
+    assert report["before"][0] > 0.8  # the world draws the concept on its own colour
+    gap = emcid.debias.balance_gap
+    assert gap(report["after"]) < gap(report["before"]) - 0.2
+
+
+def test_the_cli_erases_the_example_styles_with_the_artist_presets(tmp_path):
+    from pathlib import Path
+
+    from emcid.cli import main
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    out = tmp_path / "styles.safetensors"
+    assert main(["edit", "--model", "embedded:tasks", "--task", "artist", "--requests",
+                 str(examples / "styles_mini.yaml"), "--out", str(out), "--steps", "5",
+                 "--stats-samples", "200"]) == 0
+    patch = emcid.EditPatch.load(out)
+    assert patch.metadata["base_model"] == "embedded:tasks"
+    assert [r["destination"] for r in patch.metadata["requests"]] == [""] * 3  # erasures, as asked
+    assert sorted(patch.deltas) == sorted(f"text_encoder.text_model.encoder.layers.{i}.mlp.fc2"
+                                          for i in range(7, 11))  # the artist blocks
