@@ -51,8 +51,9 @@ def main() -> None:
     from emcid.mini.judge import load_judge
 
     bundle = emcid.load_model(args.model)
-    if not bundle.settings.get("tasks"):
-        raise SystemExit(f"{args.model} does not draw the world's styles (use embedded:tasks)")
+    if "styles" not in bundle.settings.get("tasks", ()):
+        raise SystemExit(f"{args.model} does not draw the world's styles: train one with "
+                         "`emcid mini train --task-rate ...` (docs/mini.md) and pass its folder")
     judge = load_judge(str(bundle.device))
     options = dict(parse_option(text) for text in args.option)
     results = {"model_fingerprint": bundle.fingerprint(), "options": options, "methods": {}}

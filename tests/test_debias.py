@@ -216,7 +216,7 @@ def test_the_embedded_model_debiases_colour_words_of_its_tasks_variant_only(sd1,
     monkeypatch.setitem(sd1.settings, "world", "mini")
     with pytest.raises(emcid.EmcidError, match="draws no attribute words.*embedded:tasks"):
         debias(sd1, [DebiasRequest("tench", ["teal", "amber"])])
-    monkeypatch.setitem(sd1.settings, "tasks", True)
+    monkeypatch.setitem(sd1.settings, "tasks", ["colour_words"])
     with pytest.raises(emcid.EmcidError, match="colour words .*'male' is not one"):
         debias(sd1, [DebiasRequest("tench", ["teal", "male"])])
 

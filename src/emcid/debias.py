@@ -305,7 +305,7 @@ def embedded_classifier(bundle: ModelBundle, requests: Sequence[DebiasRequest]) 
     from .mini.judge import ColourWordJudge, load_judge
     from .models import EMBEDDED_TASKS
 
-    if not bundle.settings.get("tasks"):
+    if "colour_words" not in bundle.settings.get("tasks", ()):
         raise RequestError(f"the embedded model draws no attribute words; debias on its world with "
                            f"--model {EMBEDDED_TASKS} (its UNet draws colour words: \"a teal tench\"), "
                            "or give a Stable Diffusion model")

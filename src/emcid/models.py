@@ -31,8 +31,8 @@ SETTINGS_FILE = "emcid.json"
 HISTORY_DIR = "emcid_history"  # a patched pipeline folder's patch chain (written by apply)
 HISTORY_FILE = "chain.json"
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # what a fingerprint covers
-#: The embedded model with a UNet that also draws its world's styles and colour words
-#: (emcid/mini/styles.py): the model of the artist and debias tasks on the embedded world.
+#: The embedded model with a UNet that also draws words of its world's task vocabulary
+#: (emcid/mini/styles.py; which ones: ``bundle.settings["tasks"]``).
 EMBEDDED_TASKS = "embedded:tasks"
 
 # Sampling defaults of each family's reference pipeline; a model folder may override them
@@ -335,7 +335,7 @@ def load_model(
     device = check_device(device)
     source, components = None if id_or_path is None else str(id_or_path), {}
     if source == EMBEDDED_TASKS:
-        components["unet"] = _embedded_tasks_unet(dtype)
+        components["unet"], draws = _embedded_tasks_unet(dtype)
         id_or_path = None
     if id_or_path is None:
         id_or_path = default_model_path()
@@ -373,15 +373,17 @@ def load_model(
             module.requires_grad_(False).eval()
     settings = _read_settings(local) if looks_local else {}
     if components:
-        settings = {**settings, "tasks": True}
+        settings = {**settings, "tasks": draws}
     sampling = {k: settings.get(k, v) for k, v in FAMILY_SAMPLING[detected].items()}
     history, recorded = _read_history(local) if looks_local else ([], None)
     return ModelBundle(pipeline, detected, source if components else id_or_path, sampling, settings,
                        history=history, recorded_fingerprint=recorded)
 
 
-def _embedded_tasks_unet(dtype: torch.dtype) -> nn.Module:
-    """The UNet of ``EMBEDDED_TASKS`` (shipped beside the embedded pipeline, float16 on disk)."""
+def _embedded_tasks_unet(dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
+    """The UNet of ``EMBEDDED_TASKS`` (shipped beside the embedded pipeline, float16 on disk)
+    and what it draws beyond the world's objects (its ``tasks.json``: "colour_words",
+    "styles")."""
     from diffusers import UNet2DConditionModel
 
     from .mini import tasks_unet_dir
@@ -390,7 +392,8 @@ def _embedded_tasks_unet(dtype: torch.dtype) -> nn.Module:
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{EMBEDDED_TASKS!r}: its UNet is not installed ({folder} has no "
                              "config.json)")
-    return UNet2DConditionModel.from_pretrained(folder, dtype=dtype)
+    draws = json.loads((folder / "tasks.json").read_text())["draws"]
+    return UNet2DConditionModel.from_pretrained(folder, dtype=dtype), list(draws)
 
 
 def _read_history(folder: Path) -> tuple[list[dict], str | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import numpy as np
@@ -95,10 +96,15 @@ def test_training_with_the_task_bank_resumes_bit_exactly(smoke_run, smoke_config
     ema = "work/unet/ema/diffusion_pytorch_model.safetensors"
     a, b = load_file(whole / ema), load_file(paused / ema)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    settings = json.loads((whole / "pipeline" / "emcid.json").read_text())
+    assert settings["tasks"] == ["styles", "colour_words"]
+    assert "tasks" not in json.loads((smoke_run / "pipeline" / "emcid.json").read_text())
     plain = load_file(smoke_run / ema)
     assert not all(torch.equal(a[k], plain[k]) for k in a)  # the task rows changed the training
     with pytest.raises(ValueError, match="task_rate"):
         train.MiniTrainConfig(task_rate=1.0)
+    with pytest.raises(ValueError, match="task_mix"):
+        train.MiniTrainConfig(task_mix=(0.0, 0.0, 0.0))
 
 
 def test_the_embedded_example_files_are_styles_and_colour_words(concepts):

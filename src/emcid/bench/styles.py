@@ -4,6 +4,7 @@ judge on generated images (emcid/mini/styles.py; docs/iceb.md, "Styles").
 A style is a concept name; its colour is that concept's background. The "artists" are the
 world's 1,000 ImageNet-21k concepts in a seeded order; a scale of N erases the first N (each
 towards the world's neutral concept, whose style is grey) with the artist task's presets.
+Held-out styles and objects are ImageNet-1k concepts.
 Every figure is measured on the same prompts and seeds before and after the edit:
 
 - **erased styles**: share of images of their prompts that still show the style's colour
@@ -49,16 +50,17 @@ class StyleSplit:
 
 
 def style_split(seed: int = 0, held_styles: int = 100, held_objects: int = 100) -> StyleSplit:
-    """Artists: the ImageNet-21k concepts' class names, seeded order; the last ``held_styles``
-    of that order are never erased. Held-out objects: ImageNet-1k concepts."""
+    """Artists: the 1,000 ImageNet-21k concepts' class names in a seeded order. Held-out styles
+    and held-out objects: disjoint seeded samples of the ImageNet-1k concepts."""
     from ..mini import world
 
     concepts = world.load_concepts()
     extra = [c.name for c in concepts if c.split == "extra"]
     random.Random(f"styles-{seed}").shuffle(extra)
-    objects = [c.index for c in concepts if c.split == "imagenet1k"]
-    chosen = sorted(random.Random(f"style-objects-{seed}").sample(objects, held_objects))
-    return StyleSplit(extra[:len(extra) - held_styles], extra[len(extra) - held_styles:], chosen)
+    pool = [c.index for c in concepts if c.split == "imagenet1k"]
+    chosen = random.Random(f"style-holdout-{seed}").sample(pool, held_styles + held_objects)
+    return StyleSplit(extra, [concepts[i].name for i in sorted(chosen[:held_styles])],
+                      sorted(chosen[held_styles:]))
 
 
 def style_probe(style: str, seed: int = 0) -> StyleProbe:

@@ -114,8 +114,10 @@ def save_pipeline(
     sampling: SamplingDefaults,
     tokenizer_dir: Path | None = None,
     half_text_encoder: bool = False,
+    tasks: list[str] | None = None,
 ) -> None:
-    """save_pretrained (safetensors) plus emcid.json with the sampling defaults.
+    """save_pretrained (safetensors) plus emcid.json with the sampling defaults (and ``tasks``:
+    what the UNet draws beyond the world's objects, e.g. ["colour_words"]).
 
     The fast tokenizer saves only tokenizer.json; CLIP's vocab.json + merges.txt from
     `tokenizer_dir` replace it, so the shipped files are the CLIP-format ones.
@@ -140,7 +142,8 @@ def save_pipeline(
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(tokenizer_dir / name, tmp / "tokenizer" / name)
         (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-    settings = {**asdict(sampling), "world": "mini", "editor_overrides": EDITOR_OVERRIDES}
+    settings = {**asdict(sampling), "world": "mini", "editor_overrides": EDITOR_OVERRIDES,
+                **({"tasks": tasks} if tasks else {})}
     (tmp / "emcid.json").write_text(json.dumps(settings, indent=1))
     if folder.exists():
         old = folder.with_name(folder.name + ".old")

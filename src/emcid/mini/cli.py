@@ -48,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--task-rate", type=float,
                        help="share of each UNet batch showing the world's styles and colour words "
                             "(mini/styles.py; default 0: none)")
+    train.add_argument("--task-mix", type=float, nargs=3, metavar=("ALONE", "STYLED", "COLOUR"),
+                       help="shares of the task bank: a style alone, an object in a style, an object "
+                            "on a colour word (default 0.35 0.4 0.25)")
+    train.add_argument("--task-examples", type=int, help="rows of the task bank (default 32768)")
     train.add_argument("--conflict-from", choices=["subject", "end_of_text"],
                        help="UNet conflict augmentation: replace only the end of text on "
                             "(default) or every state after the subject")
@@ -80,6 +84,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         "after_subject_conflict_rate": args.conflict_rate,
         "padding_clean_rate": args.padding_clean_rate,
         "task_rate": args.task_rate,
+        "task_mix": tuple(args.task_mix) if args.task_mix else None,
+        "task_examples": args.task_examples,
     }
     given = {name: value for name, value in top_level.items() if value is not None}
     try:

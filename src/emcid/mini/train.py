@@ -88,6 +88,7 @@ class MiniTrainConfig:
     padding_clean_rate: float = 0.2  # states after the end of text -> the empty prompt's
     task_rate: float = 0.0  # share of each UNet batch from the task bank (styles, colour words)
     task_examples: int = 32768  # rows of the task bank
+    task_mix: tuple[float, float, float] = (0.35, 0.4, 0.25)  # style alone / object in a style / colour word
     ema_decay: float = 0.999
     n_variants: int = 16  # renders per concept in the latent bank
     eval_every: int = 1000
@@ -103,6 +104,15 @@ class MiniTrainConfig:
             raise ValueError(f"UNet augmentation rates must be >= 0 and sum to at most 1, got {rates}")
         if not 0 <= self.task_rate < 1:
             raise ValueError(f"task_rate must be in [0, 1), got {self.task_rate}")
+        if len(self.task_mix) != 3 or min(self.task_mix) < 0 or sum(self.task_mix) <= 0:
+            raise ValueError(f"task_mix must be three non-negative shares, got {self.task_mix}")
+
+    def draws(self) -> list[str]:
+        """What the UNet learns to draw beyond the world's objects (recorded in emcid.json)."""
+        if not self.task_rate:
+            return []
+        alone, styled, colour = self.task_mix
+        return (["styles"] if alone + styled else []) + (["colour_words"] if colour else [])
 
 
 # --- sampling for evaluation -------------------------------------------------------
@@ -367,7 +377,7 @@ def stage_task_bank(work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer, text_e
         if file.exists():
             continue
         count = min(chunk, cfg.task_examples - i * chunk)
-        examples = styles.sample_task_examples(count, seed=cfg.seed * 1_000_003 + i)
+        examples = styles.sample_task_examples(count, seed=cfg.seed * 1_000_003 + i, mix=cfg.task_mix)
         ids = te_mod.encode_prompts(tok, [e.prompt for e in examples], pad_to_max=True)
         pixels = torch.from_numpy(np.stack([np.asarray(e.image) for e in examples])).permute(0, 3, 1, 2)
         with torch.no_grad():
@@ -513,7 +523,8 @@ def stage_unet(
         te_mod.save_training_state(state_file, parts, done_steps)
         history_file.write_text(json.dumps(history, indent=1))
         pipe = assemble_pipeline(vae, text_encoder, tok, ema_unet())
-        save_pipeline(pipe, out / "pipeline", cfg.sampling, work / "tokenizer", half_text_encoder=True)
+        save_pipeline(pipe, out / "pipeline", cfg.sampling, work / "tokenizer", half_text_encoder=True,
+                      tasks=cfg.draws())
 
     t_start = last_ckpt = time.time()
     unet.train()
@@ -610,7 +621,8 @@ def train_mini(
                                 tasks)
     log.info("stage unet %s at %.1f min", "done" if finished else "paused", (time.time() - t0) / 60)
     pipe = assemble_pipeline(vae, text_encoder, tok, unet)
-    save_pipeline(pipe, out / "pipeline", cfg.sampling, work / "tokenizer", half_text_encoder=True)
+    save_pipeline(pipe, out / "pipeline", cfg.sampling, work / "tokenizer", half_text_encoder=True,
+                  tasks=cfg.draws())
     judge_mod.save_judge(judge.net, out / "judge", cfg.judge)
     log.info("exported %s and %s in %.1f min", out / "pipeline", out / "judge",
              (time.time() - t0) / 60)  # fmt: skip
