@@ -122,8 +122,8 @@ def cmd_debias(args: argparse.Namespace) -> None:
         "stats_samples": args.stats_samples,
     }.items() if v is not None}
     tuning = {k: v for k, v in {"images": args.images, "rounds": args.rounds}.items() if v is not None}
-    patch = debias(bundle, requests, ClipZeroShot(args.classifier, bundle.device),
-                   DebiasConfig(**tuning), **options)
+    classifier = ClipZeroShot(args.classifier, bundle.device) if args.classifier else None
+    patch = debias(bundle, requests, classifier, DebiasConfig(**tuning), **options)
     patch.save(args.out)
     print(format_report(patch.metadata["debias"]))
     print(f"wrote {args.out}: {len(requests)} concepts debiased in {len(patch.deltas)} modules")
@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--corpus", help="caption file (one per line) for the statistics")
     edit.add_argument("--no-cache", action="store_true", help="recompute everything")
     edit.add_argument("--classifier", help="debias requests: CLIP model (hub id or folder) that "
-                                           "classifies the images (default: CLIP ViT-L/14)")
+                                           "classifies the images (default: CLIP ViT-L/14; on the "
+                                           "embedded world, its judge)")
     edit.add_argument("--images", type=int, help="debias requests: images per tuning round (25)")
     edit.add_argument("--rounds", type=int, help="debias requests: most tuning rounds per concept (10)")
     edit.add_argument("--concept-batch", type=int, help="most Stage I concepts side by side")
@@ -232,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     debias.add_argument("--requests", required=True,
                         help="YAML, JSON or CSV debias requests ({source: doctor, debias: [male, female]})")
     debias.add_argument("--out", required=True, help="patch file to write (.safetensors)")
-    debias.add_argument("--classifier", default="openai/clip-vit-large-patch14",
-                        help="CLIP model (hub id or folder) that classifies the images zero-shot")
+    debias.add_argument("--classifier",
+                        help="CLIP model (hub id or folder) that classifies the images zero-shot "
+                             "(default: CLIP ViT-L/14; on the embedded world, its judge)")
     debias.add_argument("--images", type=int, help="images per tuning round (release: 25)")
     debias.add_argument("--rounds", type=int, help="most tuning rounds per concept (release: 10)")
     debias.add_argument("--layers", action="append", help="edited blocks, e.g. 0-10")

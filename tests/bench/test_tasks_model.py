@@ -102,3 +102,20 @@ def test_the_cli_erases_the_example_styles_with_the_artist_presets(tmp_path):
     assert [r["destination"] for r in patch.metadata["requests"]] == [""] * 3  # erasures, as asked
     assert sorted(patch.deltas) == sorted(f"text_encoder.text_model.encoder.layers.{i}.mlp.fc2"
                                           for i in range(7, 11))  # the artist blocks
+
+
+def test_the_cli_debiases_the_example_file_with_the_worlds_judge(tmp_path, capsys):
+    from pathlib import Path
+
+    from emcid.cli import main
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    out = tmp_path / "debias.safetensors"
+    assert main(["debias", "--model", "embedded:tasks", "--requests", str(examples / "debias_mini.yaml"),
+                 "--out", str(out), "--images", "4", "--rounds", "1", "--steps", "5",
+                 "--stats-samples", "200"]) == 0  # no CLIP download: the world's judge classifies
+    printed = capsys.readouterr().out
+    assert "can opener" in printed and "teal / crimson" in printed
+    reports = emcid.EditPatch.load(out).metadata["debias"]
+    assert [r["values"] for r in reports] == [["teal", "crimson"], ["cyan", "ivory"], ["maroon", "lavender"]]
+    assert all(len(r["before"]) == len(r["after"]) == 2 for r in reports)
