@@ -17,7 +17,6 @@ FAST = {"stats_samples": 1000}
 
 @pytest.fixture(scope="module")
 def tasks_bundle():
-    torch.set_num_threads(2)
     return emcid.load_model(emcid.models.EMBEDDED_TASKS)
 
 
