@@ -118,3 +118,11 @@ def test_the_cli_debiases_the_example_file_with_the_worlds_judge(tmp_path, capsy
     reports = emcid.EditPatch.load(out).metadata["debias"]
     assert [r["values"] for r in reports] == [["teal", "crimson"], ["cyan", "ivory"], ["maroon", "lavender"]]
     assert all(len(r["before"]) == len(r["after"]) == 2 for r in reports)
+
+
+def test_a_missing_tasks_unet_is_a_clear_load_error(tmp_path, monkeypatch):
+    import emcid.mini
+
+    monkeypatch.setattr(emcid.mini, "tasks_unet_dir", lambda: tmp_path / "absent")
+    with pytest.raises(emcid.errors.ModelLoadError, match="embedded:tasks.*not installed"):
+        emcid.load_model("embedded:tasks")
