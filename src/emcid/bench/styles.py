@@ -160,15 +160,17 @@ def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
     """One scale's figures from the judge's readings before and after the edit."""
     kept_before = kept_share(before[0][:len(erased)], erased)
     kept_after = kept_share(after[0], erased)
+    other_before = kept_share(before[1], held)
+    objects_before = float(before[2].float().mean())
     return {
         "erased_kept_before": kept_before,
         "erased_kept_after": kept_after,
         "efficacy": kept_before - kept_after,
         "to_neutral": neutral_share(after[0]),
-        "other_styles_before": kept_share(before[1], held),
-        "other_styles_delta": kept_share(after[1], held) - kept_share(before[1], held),
-        "objects_before": float(before[2].float().mean()),
-        "objects_delta": float(after[2].float().mean() - before[2].float().mean()),
+        "other_styles_before": other_before,
+        "other_styles_delta": kept_share(after[1], held) - other_before,
+        "objects_before": objects_before,
+        "objects_delta": float(after[2].float().mean()) - objects_before,
     }
 
 

@@ -24,8 +24,8 @@ def default_judge_dir() -> Path:
 
 
 def tasks_unet_dir() -> Path:
-    """The UNet of the model that also draws the world's styles and colour words
-    (``emcid.models.EMBEDDED_TASKS``; same text encoder, VAE and judge)."""
+    """The UNet of the model that also draws words of the world's task vocabulary (its
+    ``tasks.json`` says which; ``emcid.models.EMBEDDED_TASKS``; same text encoder, VAE and judge)."""
     return _WEIGHTS / "tasks-unet"
 
 

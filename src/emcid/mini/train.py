@@ -271,20 +271,20 @@ def stage_judge(work: Path, cfg: MiniTrainConfig) -> judge_mod.Judge:
 
 
 @torch.no_grad()
-def encode_bank(vae: AutoencoderKL, bank: torch.Tensor, batch: int = 256,
-                with_neutral: bool = True) -> torch.Tensor:
-    """Scaled latent means of all renders, then (``with_neutral``) the neutral canvas's (row
-    index 2,000)."""
+def vae_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 256,
+                progress: bool = False) -> torch.Tensor:
+    """Scaled latent means of uint8 images [n, 3, h, w]."""
     out = []
-    for i in tqdm(range(0, len(bank), batch), desc="latents", mininterval=5, disable=not with_neutral):
-        x = bank[i : i + batch].float() / 127.5 - 1
+    for i in tqdm(range(0, len(pixels), batch), desc="latents", mininterval=5, disable=not progress):
+        x = pixels[i : i + batch].float() / 127.5 - 1
         out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
-    if not with_neutral:
-        return torch.cat(out)
-    neutral = torch.from_numpy(np.array(world.render_neutral())).permute(2, 0, 1)[None]
-    neutral = neutral.float() / 127.5 - 1
-    out.append(vae.encode(neutral).latent_dist.mode() * vae.config.scaling_factor)
     return torch.cat(out)
+
+
+def encode_bank(vae: AutoencoderKL, bank: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Scaled latent means of all renders, then the neutral canvas's (row index 2,000)."""
+    neutral = torch.from_numpy(np.array(world.render_neutral())).permute(2, 0, 1)[None]
+    return torch.cat([vae_latents(vae, bank, batch, progress=True), vae_latents(vae, neutral)])
 
 
 # --- the conditioning bank ---------------------------------------------------------
@@ -382,7 +382,7 @@ def stage_task_bank(work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer, text_e
         pixels = torch.from_numpy(np.stack([np.asarray(e.image) for e in examples])).permute(0, 3, 1, 2)
         with torch.no_grad():
             states = torch.cat([text_encoder(ids[j : j + 256])[0] for j in range(0, len(ids), 256)])
-            latents = encode_bank(vae, pixels, with_neutral=False)
+        latents = vae_latents(vae, pixels)
         eos = (ids == tok.eos_token_id).int().argmax(dim=1)
         tmp = file.with_suffix(".tmp")
         save_file({"states": states.half(), "eos": eos, "latents": latents.contiguous()}, str(tmp))
