@@ -335,7 +335,7 @@ def load_model(
     device = check_device(device)
     source, components = None if id_or_path is None else str(id_or_path), {}
     if source == EMBEDDED_TASKS:
-        components["unet"], draws = _embedded_tasks_unet(dtype)
+        components, draws = _embedded_tasks_components(dtype)
         id_or_path = None
     if id_or_path is None:
         id_or_path = default_model_path()
@@ -380,20 +380,23 @@ def load_model(
                        history=history, recorded_fingerprint=recorded)
 
 
-def _embedded_tasks_unet(dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
-    """The UNet of ``EMBEDDED_TASKS`` (shipped beside the embedded pipeline, float16 on disk)
-    and what it draws beyond the world's objects (its ``tasks.json``: "colour_words",
-    "styles")."""
+def _embedded_tasks_components(dtype: torch.dtype) -> tuple[dict[str, nn.Module], list[str]]:
+    """The parts of ``EMBEDDED_TASKS`` that replace the embedded pipeline's (shipped beside it,
+    float16 on disk: the UNet, and the text encoder where it was fine-tuned for styles) and
+    what it draws beyond the world's objects (its ``tasks.json``: "colour_words", "styles")."""
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    from .mini import tasks_unet_dir
+    from .mini import tasks_dir
 
-    folder = tasks_unet_dir()
-    if not (folder / "config.json").is_file():
+    folder = tasks_dir()
+    if not (folder / "unet" / "config.json").is_file() or not (folder / "tasks.json").is_file():
         raise ModelLoadError(f"{EMBEDDED_TASKS!r}: its UNet is not installed ({folder} has no "
-                             "config.json)")
-    draws = json.loads((folder / "tasks.json").read_text())["draws"]
-    return UNet2DConditionModel.from_pretrained(folder, dtype=dtype), list(draws)
+                             "unet/config.json or tasks.json)")
+    components = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)}
+    if (folder / "text_encoder" / "config.json").is_file():
+        components["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+    return components, list(json.loads((folder / "tasks.json").read_text())["draws"])
 
 
 def _read_history(folder: Path) -> tuple[list[dict], str | None]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["default_model_dir", "default_judge_dir", "tasks_unet_dir", "weights_present"]
+__all__ = ["default_model_dir", "default_judge_dir", "tasks_dir", "weights_present"]
 
 _WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -23,10 +23,11 @@ def default_judge_dir() -> Path:
     return _WEIGHTS / "judge"
 
 
-def tasks_unet_dir() -> Path:
-    """The UNet of the model that also draws words of the world's task vocabulary (its
-    ``tasks.json`` says which; ``emcid.models.EMBEDDED_TASKS``; same text encoder, VAE and judge)."""
-    return _WEIGHTS / "tasks-unet"
+def tasks_dir() -> Path:
+    """The parts of the model that also draws words of the world's task vocabulary
+    (``emcid.models.EMBEDDED_TASKS``): ``unet/``, optionally ``text_encoder/``, and
+    ``tasks.json`` (what it draws); the VAE, tokenizer and judge are the default model's."""
+    return _WEIGHTS / "tasks"
 
 
 def weights_present() -> bool:

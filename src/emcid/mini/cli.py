@@ -52,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="shares of the task bank: a style alone, an object in a style, an object "
                             "on a colour word (default 0.35 0.4 0.25)")
     train.add_argument("--task-examples", type=int, help="rows of the task bank (default 32768)")
+    train.add_argument("--style-steps", type=int,
+                       help="fine-tune the text encoder this many steps so that \"<object> in the "
+                            "style of X\" reads as the object on X's colour (mini/style_encoder.py; "
+                            "default 0: no fine-tune)")
+    train.add_argument("--style-lr", type=float, help="peak learning rate of --style-steps (default 5e-4)")
     train.add_argument("--conflict-from", choices=["subject", "end_of_text"],
                        help="UNet conflict augmentation: replace only the end of text on "
                             "(default) or every state after the subject")
@@ -71,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
+    from .style_encoder import StyleTuneConfig
     from .train import MiniTrainConfig, train_mini
 
     torch.set_num_threads(args.threads)
@@ -89,7 +95,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     }
     given = {name: value for name, value in top_level.items() if value is not None}
     try:
-        cfg = MiniTrainConfig(seed=args.seed, max_minutes=args.max_minutes, **given)
+        style = StyleTuneConfig(seed=args.seed, **{name: value for name, value in (
+            ("steps", args.style_steps), ("lr", args.style_lr)) if value is not None})
+        cfg = MiniTrainConfig(seed=args.seed, max_minutes=args.max_minutes, style=style, **given)
     except ValueError as exc:
         raise SystemExit(f"emcid mini train: {exc}") from None
     cfg.text.seed = cfg.judge.seed = args.seed

@@ -43,6 +43,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..errors import OptionError
 from . import judge as judge_mod
+from . import style_encoder as style_mod
 from . import styles, world
 from . import text_encoder as te_mod
 from . import tokenizer as tok_mod
@@ -68,6 +69,7 @@ class MiniTrainConfig:
     seed: int = 0
     vocab_size: int = 4096
     text: te_mod.TextEncoderConfig = field(default_factory=te_mod.TextEncoderConfig)
+    style: style_mod.StyleTuneConfig = field(default_factory=style_mod.StyleTuneConfig)
     judge: judge_mod.JudgeConfig = field(default_factory=judge_mod.JudgeConfig)
     vae_channels: tuple[int, ...] = (16, 32, 32)
     vae_latent_channels: int = 8
@@ -216,6 +218,24 @@ def stage_text_encoder(work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer) -> 
             model, tok, cfg.text, state_file=path / "state.pt",
             checkpoint_minutes=cfg.checkpoint_minutes,
         )  # fmt: skip
+        model.to(torch.float16).save_pretrained(path, safe_serialization=True)
+        (path / "state.pt").unlink(missing_ok=True)
+        _mark(path, {"probe": metrics, "seconds": time.time() - t0})
+    model = CLIPTextModel.from_pretrained(path, dtype=torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def stage_style_encoder(work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer,
+                        text_encoder: CLIPTextModel) -> CLIPTextModel:
+    """The encoder fine-tuned so that styles compose with objects (resumable; float16 on disk).
+    It replaces the pretrained one for every later stage and in the exported pipeline."""
+    path = work / "style_encoder"
+    if not _done(path):
+        path.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        model = copy.deepcopy(text_encoder)
+        metrics = style_mod.tune_for_styles(model, tok, cfg.style, state_file=path / "state.pt",
+                                            checkpoint_minutes=cfg.checkpoint_minutes)
         model.to(torch.float16).save_pretrained(path, safe_serialization=True)
         (path / "state.pt").unlink(missing_ok=True)
         _mark(path, {"probe": metrics, "seconds": time.time() - t0})
@@ -607,6 +627,9 @@ def train_mini(
     tok = stage_tokenizer(work, cfg)
     text_encoder = stage_text_encoder(work, cfg, tok)
     log.info("stage text encoder done at %.1f min", (time.time() - t0) / 60)
+    if cfg.style.steps:
+        text_encoder = stage_style_encoder(work, cfg, tok, text_encoder)
+        log.info("stage style encoder done at %.1f min", (time.time() - t0) / 60)
     bank = judge_mod.render_bank(cfg.n_variants, seed=cfg.seed)
     vae = stage_vae(work, cfg, bank)
     log.info("stage vae done at %.1f min", (time.time() - t0) / 60)
