@@ -7,7 +7,7 @@ concept with the artist task's presets, from the unedited model at every scale, 
 for each N: the share of the erased styles' images that still show the style's colour before
 and after, efficacy (the drop), the share drawn on the neutral grey, and the change in the
 held-out styles' share and in the judge's top-1 on held-out objects. Runs on
-``embedded:tasks`` (the embedded model whose UNet draws styles); ``--methods emcid,uce``
+``embedded:tasks`` (the embedded model that draws styles); ``--methods emcid,uce``
 compares editors on the same prompts and seeds.
 """
 

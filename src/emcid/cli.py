@@ -35,8 +35,8 @@ def parse_layers(values: list[str] | None) -> dict[str, list[int]] | None:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="diffusers folder or hub id (default: the embedded model; "
-                        "embedded:tasks: the embedded model whose UNet also draws its world's "
-                        "colour words)")
+                        "embedded:tasks: the embedded model that also draws its world's "
+                        "styles and colour words)")
     parser.add_argument("--device", default="cpu",
                         help="torch device (cpu, cuda, cuda:1) or 'auto': this process's device under "
                              "accelerate launch")

@@ -307,7 +307,7 @@ def embedded_classifier(bundle: ModelBundle, requests: Sequence[DebiasRequest]) 
 
     if "colour_words" not in bundle.settings.get("tasks", ()):
         raise RequestError(f"the embedded model draws no attribute words; debias on its world with "
-                           f"--model {EMBEDDED_TASKS} (its UNet draws colour words: \"a teal tench\"), "
+                           f"--model {EMBEDDED_TASKS} (it draws colour words: \"a teal tench\"), "
                            "or give a Stable Diffusion model")
     for request in requests:
         unknown = [v for v in request.values if v.lower() not in styles.COLOUR_WORDS]

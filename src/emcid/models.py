@@ -31,8 +31,8 @@ SETTINGS_FILE = "emcid.json"
 HISTORY_DIR = "emcid_history"  # a patched pipeline folder's patch chain (written by apply)
 HISTORY_FILE = "chain.json"
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # what a fingerprint covers
-#: The embedded model with a UNet that also draws words of its world's task vocabulary
-#: (emcid/mini/styles.py; which ones: ``bundle.settings["tasks"]``).
+#: The embedded model with its own UNet (and text encoder) that also draw words of its world's
+#: task vocabulary (emcid/mini/styles.py; which ones: ``bundle.settings["tasks"]``).
 EMBEDDED_TASKS = "embedded:tasks"
 
 # Sampling defaults of each family's reference pipeline; a model folder may override them
