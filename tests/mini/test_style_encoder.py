@@ -80,3 +80,24 @@ def test_style_tune_settings_are_checked():
         style_encoder.StyleTuneConfig(steps=-1)
     with pytest.raises(ValueError, match="style fine-tune"):
         style_encoder.StyleTuneConfig(lr=0)
+
+
+def test_the_style_stage_replaces_the_exported_encoder(smoke_run, smoke_config, tmp_path):
+    import dataclasses
+    import json
+
+    from safetensors.torch import load_file
+
+    from emcid.mini import train
+
+    style = style_encoder.StyleTuneConfig(steps=2, batch_size=4, probe_steps=2)
+    cfg = dataclasses.replace(smoke_config, style=style)
+    train.train_mini(tmp_path, cfg, reuse_from=smoke_run / "work",
+                     reuse_stages=("tokenizer", "text_encoder", "vae", "judge"))
+    done = json.loads((tmp_path / "work" / "style_encoder" / "DONE").read_text())
+    assert "styled_x_bg" in done["probe"] and not (tmp_path / "work" / "style_encoder" / "state.pt").exists()
+    tuned = load_file(tmp_path / "work" / "style_encoder" / "model.safetensors")
+    exported = load_file(tmp_path / "pipeline" / "text_encoder" / "model.safetensors")
+    pretrained = load_file(smoke_run / "work" / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(exported[k], tuned[k]) for k in tuned)
+    assert any(not torch.equal(tuned[k], pretrained[k]) for k in tuned)

@@ -218,9 +218,19 @@ def stage_text_encoder(work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer) -> 
             model, tok, cfg.text, state_file=path / "state.pt",
             checkpoint_minutes=cfg.checkpoint_minutes,
         )  # fmt: skip
-        model.to(torch.float16).save_pretrained(path, safe_serialization=True)
-        (path / "state.pt").unlink(missing_ok=True)
-        _mark(path, {"probe": metrics, "seconds": time.time() - t0})
+        _store_encoder(path, model, {"probe": metrics, "seconds": time.time() - t0})
+    return _load_frozen_encoder(path)
+
+
+def _store_encoder(path: Path, model: CLIPTextModel, info: dict) -> None:
+    """Save a trained encoder in float16, drop its training state and mark the stage done."""
+    model.to(torch.float16).save_pretrained(path, safe_serialization=True)
+    (path / "state.pt").unlink(missing_ok=True)
+    _mark(path, info)
+
+
+def _load_frozen_encoder(path: Path) -> CLIPTextModel:
+    """A stored encoder in float32, frozen, as every later stage uses it."""
     model = CLIPTextModel.from_pretrained(path, dtype=torch.float32)
     return model.eval().requires_grad_(False)
 
@@ -236,11 +246,8 @@ def stage_style_encoder(work: Path, cfg: MiniTrainConfig, tok: CLIPTokenizer,
         model = copy.deepcopy(text_encoder)
         metrics = style_mod.tune_for_styles(model, tok, cfg.style, state_file=path / "state.pt",
                                             checkpoint_minutes=cfg.checkpoint_minutes)
-        model.to(torch.float16).save_pretrained(path, safe_serialization=True)
-        (path / "state.pt").unlink(missing_ok=True)
-        _mark(path, {"probe": metrics, "seconds": time.time() - t0})
-    model = CLIPTextModel.from_pretrained(path, dtype=torch.float32)
-    return model.eval().requires_grad_(False)
+        _store_encoder(path, model, {"probe": metrics, "seconds": time.time() - t0})
+    return _load_frozen_encoder(path)
 
 
 def stage_vae(work: Path, cfg: MiniTrainConfig, bank: torch.Tensor) -> AutoencoderKL:
