@@ -3,7 +3,9 @@
     python benchmarks/styles_mini.py --edits 1,10,100 --out runs/styles_mini
 
 Erases the first N "artists" (world concept names used as styles) towards the world's neutral
-concept with the artist task's presets, from the unedited model at every scale, and prints
+concept with the artist task's presets, from the unedited model at every scale (scale 1: each
+of the first ``--singles`` styles alone, averaged; grey styles, whose erasure cannot show,
+are left out of the figures), and prints
 for each N: the share of the erased styles' images that still show the style's colour before
 and after, efficacy (the drop), the share drawn on the neutral grey, and the change in the
 held-out styles' share and in the judge's top-1 on held-out objects. Runs on
@@ -32,6 +34,8 @@ def main() -> None:
     parser.add_argument("--model", default="embedded:tasks", help="a model whose world has styles")
     parser.add_argument("--held-styles", type=int, default=100)
     parser.add_argument("--held-objects", type=int, default=100)
+    parser.add_argument("--singles", type=int, default=8,
+                        help="scale 1 is the mean of this many styles, each erased alone")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="an editor option, e.g. steps=50 (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,7 +64,7 @@ def main() -> None:
     for method in args.methods.split(","):
         started = time.perf_counter()
         sweep = run_style_sweep(bundle, judge, scales, method, args.seed, args.held_styles,
-                                args.held_objects, progress=not args.quiet, **options)
+                                args.held_objects, args.singles, progress=not args.quiet, **options)
         seconds = time.perf_counter() - started
         results["methods"][method] = {"scales": sweep, "seconds": seconds}
         print(f"\n{method} ({seconds:.0f} s)\n{format_table(sweep)}")

@@ -89,12 +89,26 @@ def test_the_tasks_model_draws_styles_and_the_default_one_hardly(tasks_bundle, j
 def test_a_style_sweep_edits_each_scale_from_the_unedited_model_and_restores_it(tasks_bundle, judge):
     base = tasks_bundle.fingerprint()
     results = bench.run_style_sweep(tasks_bundle, judge, [2, 1], held_styles=20, held_objects=20,
-                                    progress=False, **FAST)
+                                    singles=2, progress=False, **FAST)
     assert sorted(results) == [1, 2] and tasks_bundle.fingerprint() == base
     for figures in results.values():  # the artist presets leave the rest of the world alone
         assert figures["other_styles_delta"] > -0.15 and figures["objects_delta"] > -0.15
+    singles = results[1]["singles"]  # scale 1: each of the first two artists alone, averaged
+    assert [s["style"] for s in singles] == bench.style_split().artists[:2]
+    assert results[1]["efficacy"] == pytest.approx(sum(s["efficacy"] for s in singles) / 2)
     with pytest.raises(emcid.errors.OptionError, match="between 1 and 1000"):
         bench.run_style_sweep(tasks_bundle, judge, [1001])
+    with pytest.raises(emcid.errors.OptionError, match="singles"):
+        bench.run_style_sweep(tasks_bundle, judge, [1], singles=0)
+
+
+def test_styles_drawn_on_grey_are_left_out_of_the_style_figures():
+    """Erasing to the neutral concept cannot show on a style whose colour is its grey."""
+    grey = styles.colour_index(world.NEUTRAL_COLOUR)
+    probes = [bench.StyleProbe("a", 3, ("p",), (0,)), bench.StyleProbe("b", grey, ("p",), (0,))]
+    found = torch.tensor([[grey], [grey]])
+    assert bench.kept_share(found, probes) == 0.0 and bench.neutral_share(found, probes) == 1.0
+    assert torch.isnan(torch.tensor(bench.kept_share(found[1:], probes[1:])))
 
 
 def test_debias_balances_a_colour_word_on_the_embedded_world(tasks_bundle):

@@ -12,6 +12,11 @@ Every figure is measured on the same prompts and seeds before and after the edit
   *efficacy* is before minus after, and *to neutral* the share drawn on grey after the edit;
 - **other styles**: the same share for held-out styles; *delta* is after minus before;
 - **objects**: the judge's top-1 on "An image of Y" for held-out objects; *delta* likewise.
+
+Styles whose colour is the neutral grey are erased with the others but left out of the style
+figures: erasing them to grey changes nothing a judge can see. One style is a sample of five
+images, so scale 1 is the mean of several single-style erasures (``singles``), each from the
+unedited model.
 """
 
 from __future__ import annotations
@@ -92,17 +97,31 @@ def found_colours(bundle: ModelBundle, judge, probes: Sequence[StyleProbe],
     return found.view(len(probes), -1)
 
 
-def kept_share(found: torch.Tensor, probes: Sequence[StyleProbe]) -> float:
-    """Share of images that show their style's colour."""
-    wanted = torch.tensor([probe.colour for probe in probes])[:, None]
-    return float((found == wanted).float().mean())
-
-
-def neutral_share(found: torch.Tensor) -> float:
-    """Share of images drawn on the neutral concept's grey (an erased style's destination)."""
+def is_visible(probe: StyleProbe) -> bool:
+    """Whether erasing the style to the neutral concept can show: its colour is not grey."""
     from ..mini import styles, world
 
-    return float((found == styles.colour_index(world.NEUTRAL_COLOUR)).float().mean())
+    return probe.colour != styles.colour_index(world.NEUTRAL_COLOUR)
+
+
+def kept_share(found: torch.Tensor, probes: Sequence[StyleProbe]) -> float:
+    """Share of images that show their style's colour, over the styles whose erasure shows."""
+    rows = [i for i, probe in enumerate(probes) if is_visible(probe)]
+    if not rows:
+        return float("nan")
+    wanted = torch.tensor([probes[i].colour for i in rows])[:, None]
+    return float((found[rows] == wanted).float().mean())
+
+
+def neutral_share(found: torch.Tensor, probes: Sequence[StyleProbe]) -> float:
+    """Share of images drawn on the neutral concept's grey (an erased style's destination),
+    over the styles whose erasure shows."""
+    from ..mini import styles, world
+
+    rows = [i for i, probe in enumerate(probes) if is_visible(probe)]
+    if not rows:
+        return float("nan")
+    return float((found[rows] == styles.colour_index(world.NEUTRAL_COLOUR)).float().mean())
 
 
 def object_hits(bundle: ModelBundle, judge, objects: Sequence[int], seed: int = 0,
@@ -126,33 +145,61 @@ def erase_requests(styles: Sequence[str]) -> list[EditRequest]:
 
 def run_style_sweep(bundle: ModelBundle, judge, scales: Sequence[int], method: str = "emcid",
                     seed: int = 0, held_styles: int = 100, held_objects: int = 100,
-                    progress: bool = True, **options) -> dict[int, dict]:
+                    singles: int = 8, progress: bool = True, **options) -> dict[int, dict]:
     """Erase the first N artists for every N in ``scales`` (each from the unedited model) and
-    return each scale's figures; the model is restored after every scale."""
-    import emcid
-
+    return each scale's figures; the model is restored after every scale. Scale 1 is the
+    mean over the first ``singles`` artists whose erasure shows, each erased alone (its
+    ``"singles"`` entry lists them)."""
     from ..errors import OptionError
 
     split = style_split(seed, held_styles, held_objects)
     if not scales or min(scales) < 1 or max(scales) > len(split.artists):
         raise OptionError(f"style scales must be between 1 and {len(split.artists)}, got {list(scales)}")
-    erased = [style_probe(s, seed) for s in split.artists[:max(scales)]]
+    if singles < 1:
+        raise OptionError(f"singles must be at least 1, got {singles}")
+    probes = [style_probe(s, seed) for s in split.artists]
+    alone = [p for p in probes if is_visible(p)][:singles] if 1 in scales else []
+    erased = probes[:max(scales)]
     held = [style_probe(s, seed) for s in split.held_styles]
-    before = (found_colours(bundle, judge, erased, progress), found_colours(bundle, judge, held, progress),
-              object_hits(bundle, judge, split.held_objects, seed, progress))
+    watched = erased + [p for p in alone if p not in erased]
+    before = _readings(bundle, judge, watched, held, split.held_objects, seed, progress)
+    by_probe = dict(zip(watched, before[0], strict=True))
+
+    def edited(erasing: list[StyleProbe]) -> dict:
+        after = _edited_readings(bundle, judge, erasing, held, split, method, seed, progress, options)
+        return scale_figures((torch.stack([by_probe[p] for p in erasing]), *before[1:]), after,
+                             erasing, held)
+
     results = {}
     for count in sorted(scales):
-        patch = emcid.edit(bundle, erase_requests(split.artists[:count]), method, task="artist",
-                           progress=progress, **options)
-        patch.apply(bundle)
-        try:
-            after = (found_colours(bundle, judge, erased[:count], progress),
-                     found_colours(bundle, judge, held, progress),
-                     object_hits(bundle, judge, split.held_objects, seed, progress))
-        finally:
-            patch.revert(bundle)
-        results[count] = scale_figures(before, after, erased[:count], held)
+        if count == 1:
+            runs = [edited([probe]) for probe in alone]
+            results[1] = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+            results[1]["singles"] = [{"style": p.style, **r} for p, r in zip(alone, runs, strict=True)]
+        else:
+            results[count] = edited(erased[:count])
     return results
+
+
+def _readings(bundle: ModelBundle, judge, erased: Sequence[StyleProbe], held: Sequence[StyleProbe],
+              objects: Sequence[int], seed: int, progress: bool) -> tuple:
+    """The judge's readings of the erased and held styles' images, and the object hits."""
+    return (found_colours(bundle, judge, erased, progress), found_colours(bundle, judge, held, progress),
+            object_hits(bundle, judge, objects, seed, progress))
+
+
+def _edited_readings(bundle: ModelBundle, judge, erasing: list[StyleProbe], held: Sequence[StyleProbe],
+                     split: StyleSplit, method: str, seed: int, progress: bool, options: dict) -> tuple:
+    """:func:`_readings` with ``erasing``'s styles erased; the model is restored after."""
+    import emcid
+
+    patch = emcid.edit(bundle, erase_requests([p.style for p in erasing]), method, task="artist",
+                       progress=progress, **options)
+    patch.apply(bundle)
+    try:
+        return _readings(bundle, judge, erasing, held, split.held_objects, seed, progress)
+    finally:
+        patch.revert(bundle)
 
 
 def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
@@ -166,7 +213,7 @@ def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
         "erased_kept_before": kept_before,
         "erased_kept_after": kept_after,
         "efficacy": kept_before - kept_after,
-        "to_neutral": neutral_share(after[0]),
+        "to_neutral": neutral_share(after[0], erased),
         "other_styles_before": other_before,
         "other_styles_delta": kept_share(after[1], held) - other_before,
         "objects_before": objects_before,
@@ -182,7 +229,8 @@ def format_table(results: dict[int, dict]) -> str:
             "objects_delta")
     lines = ["  ".join(f"{h:>14}" for h in head)]
     for count, figures in sorted(results.items()):
-        lines.append("  ".join([f"{count:>14}"] + [f"{figures[k]:>+14.3f}" for k in keys]))
+        label = f"1 (mean of {len(figures['singles'])})" if "singles" in figures else str(count)
+        lines.append("  ".join([f"{label:>14}"] + [f"{figures[k]:>+14.3f}" for k in keys]))
     return "\n".join(lines)
 
 
