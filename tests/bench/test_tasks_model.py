@@ -102,13 +102,16 @@ def test_a_style_sweep_edits_each_scale_from_the_unedited_model_and_restores_it(
         bench.run_style_sweep(tasks_bundle, judge, [1], singles=0)
 
 
-def test_styles_drawn_on_grey_are_left_out_of_the_style_figures():
+def test_styles_drawn_on_grey_are_left_out_of_the_erasure_figures():
     """Erasing to the neutral concept cannot show on a style whose colour is its grey."""
     grey = styles.colour_index(world.NEUTRAL_COLOUR)
     probes = [bench.StyleProbe("a", 3, ("p",), (0,)), bench.StyleProbe("b", grey, ("p",), (0,))]
-    found = torch.tensor([[grey], [grey]])
-    assert bench.kept_share(found, probes) == 0.0 and bench.neutral_share(found, probes) == 1.0
-    assert torch.isnan(torch.tensor(bench.kept_share(found[1:], probes[1:])))
+    before, after = torch.tensor([[3], [grey]]), torch.tensor([[grey], [grey]])
+    objects = torch.tensor([True])
+    figures = bench.scale_figures((before, before, objects), (after, after, objects), probes, probes)
+    assert figures["erased_kept_before"] == 1.0 and figures["erased_kept_after"] == 0.0
+    assert figures["to_neutral"] == 1.0 and figures["other_styles_delta"] == -1.0
+    assert bench.kept_share(after, probes) == 0.5  # what the model draws counts grey styles too
 
 
 def test_debias_balances_a_colour_word_on_the_embedded_world(tasks_bundle):

@@ -105,23 +105,22 @@ def is_visible(probe: StyleProbe) -> bool:
 
 
 def kept_share(found: torch.Tensor, probes: Sequence[StyleProbe]) -> float:
-    """Share of images that show their style's colour, over the styles whose erasure shows."""
-    rows = [i for i, probe in enumerate(probes) if is_visible(probe)]
-    if not rows:
-        return float("nan")
-    wanted = torch.tensor([probes[i].colour for i in rows])[:, None]
-    return float((found[rows] == wanted).float().mean())
+    """Share of images that show their style's colour."""
+    wanted = torch.tensor([probe.colour for probe in probes])[:, None]
+    return float((found == wanted).float().mean())
 
 
-def neutral_share(found: torch.Tensor, probes: Sequence[StyleProbe]) -> float:
-    """Share of images drawn on the neutral concept's grey (an erased style's destination),
-    over the styles whose erasure shows."""
+def neutral_share(found: torch.Tensor) -> float:
+    """Share of images drawn on the neutral concept's grey (an erased style's destination)."""
     from ..mini import styles, world
 
+    return float((found == styles.colour_index(world.NEUTRAL_COLOUR)).float().mean())
+
+
+def visible(found: torch.Tensor, probes: Sequence[StyleProbe]) -> tuple[torch.Tensor, list[StyleProbe]]:
+    """The readings and probes of the styles whose erasure can show (colour not grey)."""
     rows = [i for i, probe in enumerate(probes) if is_visible(probe)]
-    if not rows:
-        return float("nan")
-    return float((found[rows] == styles.colour_index(world.NEUTRAL_COLOUR)).float().mean())
+    return found[rows], [probes[i] for i in rows]
 
 
 def object_hits(bundle: ModelBundle, judge, objects: Sequence[int], seed: int = 0,
@@ -204,18 +203,22 @@ def _edited_readings(bundle: ModelBundle, judge, erasing: list[StyleProbe], held
 
 def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
                   held: Sequence[StyleProbe]) -> dict:
-    """One scale's figures from the judge's readings before and after the edit."""
-    kept_before = kept_share(before[0][:len(erased)], erased)
-    kept_after = kept_share(after[0], erased)
-    other_before = kept_share(before[1], held)
+    """One scale's figures from the judge's readings before and after the edit, over the
+    styles whose erasure can show."""
+    erased_before, shown = visible(before[0][:len(erased)], erased)
+    erased_after, _ = visible(after[0], erased)
+    held_before, held_shown = visible(before[1], held)
+    held_after, _ = visible(after[1], held)
+    kept_before, kept_after = kept_share(erased_before, shown), kept_share(erased_after, shown)
+    other_before = kept_share(held_before, held_shown)
     objects_before = float(before[2].float().mean())
     return {
         "erased_kept_before": kept_before,
         "erased_kept_after": kept_after,
         "efficacy": kept_before - kept_after,
-        "to_neutral": neutral_share(after[0], erased),
+        "to_neutral": neutral_share(erased_after),
         "other_styles_before": other_before,
-        "other_styles_delta": kept_share(after[1], held) - other_before,
+        "other_styles_delta": kept_share(held_after, held_shown) - other_before,
         "objects_before": objects_before,
         "objects_delta": float(after[2].float().mean()) - objects_before,
     }
