@@ -72,7 +72,7 @@ def test_the_tasks_model_draws_colour_words_and_the_default_one_does_not(tasks_b
 
 def test_the_tasks_model_draws_styles_and_the_default_one_hardly(tasks_bundle, judge):
     """Shares of images on the style's colour: the release's artist prompts alone, and
-    "An image of Y in the style of X" (measured 0.88 / 0.45 against 0.52 / 0.075; docs/mini.md)."""
+    "An image of Y in the style of X" (measured 0.95 / 0.575 against 0.52 / 0.075; docs/mini.md)."""
     probes = [bench.style_probe(style) for style in bench.style_split().held_styles[:20]]
     alone = len(styles.STYLE_PROMPTS)
 
@@ -82,8 +82,8 @@ def test_the_tasks_model_draws_styles_and_the_default_one_hardly(tasks_bundle, j
 
     tasks_alone, tasks_styled = shares(tasks_bundle)
     default_alone, default_styled = shares(emcid.load_model())
-    assert tasks_alone >= 0.8 and default_alone <= 0.65
-    assert tasks_styled >= 0.3 and default_styled <= 0.15
+    assert tasks_alone >= 0.85 and default_alone <= 0.65
+    assert tasks_styled >= 0.45 and default_styled <= 0.15
 
 
 def test_a_style_sweep_edits_each_scale_from_the_unedited_model_and_restores_it(tasks_bundle, judge):
