@@ -111,6 +111,8 @@ def test_styles_drawn_on_grey_are_left_out_of_the_erasure_figures():
     figures = bench.scale_figures((before, before, objects), (after, after, objects), probes, probes)
     assert figures["erased_kept_before"] == 1.0 and figures["erased_kept_after"] == 0.0
     assert figures["to_neutral"] == 1.0 and figures["other_styles_delta"] == -1.0
+    assert figures["other_styles_shared_colour"] == {"styles": 1, "delta": -1.0}
+    assert figures["other_styles_other_colour"]["styles"] == 0
     assert bench.kept_share(after, probes) == 0.5  # what the model draws counts grey styles too
 
 

@@ -173,11 +173,24 @@ def run_style_sweep(bundle: ModelBundle, judge, scales: Sequence[int], method: s
     for count in sorted(scales):
         if count == 1:
             runs = [edited([probe]) for probe in alone]
-            results[1] = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+            results[1] = _mean_figures(runs)
             results[1]["singles"] = [{"style": p.style, **r} for p, r in zip(alone, runs, strict=True)]
         else:
             results[count] = edited(erased[:count])
     return results
+
+
+def _mean_figures(runs: list[dict]) -> dict:
+    """The mean of several scales' figures, key by key (nested ones too; None where a run
+    had nothing to measure is left out of the mean)."""
+    means = {}
+    for key, value in runs[0].items():
+        if isinstance(value, dict):
+            means[key] = _mean_figures([r[key] for r in runs])
+        else:
+            given = [r[key] for r in runs if r[key] is not None]
+            means[key] = sum(given) / len(given) if given else None
+    return means
 
 
 def _readings(bundle: ModelBundle, judge, erased: Sequence[StyleProbe], held: Sequence[StyleProbe],
@@ -212,6 +225,9 @@ def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
     kept_before, kept_after = kept_share(erased_before, shown), kept_share(erased_after, shown)
     other_before = kept_share(held_before, held_shown)
     objects_before = float(before[2].float().mean())
+    colours = {probe.colour for probe in shown}
+    shared = [i for i, probe in enumerate(held_shown) if probe.colour in colours]
+    apart = [i for i, probe in enumerate(held_shown) if probe.colour not in colours]
     return {
         "erased_kept_before": kept_before,
         "erased_kept_after": kept_after,
@@ -219,21 +235,36 @@ def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
         "to_neutral": neutral_share(erased_after),
         "other_styles_before": other_before,
         "other_styles_delta": kept_share(held_after, held_shown) - other_before,
+        # in this world a style is a colour: do held-out styles of an erased colour pay more?
+        "other_styles_shared_colour": _delta_over(shared, held_before, held_after, held_shown),
+        "other_styles_other_colour": _delta_over(apart, held_before, held_after, held_shown),
         "objects_before": objects_before,
         "objects_delta": float(after[2].float().mean()) - objects_before,
     }
 
 
+def _delta_over(rows: list[int], before: torch.Tensor, after: torch.Tensor,
+                probes: Sequence[StyleProbe]) -> dict:
+    """How many of ``probes`` (by row) there are and the change of their kept share."""
+    if not rows:
+        return {"styles": 0, "delta": None}
+    chosen = [probes[i] for i in rows]
+    return {"styles": len(rows), "delta": kept_share(after[rows], chosen) - kept_share(before[rows], chosen)}
+
+
 def format_table(results: dict[int, dict]) -> str:
-    """The sweep as a plain-text table."""
+    """The sweep as a plain-text table (held-out styles split by whether an erased style has
+    their colour)."""
     head = ("styles erased", "kept before", "kept after", "efficacy", "to grey", "other styles D",
-            "objects D")
+            "same colour D", "other colour D", "objects D")
     keys = ("erased_kept_before", "erased_kept_after", "efficacy", "to_neutral", "other_styles_delta",
-            "objects_delta")
+            "other_styles_shared_colour", "other_styles_other_colour", "objects_delta")
     lines = ["  ".join(f"{h:>14}" for h in head)]
     for count, figures in sorted(results.items()):
         label = f"1 (mean of {len(figures['singles'])})" if "singles" in figures else str(count)
-        lines.append("  ".join([f"{label:>14}"] + [f"{figures[k]:>+14.3f}" for k in keys]))
+        values = [figures[k]["delta"] if isinstance(figures[k], dict) else figures[k] for k in keys]
+        lines.append("  ".join([f"{label:>14}"] + [f"{'-':>14}" if v is None else f"{v:>+14.3f}"
+                                                   for v in values]))
     return "\n".join(lines)
 
 
