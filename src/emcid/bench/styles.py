@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 
@@ -117,10 +118,9 @@ def neutral_share(found: torch.Tensor) -> float:
     return float((found == styles.colour_index(world.NEUTRAL_COLOUR)).float().mean())
 
 
-def visible(found: torch.Tensor, probes: Sequence[StyleProbe]) -> tuple[torch.Tensor, list[StyleProbe]]:
-    """The readings and probes of the styles whose erasure can show (colour not grey)."""
-    rows = [i for i, probe in enumerate(probes) if is_visible(probe)]
-    return found[rows], [probes[i] for i in rows]
+def visible_rows(probes: Sequence[StyleProbe]) -> list[int]:
+    """Rows of the styles whose erasure can show (colour not grey)."""
+    return [i for i, probe in enumerate(probes) if is_visible(probe)]
 
 
 def object_hits(bundle: ModelBundle, judge, objects: Sequence[int], seed: int = 0,
@@ -156,16 +156,17 @@ def run_style_sweep(bundle: ModelBundle, judge, scales: Sequence[int], method: s
         raise OptionError(f"style scales must be between 1 and {len(split.artists)}, got {list(scales)}")
     if singles < 1:
         raise OptionError(f"singles must be at least 1, got {singles}")
-    probes = [style_probe(s, seed) for s in split.artists]
-    alone = [p for p in probes if is_visible(p)][:singles] if 1 in scales else []
-    erased = probes[:max(scales)]
+    erased = [style_probe(s, seed) for s in split.artists[:max(scales)]]
+    every = (style_probe(s, seed) for s in split.artists)  # probed only as far as needed
+    alone = list(islice((p for p in every if is_visible(p)), singles)) if 1 in scales else []
     held = [style_probe(s, seed) for s in split.held_styles]
     watched = erased + [p for p in alone if p not in erased]
     before = _readings(bundle, judge, watched, held, split.held_objects, seed, progress)
     by_probe = dict(zip(watched, before[0], strict=True))
 
     def edited(erasing: list[StyleProbe]) -> dict:
-        after = _edited_readings(bundle, judge, erasing, held, split, method, seed, progress, options)
+        after = _edited_readings(bundle, judge, erasing, held, split.held_objects, method, seed,
+                                 progress, options)
         return scale_figures((torch.stack([by_probe[p] for p in erasing]), *before[1:]), after,
                              erasing, held)
 
@@ -201,7 +202,8 @@ def _readings(bundle: ModelBundle, judge, erased: Sequence[StyleProbe], held: Se
 
 
 def _edited_readings(bundle: ModelBundle, judge, erasing: list[StyleProbe], held: Sequence[StyleProbe],
-                     split: StyleSplit, method: str, seed: int, progress: bool, options: dict) -> tuple:
+                     objects: Sequence[int], method: str, seed: int, progress: bool,
+                     options: dict) -> tuple:
     """:func:`_readings` with ``erasing``'s styles erased; the model is restored after."""
     import emcid
 
@@ -209,7 +211,7 @@ def _edited_readings(bundle: ModelBundle, judge, erasing: list[StyleProbe], held
                        progress=progress, **options)
     patch.apply(bundle)
     try:
-        return _readings(bundle, judge, erasing, held, split.held_objects, seed, progress)
+        return _readings(bundle, judge, erasing, held, objects, seed, progress)
     finally:
         patch.revert(bundle)
 
@@ -218,10 +220,10 @@ def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
                   held: Sequence[StyleProbe]) -> dict:
     """One scale's figures from the judge's readings before and after the edit, over the
     styles whose erasure can show."""
-    erased_before, shown = visible(before[0][:len(erased)], erased)
-    erased_after, _ = visible(after[0], erased)
-    held_before, held_shown = visible(before[1], held)
-    held_after, _ = visible(after[1], held)
+    rows, held_rows = visible_rows(erased), visible_rows(held)
+    shown, held_shown = [erased[i] for i in rows], [held[i] for i in held_rows]
+    erased_before, erased_after = before[0][:len(erased)][rows], after[0][rows]
+    held_before, held_after = before[1][held_rows], after[1][held_rows]
     kept_before, kept_after = kept_share(erased_before, shown), kept_share(erased_after, shown)
     other_before = kept_share(held_before, held_shown)
     objects_before = float(before[2].float().mean())
