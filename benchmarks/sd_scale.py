@@ -111,8 +111,10 @@ def build_bundle(family: str, device: str, full_unet: bool, captions: list[str])
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
             tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipeline.to(device)
-    for module in (pipeline.unet, pipeline.vae):
-        module.requires_grad_(False).eval()
+    for module in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None), pipeline.unet,
+                   pipeline.vae):
+        if module is not None:  # frozen, as load_model leaves them
+            module.requires_grad_(False).eval()
     return ModelBundle(pipeline, family, f"random {family}-shaped", dict(FAMILY_SAMPLING[family]))
 
 

@@ -47,6 +47,7 @@ BAD_EDIT_FLAGS = {
     "no-cache on time": (["--method", "time", "--no-cache"], "keeps no cache"),
     "no-cache on uce": (["--method", "uce", "--no-cache"], "keeps no cache"),
     "steps on uce": (["--method", "uce", "--steps", "3"], "unknown"),
+    "cuda graphs on uce": (["--method", "uce", "--no-cuda-graphs"], "cuda_graphs"),
     "unknown task": (["--task", "painting"], "unknown task"),
 }
 

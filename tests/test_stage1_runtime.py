@@ -151,3 +151,14 @@ def test_batch_without_a_cap_is_the_cpu_default_on_a_cpu(sd1):
     assert sizes == {(None, 8): 4, (None, 3): 3, (None, 64): 4, (2, 3): 2}
     with pytest.raises(emcid.EmcidError, match="cpu_concept_batch"):
         Runtime(cpu_concept_batch=0)
+
+
+def test_cuda_graphs_switch_is_checked_and_changes_nothing_off_cuda(sd1):
+    """The switch only acts on CUDA (tests/test_stage1_cuda.py covers it there)."""
+    with pytest.raises(emcid.EmcidError, match="cuda_graphs"):
+        Runtime(cuda_graphs="no")
+    found = [compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=5),
+                             TensorCache(f"graphs-{graphs}", enabled=False), progress=False,
+                             runtime=Runtime(cuda_graphs=graphs)) for graphs in (True, False)]
+    for a, b in zip(*map(_deltas, found)):
+        assert torch.equal(a, b) and a.norm() > 0

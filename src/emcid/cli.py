@@ -93,6 +93,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         "stats_samples": args.stats_samples, "corpus": args.corpus,
         "concept_batch": args.concept_batch, "precision": args.precision,
         "grad_checkpointing": args.grad_checkpointing or None,
+        "cuda_graphs": False if args.no_cuda_graphs else None,
         "classifier": args.classifier, "images": args.images, "rounds": args.rounds,
     })
     requests = load_requests(args.requests)  # a bad file fails before the model loads ...
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Stage I UNet autocast (auto: bf16 on CUDA, fp32 elsewhere)")
     edit.add_argument("--grad-checkpointing", action="store_true",
                       help="Stage I: recompute UNet activations (less GPU memory)")
+    edit.add_argument("--no-cuda-graphs", action="store_true",
+                      help="Stage I on CUDA: run every step eagerly, not as a replayed CUDA graph")
     edit.set_defaults(func=cmd_edit)
 
     debias = commands.add_parser("debias", help="balance concepts over attribute values (one patch)")

@@ -67,8 +67,8 @@ class Runtime:
     """Switches that change speed or storage, not which edit is made (not recorded in patches).
 
     Stage I reads ``concept_batch`` (``cpu_concept_batch``), ``precision``,
-    ``grad_checkpointing`` and ``checkpoint_every``; a precision other than fp32 may move
-    results slightly, so it is part of Stage I's cache key.
+    ``grad_checkpointing``, ``cuda_graphs`` and ``checkpoint_every``; a precision other than
+    fp32 may move results slightly, so it is part of Stage I's cache key.
     """
 
     cache: bool = True  # reuse and store Stage I targets, images and statistics on disk
@@ -80,10 +80,13 @@ class Runtime:
     cpu_concept_batch: int = 8
     precision: str = "auto"  # Stage I UNet autocast: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, fp16
     grad_checkpointing: bool = False  # Stage I: recompute UNet activations in backward (less memory)
+    # Stage I on CUDA: after a few eager steps, replay each step as one captured CUDA graph (a
+    # small model's step is bound by kernel launches there); false: every step eager.
+    cuda_graphs: bool = True
     checkpoint_every: int = 25  # Stage I steps between saved progress of unfinished concepts
 
     def __post_init__(self) -> None:
-        for name in ("cache", "grad_checkpointing"):
+        for name in ("cache", "grad_checkpointing", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"runtime option {name}={getattr(self, name)!r}: give true or false")
         if self.concept_batch is not None:

@@ -100,7 +100,8 @@ class EMCIDEditor(ConfiguredEditor):
     name = "emcid"
     config_class = EMCIDConfig
     runtime_options = frozenset({"cache", "cache_root", "concept_batch", "cpu_concept_batch",
-                                 "precision", "grad_checkpointing", "checkpoint_every"})
+                                 "precision", "grad_checkpointing", "cuda_graphs",
+                                 "checkpoint_every"})
 
     @classmethod
     def flat_options(cls, options: dict) -> dict:

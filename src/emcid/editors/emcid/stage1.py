@@ -263,28 +263,38 @@ class _Noising:
         return (alpha ** 0.5).view(-1, 1, 1, 1), ((1 - alpha) ** 0.5).view(-1, 1, 1, 1)
 
 
+def _edited_unet_kwargs(teacher_kwargs: dict, edited: PromptEncoding) -> dict:
+    """The teacher's extra UNet inputs with the edited pooled text embedding (SDXL). The size
+    conditioning is made once, before the steps: a copy from the host cannot be in a CUDA graph."""
+    if "added_cond_kwargs" not in teacher_kwargs:
+        return teacher_kwargs
+    return {"added_cond_kwargs": {**teacher_kwargs["added_cond_kwargs"],
+                                  "text_embeds": edited.added_text_embeds}}
+
+
 def _noise_loss(bundle: ModelBundle, noising: _Noising, latents: torch.Tensor, noise: torch.Tensor,
-                t: torch.Tensor, edited: PromptEncoding, teacher: PromptEncoding, target: str,
-                precision: str) -> torch.Tensor:
+                t: torch.Tensor, edited: PromptEncoding, teacher: PromptEncoding,
+                teacher_kwargs: dict, target: str, precision: str,
+                autocast_cache: bool = True) -> torch.Tensor:
     """Per-row MSE between the UNet's prediction under the edited conditioning and the
     unedited model's prediction under the destination's (or the true noise / velocity).
 
-    The UNet runs under autocast at ``precision``; the loss is float32.
+    The UNet runs under autocast at ``precision`` (its cache of cast weights off where a CUDA
+    graph is captured, as capture requires); the loss is float32.
     """
-    settings = resolve_settings(bundle)
-    size = (settings["height"], settings["width"])
     signal, sigma = noising.scales(t)
     noisy = signal * latents + sigma * noise
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    with torch.autocast(bundle.device.type, dtype=dtype, enabled=dtype is not None):
+    with torch.autocast(bundle.device.type, dtype=dtype, enabled=dtype is not None,
+                        cache_enabled=autocast_cache):
         prediction = bundle.unet(noisy, t, encoder_hidden_states=edited.embeds,
-                                 **bundle.unet_kwargs(edited, *size)).sample
+                                 **_edited_unet_kwargs(teacher_kwargs, edited)).sample
         with torch.no_grad():  # the teacher: once per (concept, timestep draw), no graph
             if target == "noise":
                 goal = signal * noise - sigma * latents if noising.velocity else noise
             else:
                 goal = bundle.unet(noisy, t, encoder_hidden_states=teacher.embeds,
-                                   **bundle.unet_kwargs(teacher, *size)).sample
+                                   **teacher_kwargs).sample
     return (prediction.float() - goal.float()).pow(2).flatten(1).mean(1)
 
 
@@ -308,8 +318,9 @@ def _restore(states: list[dict[str, torch.Tensor]], deltas: dict[str, torch.Tens
     with torch.no_grad():
         for name, delta in deltas.items():
             delta.copy_(torch.stack([s[f"delta.{name}"] for s in states]))
+            on_device = optimiser.defaults["capturable"]  # a CUDA graph replays Adam's step count
             optimiser.state[delta] = {
-                "step": torch.tensor(float(step)),
+                "step": torch.tensor(float(step), device=delta.device if on_device else None),
                 **{m: torch.stack([s[f"{m}.{name}"] for s in states]).to(delta)
                    for m in ("exp_avg", "exp_avg_sq")},
             }
@@ -343,6 +354,65 @@ def _check_health(requests: list[EditRequest], first_bad: torch.Tensor, overflow
 
 
 ProgressHook = Callable[[list[dict[str, torch.Tensor]]], None]
+StepFunction = Callable[[torch.Tensor | None, torch.Tensor | None], None]
+
+
+class _Stepper:
+    """Runs Stage I steps, each ``step(t, noise)`` with no host sync and every effect in place.
+
+    On CUDA with ``graphs``, the first ``WARMUP`` steps run eagerly on a side stream (as
+    capture requires), then one step is captured as a CUDA graph and every later step replays
+    it: a small model's step is bound by kernel launches there, and a replay launches once. A
+    capture that fails (an operation capture cannot hold) falls back to eager steps, with a
+    warning; an out-of-memory error propagates, so the caller can halve the batch.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, step: StepFunction, optimiser: torch.optim.Optimizer, device: torch.device,
+                 graphs: bool) -> None:
+        self.step, self.optimiser, self.device = step, optimiser, device
+        self.side = torch.cuda.Stream(device) if graphs else None
+        self.eager_steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def __call__(self, t: torch.Tensor | None, noise: torch.Tensor | None) -> None:
+        if self.graph is None and self.side is not None and self.eager_steps >= self.WARMUP:
+            self._capture(t, noise)
+        if self.graph is not None:
+            for static, fresh in zip(self.static, (t, noise)):
+                if static is not None:
+                    static.copy_(fresh)
+            self.graph.replay()
+            return
+        self.optimiser.zero_grad()
+        if self.side is None:
+            self.step(t, noise)
+        else:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                self.step(t, noise)
+            torch.cuda.current_stream().wait_stream(self.side)
+        self.eager_steps += 1
+
+    def _capture(self, t: torch.Tensor | None, noise: torch.Tensor | None) -> None:
+        self.static = tuple(None if x is None else x.clone() for x in (t, noise))
+        self.optimiser.zero_grad(set_to_none=True)  # capture allocates the gradients it fills
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the eager steps' cached blocks, before the graph's own pool
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(self.device), torch.cuda.graph(graph):
+                self.step(*self.static)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            log.warning("Stage I: CUDA graph capture failed, going on with eager steps (%s)",
+                        str(error).splitlines()[0])
+            self.side = None
+            return
+        self.graph = graph
 
 
 def compute_z(
@@ -366,18 +436,23 @@ def compute_z(
     batch = _layout(bundle, requests, z_layer, config, image_cache)
     device, count = bundle.device, len(requests)
     owner = batch.owner.to(device)
+    positions = {name: p.to(device) for name, p in batch.positions.items()}
     rows_per_concept = torch.bincount(batch.owner, minlength=count).to(device)
     precision = resolve_precision(runtime.precision, device)
+    graphs = runtime.cuda_graphs and device.type == "cuda"
     v_norm = {name: torch.stack([h[0].norm() for h in rows]).to(device)  # release: 1st prompt
               for name, rows in batch.hidden.items()}
     with torch.no_grad():
         teacher = bundle.encode(batch.dst_prompts)
         teacher_pooled = [p.float() for p in teacher.pooled]
+    settings = resolve_settings(bundle)
+    teacher_kwargs = bundle.unet_kwargs(teacher, settings["height"], settings["width"])
     prefix = _read_block_outputs(bundle, batch.src_prompts, z_layer)
     source_ids = bundle.tokenize(batch.src_prompts)  # once: it costs more than a small model's step
     deltas = {name: torch.zeros(count, rows[0].shape[-1], device=device, requires_grad=True)
               for name, rows in batch.hidden.items()}
-    optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr)
+    # capturable: Adam keeps its step count on the device, so a CUDA graph can replay it.
+    optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr, capturable=graphs)
     generators = [torch.Generator().manual_seed(r.seed) for r in requests]
     first = _restore(resume, deltas, optimiser, generators) if resume else 0
     # Training-time noising is DDPM's whatever the sampler (Euler's add_noise only accepts
@@ -385,56 +460,66 @@ def compute_z(
     scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
     noising = None if batch.latents is None else _Noising.of(scheduler, device, batch.latents.dtype)
     loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
+    # What a step writes, in place: per-concept loss, first step with a non-finite loss or delta.
+    step_count = torch.tensor(first, device=device)
     first_bad = torch.full((count,), -1, device=device)
     overflow = torch.full((count,), -1, device=device)
     losses = torch.zeros(count, device=device)
+
+    def step(t: torch.Tensor | None, noise: torch.Tensor | None) -> None:
+        with ExitStack() as stack:
+            for name, layer in z_layer.items():
+                slot = bundle.slot(name)
+                stack.enter_context(replay_prefix([slot.block(i) for i in range(layer + 1)],
+                                                  prefix[name]))
+                stack.enter_context(add_at_positions(slot.block(layer), positions[name],
+                                                     deltas[name][owner]))
+            edited = bundle.encode_ids(source_ids)
+        row_loss = torch.zeros(len(batch.src_prompts), device=device)
+        if noising is not None:
+            row_loss = config.noise_weight * _noise_loss(
+                bundle, noising, batch.latents, noise, t, edited, teacher, teacher_kwargs,
+                config.target, precision, autocast_cache=not graphs)
+        if config.align_weight:
+            for edited_pooled, target_pooled in zip(edited.pooled, teacher_pooled):
+                align = (edited_pooled.float() - target_pooled).pow(2).mean(1)
+                row_loss = row_loss + config.align_weight * align
+        step_losses = torch.zeros(count, device=device).index_add_(0, owner, row_loss) / rows_per_concept
+        for name, delta in deltas.items():
+            step_losses = step_losses + config.norm_decay * delta.norm(dim=1) / v_norm[name] ** 2
+        first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(step_losses), step_count, first_bad))
+        (step_losses.sum() * loss_scale).backward()
+        if loss_scale != 1.0:
+            for delta in deltas.values():
+                delta.grad.div_(loss_scale)
+        optimiser.step()
+        with torch.no_grad():
+            losses.copy_(step_losses)
+            for name, delta in deltas.items():
+                limit = config.clamp_factor * v_norm[name]
+                norms = delta.norm(dim=1)
+                overflow.copy_(torch.where((overflow < 0) & ~torch.isfinite(norms), step_count, overflow))
+                delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)).unsqueeze(1))
+            step_count.add_(1)
+
+    run_step = _Stepper(step, optimiser, device, graphs)
     draws = None
     with _unet_mode(bundle.unet, runtime.grad_checkpointing):
-        for step in range(first, config.steps):
-            if noising is not None and (step - first) % runtime.checkpoint_every == 0:
-                draws = _draw_noise(batch, generators, scheduler.config.num_train_timesteps,
-                                    min(runtime.checkpoint_every, config.steps - step))
-            with ExitStack() as stack:
-                for name, layer in z_layer.items():
-                    slot = bundle.slot(name)
-                    stack.enter_context(replay_prefix([slot.block(i) for i in range(layer + 1)],
-                                                      prefix[name]))
-                    stack.enter_context(add_at_positions(slot.block(layer), batch.positions[name],
-                                                         deltas[name][owner]))
-                edited = bundle.encode_ids(source_ids)
-            row_loss = torch.zeros(len(batch.src_prompts), device=device)
+        for index in range(first, config.steps):
+            t = noise = None
             if noising is not None:
-                t, noise = (d[(step - first) % runtime.checkpoint_every] for d in draws)
-                row_loss = config.noise_weight * _noise_loss(bundle, noising, batch.latents, noise, t,
-                                                             edited, teacher, config.target, precision)
-            if config.align_weight:
-                for edited_pooled, target_pooled in zip(edited.pooled, teacher_pooled):
-                    align = (edited_pooled.float() - target_pooled).pow(2).mean(1)
-                    row_loss = row_loss + config.align_weight * align
-            sums = torch.zeros(count, device=device).index_add_(0, owner, row_loss)
-            losses = sums / rows_per_concept
-            for name, delta in deltas.items():
-                losses = losses + config.norm_decay * delta.norm(dim=1) / v_norm[name] ** 2
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
-            optimiser.zero_grad()
-            (losses.sum() * loss_scale).backward()
-            if loss_scale != 1.0:
-                for delta in deltas.values():
-                    delta.grad.div_(loss_scale)
-            optimiser.step()
-            with torch.no_grad():
-                for name, delta in deltas.items():
-                    limit = config.clamp_factor * v_norm[name]
-                    norms = delta.norm(dim=1)
-                    overflow = torch.where((overflow < 0) & ~torch.isfinite(norms), step, overflow)
-                    delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)).unsqueeze(1))
-            done = step + 1
+                if (index - first) % runtime.checkpoint_every == 0:
+                    draws = _draw_noise(batch, generators, scheduler.config.num_train_timesteps,
+                                        min(runtime.checkpoint_every, config.steps - index))
+                t, noise = (d[(index - first) % runtime.checkpoint_every] for d in draws)
+            run_step(t, noise)
+            done = index + 1
             if save_progress is not None and done < config.steps and done % runtime.checkpoint_every == 0:
                 _check_health(requests, first_bad, overflow)
                 save_progress([_concept_state(deltas, optimiser, generators[i], i, done)
                                for i in range(count)])
     _check_health(requests, first_bad, overflow, deltas)
-    final = losses.detach().cpu()
+    final = losses.cpu()
     return [
         ConceptTarget(request, dict(z_layer),
                       {n: d[i].detach().float().cpu() for n, d in deltas.items()},
