@@ -1,15 +1,19 @@
 """Where a Stage I step spends its time: torch.profiler over one batch of concepts.
 
-    python benchmarks/stage1_profile.py [--model M] [--device cuda] [--batch 64] [--steps 20]
+    python benchmarks/stage1_profile.py [--model M] [--device cuda] [--batch 64] [--steps 20] [--parts]
 
 Prints the wall time per step and the operators that take most host (CPU) time and, on a
 GPU, most device time, plus the count of explicit synchronisations and memory copies: a step
 whose host time exceeds its device time is overhead-bound (launches, Python), not compute-bound.
+``--parts`` also times a step's three parts alone at the batch's rows: the text encoder after
+the edited block (forward and backward), the UNet under the edited conditioning (forward and
+backward) and the teacher's UNet pass (forward only).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from dataclasses import replace
@@ -23,12 +27,65 @@ import emcid
 from emcid.cache import TensorCache
 from emcid.config import Runtime
 from emcid.editors.emcid import EMCIDEditor
-from emcid.editors.emcid.stage1 import Stage1Config, compute_z
+from emcid.editors.emcid.stage1 import Stage1Config, _read_block_outputs, compute_z
+from emcid.generation import resolve_settings
+from emcid.hooks import add_at_positions, replay_prefix
+from emcid.requests import subject_positions
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def milliseconds(function, device: torch.device, repeats: int = 5) -> float:
+    function()  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def time_parts(bundle, requests: list[emcid.EditRequest], z_layer: dict[str, int]) -> None:
+    """Each part of a step alone, on every source prompt of ``requests`` (one row each)."""
+    prompts = [p for r in requests for p in r.source_prompts()]
+    positions = {name: torch.cat([subject_positions(bundle.slot(name).tokenizer, r.prompts, r.source)
+                                  for r in requests]).to(bundle.device) for name in z_layer}
+    prefix = _read_block_outputs(bundle, prompts, z_layer)
+    ids = bundle.tokenize(prompts)
+    deltas = {name: torch.zeros(bundle.slot(name).hidden_size, device=bundle.device, requires_grad=True)
+              for name in z_layer}
+
+    def text() -> torch.Tensor:
+        with contextlib.ExitStack() as stack:
+            for name, layer in z_layer.items():
+                block = bundle.slot(name).block
+                stack.enter_context(replay_prefix([block(i) for i in range(layer + 1)], prefix[name]))
+                stack.enter_context(add_at_positions(block(layer), positions[name], deltas[name]))
+            return bundle.encode_ids(ids).embeds
+
+    embeds = text().detach().requires_grad_(True)
+    settings = resolve_settings(bundle)
+    scale = bundle.latent_scale()
+    latents = torch.randn(len(prompts), bundle.unet.config.in_channels, settings["height"] // scale,
+                          settings["width"] // scale, device=bundle.device)
+    t = torch.randint(0, 1000, (len(prompts),), device=bundle.device)
+
+    def unet() -> torch.Tensor:
+        return bundle.unet(latents, t, encoder_hidden_states=embeds).sample
+
+    def teacher() -> None:
+        with torch.no_grad():
+            unet()
+
+    parts = {"text encoder after the edited block, forward and backward":
+             lambda: text().pow(2).mean().backward(),
+             "UNet, edited conditioning, forward and backward": lambda: unet().pow(2).mean().backward(),
+             "UNet, teacher, forward": teacher}
+    for label, function in parts.items():
+        print(f"{label}, {len(prompts)} rows: {milliseconds(function, bundle.device):.1f} ms")
 
 
 def main() -> None:
@@ -39,6 +96,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--rows", type=int, default=15, help="operators to list")
+    parser.add_argument("--parts", action="store_true", help="also time a step's parts alone")
     args = parser.parse_args()
     if not 1 <= args.batch <= 500:
         raise SystemExit("--batch: 1 to 500 concepts (pairs of the 1,000 ImageNet classes)")
@@ -59,6 +117,8 @@ def main() -> None:
     step = 1000 * seconds / args.steps
     print(f"{args.batch} concepts x {args.steps} steps on {args.device}: {step:.1f} ms per step, "
           f"{step / args.batch:.2f} ms per concept per step (setup included)")
+    if args.parts:
+        time_parts(bundle, requests, z_layer)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bundle.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         compute_z(bundle, requests, z_layer, config, images, runtime)
