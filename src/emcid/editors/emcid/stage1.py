@@ -27,7 +27,7 @@ from ...cache import TensorCache, content_key
 from ...config import Runtime, check_choice, check_float, check_int
 from ...errors import EmcidError, Stage1DivergedError
 from ...generation import encode_images, generate_cached, pil_to_tensor, resolve_settings
-from ...hooks import add_at_positions, capture, replay_prefix
+from ...hooks import add_at_positions, capture, gather_positions, replay_prefix
 from ...models import ModelBundle, PromptEncoding
 from ...requests import EditRequest, subject_positions
 
@@ -143,16 +143,13 @@ def source_latents(bundle: ModelBundle, requests: list[EditRequest], config: Sta
     return latents
 
 
-def _read_block_outputs(bundle: ModelBundle, prompts: list[str], z_layer: dict[str, int],
-                        positions: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Unedited outputs of every edited encoder's block l*: at the subject token of each
-    prompt (``positions``), or every token (``None``, what Stage I replays)."""
+def _read_block_outputs(bundle: ModelBundle, prompts: list[str],
+                        z_layer: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Unedited outputs of every edited encoder's block l* at every token (what Stage I
+    replays, and where it reads the states at the subject)."""
     with torch.no_grad(), ExitStack() as stack:
-        records = {
-            name: stack.enter_context(capture(
-                {name: bundle.slot(name).block(layer)}, None if positions is None else positions[name]))
-            for name, layer in z_layer.items()
-        }
+        records = {name: stack.enter_context(capture({name: bundle.slot(name).block(layer)}))
+                   for name, layer in z_layer.items()}
         bundle.encode(prompts)
     return {name: records[name][name][0].float() for name in z_layer}
 
@@ -185,35 +182,39 @@ class _Batch:
     dst_prompts: list[str]
     positions: dict[str, torch.Tensor]  # subject token of each row, per text encoder
     latents: torch.Tensor | None  # None when the noise-prediction loss is off
+    prefix: dict[str, torch.Tensor]  # unedited output of block l* at every token of every row
     hidden: dict[str, list[torch.Tensor]]  # per concept: unedited h at l*, (n_prompts, width)
 
 
 def _layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
             config: Stage1Config, image_cache: TensorCache) -> _Batch:
-    """Rows of every concept, with the unedited states at the subject read in one pass."""
-    prompt_positions = [{name: subject_positions(bundle.slot(name).tokenizer, r.prompts, r.source)
-                         for name in z_layer} for r in requests]
-    read = _read_block_outputs(
-        bundle, [p for r in requests for p in r.source_prompts()], z_layer,
-        {name: torch.cat([p[name] for p in prompt_positions]) for name in z_layer})
-    sizes = [len(r.prompts) for r in requests]
-    hidden = {name: list(torch.split(read[name], sizes)) for name in z_layer}
+    """Rows of every concept, with the unedited states of block l* read in one pass.
+
+    A concept's rows cycle through its prompts and there are at least as many rows as
+    prompts, so its first rows hold the states at the subject of each prompt in turn.
+    """
     latents = source_latents(bundle, requests, config, image_cache) if config.noise_weight else []
-    owner, src, dst = [], [], []
+    owner, src, dst, firsts = [], [], [], []
     positions: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
     for index, request in enumerate(requests):
-        if config.noise_weight:
-            rows = torch.arange(latents[index].shape[0]) % len(request.prompts)
-        else:  # text-only targets need no images
-            rows = torch.arange(len(request.prompts))
+        count = len(request.prompts)
+        # text-only targets need no images: one row per prompt
+        rows = torch.arange(latents[index].shape[0] if config.noise_weight else count) % count
+        firsts.append(torch.arange(count) + len(owner))
         owner += [index] * len(rows)
         src += [request.source_prompts()[i] for i in rows]
         dst += [request.destination_prompts()[i] for i in rows]
         for name in z_layer:
-            positions[name].append(prompt_positions[index][name][rows])
-    return _Batch(requests, torch.tensor(owner), src, dst,
-                  {n: torch.cat(p) for n, p in positions.items()},
-                  torch.cat(latents) if latents else None, hidden)
+            tokens = subject_positions(bundle.slot(name).tokenizer, request.prompts, request.source)
+            positions[name].append(tokens[rows])
+    row_positions = {n: torch.cat(p) for n, p in positions.items()}
+    prefix = _read_block_outputs(bundle, src, z_layer)
+    hidden = {}
+    for name, states in prefix.items():
+        at_subject = gather_positions(states, row_positions[name])
+        hidden[name] = [at_subject[rows] for rows in firsts]
+    return _Batch(requests, torch.tensor(owner), src, dst, row_positions,
+                  torch.cat(latents) if latents else None, prefix, hidden)
 
 
 def _draw_noise(batch: _Batch, generators: list[torch.Generator], train_steps: int,
@@ -447,7 +448,6 @@ def compute_z(
         teacher_pooled = [p.float() for p in teacher.pooled]
     settings = resolve_settings(bundle)
     teacher_kwargs = bundle.unet_kwargs(teacher, settings["height"], settings["width"])
-    prefix = _read_block_outputs(bundle, batch.src_prompts, z_layer)
     source_ids = bundle.tokenize(batch.src_prompts)  # once: it costs more than a small model's step
     deltas = {name: torch.zeros(count, rows[0].shape[-1], device=device, requires_grad=True)
               for name, rows in batch.hidden.items()}
@@ -471,7 +471,7 @@ def compute_z(
             for name, layer in z_layer.items():
                 slot = bundle.slot(name)
                 stack.enter_context(replay_prefix([slot.block(i) for i in range(layer + 1)],
-                                                  prefix[name]))
+                                                  batch.prefix[name]))
                 stack.enter_context(add_at_positions(slot.block(layer), positions[name],
                                                      deltas[name][owner]))
             edited = bundle.encode_ids(source_ids)
