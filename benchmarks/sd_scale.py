@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import emcid
+from emcid.activations import use_fast_quick_gelu
 from emcid.cache import TensorCache
 from emcid.concepts import builtin_caption_corpus, imagenet1k_classes
 from emcid.config import Runtime
@@ -113,8 +114,9 @@ def build_bundle(family: str, device: str, full_unet: bool, captions: list[str])
     pipeline.to(device)
     for module in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None), pipeline.unet,
                    pipeline.vae):
-        if module is not None:  # frozen, as load_model leaves them
+        if module is not None:  # frozen and with the activation load_model gives them
             module.requires_grad_(False).eval()
+            use_fast_quick_gelu(module)
     return ModelBundle(pipeline, family, f"random {family}-shaped", dict(FAMILY_SAMPLING[family]))
 
 

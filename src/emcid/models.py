@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .activations import use_fast_quick_gelu
 from .errors import DeviceError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,7 @@ def load_model(
                    pipeline.vae):
         if module is not None:
             module.requires_grad_(False).eval()
+            use_fast_quick_gelu(module)
     settings = _read_settings(local) if looks_local else {}
     if components:
         settings = {**settings, "tasks": draws}
