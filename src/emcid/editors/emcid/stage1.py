@@ -391,10 +391,11 @@ class _Stepper:
         if self.side is None:
             self.step(t, noise)
         else:
-            self.side.wait_stream(torch.cuda.current_stream())
+            main = torch.cuda.current_stream(self.device)  # the model's device, not the current one
+            self.side.wait_stream(main)
             with torch.cuda.stream(self.side):
                 self.step(t, noise)
-            torch.cuda.current_stream().wait_stream(self.side)
+            main.wait_stream(self.side)
         self.eager_steps += 1
 
     def _capture(self, t: torch.Tensor | None, noise: torch.Tensor | None) -> None:
