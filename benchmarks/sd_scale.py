@@ -27,14 +27,13 @@ from pathlib import Path
 import torch
 
 import emcid
-from emcid.activations import use_fast_quick_gelu
 from emcid.cache import TensorCache
 from emcid.concepts import builtin_caption_corpus, imagenet1k_classes
 from emcid.config import Runtime
 from emcid.editors.emcid.stage1 import ConceptTarget, Stage1Config, compute_z
 from emcid.editors.emcid.stage2 import Stage2Config, compute_deltas
 from emcid.editors.presets import preset_options, resolve_layers
-from emcid.models import FAMILY_SAMPLING, ModelBundle
+from emcid.models import FAMILY_SAMPLING, ModelBundle, freeze_components
 from emcid.stats import second_moments
 from emcid.tiny import build_tokenizer
 
@@ -112,11 +111,7 @@ def build_bundle(family: str, device: str, full_unet: bool, captions: list[str])
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
             tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipeline.to(device)
-    for module in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None), pipeline.unet,
-                   pipeline.vae):
-        if module is not None:  # frozen and with the activation load_model gives them
-            module.requires_grad_(False).eval()
-            use_fast_quick_gelu(module)
+    freeze_components(pipeline)  # as load_model leaves them
     return ModelBundle(pipeline, family, f"random {family}-shaped", dict(FAMILY_SAMPLING[family]))
 
 
