@@ -13,7 +13,6 @@ backward) and the teacher's UNet pass (forward only).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 import time
 from dataclasses import replace
@@ -27,10 +26,8 @@ import emcid
 from emcid.cache import TensorCache
 from emcid.config import Runtime
 from emcid.editors.emcid import EMCIDEditor
-from emcid.editors.emcid.stage1 import Stage1Config, _read_block_outputs, compute_z
+from emcid.editors.emcid.stage1 import Stage1Config, _encode_edited, _layout, compute_z
 from emcid.generation import resolve_settings
-from emcid.hooks import add_at_positions, replay_prefix
-from emcid.requests import subject_positions
 
 
 def synchronize(device: torch.device) -> None:
@@ -48,23 +45,17 @@ def milliseconds(function, device: torch.device, repeats: int = 5) -> float:
     return 1000 * (time.perf_counter() - start) / repeats
 
 
-def time_parts(bundle, requests: list[emcid.EditRequest], z_layer: dict[str, int]) -> None:
+def time_parts(bundle, requests: list[emcid.EditRequest], z_layer: dict[str, int],
+               images: TensorCache) -> None:
     """Each part of a step alone, on every source prompt of ``requests`` (one row each)."""
-    prompts = [p for r in requests for p in r.source_prompts()]
-    positions = {name: torch.cat([subject_positions(bundle.slot(name).tokenizer, r.prompts, r.source)
-                                  for r in requests]).to(bundle.device) for name in z_layer}
-    prefix = _read_block_outputs(bundle, prompts, z_layer)
-    ids = bundle.tokenize(prompts)
-    deltas = {name: torch.zeros(bundle.slot(name).hidden_size, device=bundle.device, requires_grad=True)
-              for name in z_layer}
+    batch = _layout(bundle, requests, z_layer, Stage1Config(noise_weight=0.0), images)
+    prompts, ids = batch.src_prompts, bundle.tokenize(batch.src_prompts)
+    positions = {name: p.to(bundle.device) for name, p in batch.positions.items()}
+    vectors = {name: torch.zeros(bundle.slot(name).hidden_size, device=bundle.device, requires_grad=True)
+               for name in z_layer}
 
     def text() -> torch.Tensor:
-        with contextlib.ExitStack() as stack:
-            for name, layer in z_layer.items():
-                block = bundle.slot(name).block
-                stack.enter_context(replay_prefix([block(i) for i in range(layer + 1)], prefix[name]))
-                stack.enter_context(add_at_positions(block(layer), positions[name], deltas[name]))
-            return bundle.encode_ids(ids).embeds
+        return _encode_edited(bundle, ids, z_layer, batch.prefix, positions, vectors).embeds
 
     embeds = text().detach().requires_grad_(True)
     settings = resolve_settings(bundle)
@@ -118,7 +109,7 @@ def main() -> None:
     print(f"{args.batch} concepts x {args.steps} steps on {args.device}: {step:.1f} ms per step, "
           f"{step / args.batch:.2f} ms per concept per step (setup included)")
     if args.parts:
-        time_parts(bundle, requests, z_layer)
+        time_parts(bundle, requests, z_layer, images)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bundle.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         compute_z(bundle, requests, z_layer, config, images, runtime)

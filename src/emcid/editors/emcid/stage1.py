@@ -264,6 +264,19 @@ class _Noising:
         return (alpha ** 0.5).view(-1, 1, 1, 1), ((1 - alpha) ** 0.5).view(-1, 1, 1, 1)
 
 
+def _encode_edited(bundle: ModelBundle, ids: list[torch.Tensor], z_layer: dict[str, int],
+                   prefix: dict[str, torch.Tensor], positions: dict[str, torch.Tensor],
+                   vectors: dict[str, torch.Tensor]) -> PromptEncoding:
+    """Stage I's text pass: ``ids`` encoded with block l*'s recorded output replayed (nothing
+    before it depends on delta) and ``vectors`` added there at each row's subject token."""
+    with ExitStack() as stack:
+        for name, layer in z_layer.items():
+            slot = bundle.slot(name)
+            stack.enter_context(replay_prefix([slot.block(i) for i in range(layer + 1)], prefix[name]))
+            stack.enter_context(add_at_positions(slot.block(layer), positions[name], vectors[name]))
+        return bundle.encode_ids(ids)
+
+
 def _edited_unet_kwargs(teacher_kwargs: dict, edited: PromptEncoding) -> dict:
     """The teacher's extra UNet inputs with the edited pooled text embedding (SDXL). The size
     conditioning is made once, before the steps: a copy from the host cannot be in a CUDA graph."""
@@ -317,9 +330,9 @@ def _restore(states: list[dict[str, torch.Tensor]], deltas: dict[str, torch.Tens
     """Load saved concept states (all at the same step); returns that step."""
     step = int(states[0]["step"])
     with torch.no_grad():
+        on_device = optimiser.defaults["capturable"]  # a CUDA graph replays Adam's step count
         for name, delta in deltas.items():
             delta.copy_(torch.stack([s[f"delta.{name}"] for s in states]))
-            on_device = optimiser.defaults["capturable"]  # a CUDA graph replays Adam's step count
             optimiser.state[delta] = {
                 "step": torch.tensor(float(step), device=delta.device if on_device else None),
                 **{m: torch.stack([s[f"{m}.{name}"] for s in states]).to(delta)
@@ -468,14 +481,8 @@ def compute_z(
     losses = torch.zeros(count, device=device)
 
     def step(t: torch.Tensor | None, noise: torch.Tensor | None) -> None:
-        with ExitStack() as stack:
-            for name, layer in z_layer.items():
-                slot = bundle.slot(name)
-                stack.enter_context(replay_prefix([slot.block(i) for i in range(layer + 1)],
-                                                  batch.prefix[name]))
-                stack.enter_context(add_at_positions(slot.block(layer), positions[name],
-                                                     deltas[name][owner]))
-            edited = bundle.encode_ids(source_ids)
+        edited = _encode_edited(bundle, source_ids, z_layer, batch.prefix, positions,
+                                {name: delta[owner] for name, delta in deltas.items()})
         row_loss = torch.zeros(len(batch.src_prompts), device=device)
         if noising is not None:
             row_loss = config.noise_weight * _noise_loss(
