@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="an editor option for every method, e.g. lam=667 (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--destinations", default="nearest", choices=["nearest", "random"],
+                        help="AICE destinations: the 5 nearest holdout classes, or any (far edits)")
     parser.add_argument("--concept-batch", type=int,
                         help="Stage I concepts optimised side by side, at most (speed only; the embedded "
                              "model's default is 64 on a CPU, as many as fit on CUDA)")
@@ -77,7 +79,7 @@ def main() -> None:
         results = run_iceb(bundle, method=method, edits=[int(e) for e in args.edits.split(",")],
                            out=args.out, subtasks=args.subtasks.split(","), seed=args.seed, judge=judge,
                            options={**(stage1_options if method in STAGE1_METHODS else {}), **extra},
-                           holdout_eval=args.holdout_eval)
+                           holdout_eval=args.holdout_eval, destinations=args.destinations)
         print(summary_table(results, method))
         print(json.dumps(results["timings"], indent=1))
         for subtask, data in results["subtasks"].items():

@@ -48,6 +48,36 @@ def test_destination_depends_on_seed_and_class_only():
     assert len({tuple(d.values()) for d in draws}) > 1
 
 
+def test_random_destinations_reach_far_holdout_classes():
+    edit = [BenchClass(i, (f"c{i}",), ()) for i in range(40)]
+    holdout = [BenchClass(100 + i, (f"h{i}",), ()) for i in range(30)]
+    # every edit class has the same five nearest holdout classes (100..104)
+    holdout_emb = torch.cat([torch.ones(5, 2), torch.tensor([[1.0, -1.0]]).repeat(25, 1)])
+    edit_emb = torch.ones(40, 2)
+    nearest = choose_destinations(edit, holdout, edit_emb, holdout_emb, 0)
+    assert set(nearest.values()) <= set(range(100, 105))
+    far = choose_destinations(edit, holdout, edit_emb, holdout_emb, 0, mode="random")
+    assert set(far.values()) <= {c.index for c in holdout}
+    assert len(set(far.values()) - set(range(100, 105))) >= 10  # not only the neighbours
+    assert far == choose_destinations(edit, holdout, edit_emb, holdout_emb, 0, mode="random")
+    partial = choose_destinations(edit[:3], holdout, edit_emb[:3], holdout_emb, 0, mode="random")
+    assert partial == {k: far[k] for k in partial}  # a class keeps its destination at every scale
+    assert far != choose_destinations(edit, holdout, edit_emb, holdout_emb, 1, mode="random")
+
+
+def test_unknown_destination_mode_is_refused():
+    import pytest
+
+    from emcid.bench.iceb import IcebConfig
+    from emcid.errors import BenchmarkError
+
+    holdout = [BenchClass(1, ("h",), ())]
+    with pytest.raises(BenchmarkError, match="nearest, random"):
+        choose_destinations(holdout, holdout, torch.ones(1, 2), torch.ones(1, 2), 0, mode="far")
+    with pytest.raises(BenchmarkError, match="nearest, random"):
+        IcebConfig(destinations="far")
+
+
 def test_holdout_only_classes_are_always_holdout():
     classes = _classes(20, holdout_only=range(10, 20))
     for seed in range(3):

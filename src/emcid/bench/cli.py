@@ -32,7 +32,8 @@ def cmd_iceb(args: argparse.Namespace) -> None:
                                     "stats_samples": args.stats_samples})
     options.pop("cache", None)  # --no-cache is the run's switch: it reaches the editor's caches too
     settings = {k: v for k, v in {"holdout_eval": args.holdout_eval, "min_pre_score": args.min_pre_score,
-                                  "reference_dir": args.reference_dir}.items() if v is not None}
+                                  "reference_dir": args.reference_dir,
+                                  "destinations": args.destinations}.items() if v is not None}
     if args.no_cache:
         settings["cache"] = False
     results = run_iceb(args.model, method=args.method, edits=args.edits, out=args.out,
@@ -67,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     iceb.add_argument("--out", required=True, help="folder for results.json and report.html")
     iceb.add_argument("--subtasks", type=_names, default=SUBTASKS, help="aice,rectification (default: both)")
     iceb.add_argument("--seed", type=int, default=0, help="split, order and destination seed")
+    iceb.add_argument("--destinations", choices=["nearest", "random"],
+                      help="AICE destinations: among the 5 nearest holdout classes (nearest, the "
+                           "paper's protocol, default) or any holdout class (random: far edits)")
     iceb.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
     iceb.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                       help="model weights' dtype (default: float32)")

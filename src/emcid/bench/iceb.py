@@ -37,7 +37,13 @@ from .judges import Judge, default_judge_name, load_judge
 from .prompts import template_seed
 from .results import ResultsWriter, versions
 from .scoring import METRICS, EditItem, ImageBank, Scorer, free_form_group, scale_metrics, template_group
-from .selection import cap_scales, choose_destinations, class_embeddings, split_classes
+from .selection import (
+    DESTINATION_MODES,
+    cap_scales,
+    choose_destinations,
+    class_embeddings,
+    split_classes,
+)
 from .worlds import BenchClass, World, world_for
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,7 @@ class IcebConfig:
     seed: int = 0  # split, edit order, destinations; image seeds are fixed per prompt
     options: dict = field(default_factory=dict)  # editor options, over the subtask's presets
     neighbours: int = 5  # release: destination among the 5 nearest holdout classes
+    destinations: str = "nearest"  # AICE: "nearest" (release) or "random" (any holdout class)
     holdout_fraction: float = 0.5  # share of classes kept as holdout where none are holdout-only
     holdout_eval: int | None = None  # score Holdout Delta on at most this many holdout classes
     min_pre_score: float | None = None  # keep only classes the unedited model draws this well
@@ -85,6 +92,9 @@ class IcebConfig:
             raise BenchmarkError("holdout_fraction must be between 0 and 1")
         if self.classes is not None:
             self.classes = tuple(int(c) for c in self.classes)
+        if self.destinations not in DESTINATION_MODES:
+            raise BenchmarkError(f"unknown destinations {self.destinations!r}; choose from "
+                                 f"{', '.join(DESTINATION_MODES)}")
 
     def editor_runtime(self, editor: type[Editor]) -> dict:
         """The run's cache switches, for an editor that keeps caches."""
@@ -228,7 +238,8 @@ class IcebRun:
             raise BenchmarkError(f"AICE needs edit and holdout classes; have {len(pool)} and {len(holdout)}")
         destinations = choose_destinations(
             edit_classes, holdout, class_embeddings(self.bundle, edit_classes),
-            class_embeddings(self.bundle, holdout), self.config.seed, self.config.neighbours)
+            class_embeddings(self.bundle, holdout), self.config.seed, self.config.neighbours,
+            self.config.destinations)
         by_index = {c.index: c for c in classes}
         items = []
         for cls in edit_classes:

@@ -51,16 +51,27 @@ def class_embeddings(bundle: ModelBundle, classes: Sequence[BenchClass],
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
+DESTINATION_MODES = ("nearest", "random")
+
+
 def choose_destinations(edit_classes: Sequence[BenchClass], holdout: Sequence[BenchClass],
                         edit_embeddings: torch.Tensor, holdout_embeddings: torch.Tensor,
-                        seed: int, neighbours: int = 5) -> dict[int, int]:
-    """Edit class index -> destination class index, drawn among its nearest holdout classes.
+                        seed: int, neighbours: int = 5, mode: str = "nearest") -> dict[int, int]:
+    """Edit class index -> destination class index.
 
-    Nearness is cosine similarity of the embeddings; each class's draw is seeded by the run
-    seed and its own index only, so a class keeps its destination at every scale.
+    ``nearest`` (the paper's protocol): drawn among the ``neighbours`` holdout classes nearest
+    in cosine similarity of the embeddings, so it measures near edits only. ``random``: drawn
+    uniformly from every holdout class (far edits, as users make them). Each class's draw is
+    seeded by the run seed and its own index only, so a class keeps its destination at every
+    scale.
     """
     if not holdout:
         raise BenchmarkError("AICE needs at least one holdout class to draw destinations from")
+    if mode not in DESTINATION_MODES:
+        raise BenchmarkError(f"unknown destination mode {mode!r}; choose from {', '.join(DESTINATION_MODES)}")
+    if mode == "random":
+        return {cls.index: random.Random(f"iceb-random-destination-{seed}-{cls.index}").choice(holdout).index
+                for cls in edit_classes}
     similarity = torch.nn.functional.normalize(edit_embeddings.double(), dim=-1) @ \
         torch.nn.functional.normalize(holdout_embeddings.double(), dim=-1).T
     destinations = {}
