@@ -44,11 +44,13 @@ def editor_from_patch(patch: EditPatch | dict, runtime: Runtime | None = None) -
 
 
 def _current_form(hparams: dict, task: str) -> tuple[dict, str]:
-    """Patches written before the presets table kept runtime switches and the task in ``hparams``."""
+    """Patches written before the presets table kept runtime switches and the task in ``hparams``;
+    patches written before Stage I's ``init`` option started Stage I from zero."""
     for key in RUNTIME_KEYS:
         hparams.pop(key, None)
     if isinstance(hparams.get("stage1"), dict):
         hparams["stage1"] = {k: v for k, v in hparams["stage1"].items() if k not in RUNTIME_KEYS}
+        hparams["stage1"].setdefault("init", "zero")
     return hparams, hparams.pop("task", task)
 
 

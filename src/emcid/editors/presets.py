@@ -50,9 +50,10 @@ PRESETS: tuple[Preset, ...] = (
     Preset("emcid", {"reference_stage1": {"target": "noise", "align_weight": 0.0}},
            task="rectification",
            why="undrawable classes: reference images, true-noise target, no text alignment"),
-    Preset("memit", {"noise_weight": 0.0, "align_weight": 1.0, "alpha": 0.5, "reference_stage1": {}},
-           why="MEMIT-style: pooled-text targets only (reference images play no part), and "
-               "MEMIT's own update (a = 0.5) on every task"),
+    Preset("memit", {"noise_weight": 0.0, "align_weight": 1.0, "alpha": 0.5, "reference_stage1": {},
+                     "init": "zero"},
+           why="MEMIT-style: pooled-text targets only (reference images play no part), found "
+               "from zero as MEMIT's compute_z does, and MEMIT's own update (a = 0.5) on every task"),
 )
 
 

@@ -54,6 +54,10 @@ class Stage1Config:
     target: Literal["teacher", "noise"] = "teacher"  # "noise": regress on the true noise
     image_guidance_scale: float | None = 7.5  # release: source images at guidance 7.5
     image_steps: int | None = 50  # release: 50 sampling steps; None = the model's default
+    # Where delta starts. "text" (emcid): the destination's state at l* minus the source's, at
+    # their subject tokens (far edits otherwise settle on a third concept, docs/method.md);
+    # "zero": the release's start.
+    init: Literal["text", "zero"] = "text"
 
     def __post_init__(self) -> None:
         check_int("Stage I", "steps", self.steps)
@@ -62,6 +66,7 @@ class Stage1Config:
             check_float("Stage I", name, getattr(self, name), low=0)
         check_float("Stage I", "clamp_factor", self.clamp_factor, low=0, low_open=True)
         check_choice("Stage I", "target", self.target, ("teacher", "noise"))
+        check_choice("Stage I", "init", self.init, ("text", "zero"))
         if self.image_guidance_scale is not None:
             check_float("Stage I", "image_guidance_scale", self.image_guidance_scale, low=0)
         if self.image_steps is not None:
@@ -161,6 +166,8 @@ def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[s
     and the precision where it is not fp32 (so fp32 keys are the same on every device)."""
     images = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in request.reference_images]
     hyper = asdict(config)
+    if hyper["init"] == "zero":
+        del hyper["init"]  # the release's start, as every key made before the option had it
     precision = resolve_precision(precision, device)
     if precision != "fp32":
         hyper["precision"] = precision
@@ -184,6 +191,7 @@ class _Batch:
     latents: torch.Tensor | None  # None when the noise-prediction loss is off
     prefix: dict[str, torch.Tensor]  # unedited output of block l* at every token of every row
     hidden: dict[str, list[torch.Tensor]]  # per concept: unedited h at l*, (n_prompts, width)
+    text_estimate: dict[str, torch.Tensor] | None  # (concepts, width): h_dst - h_src at l*
 
 
 def _layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
@@ -213,8 +221,39 @@ def _layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str,
     for name, states in prefix.items():
         at_subject = gather_positions(states, row_positions[name])
         hidden[name] = [at_subject[rows] for rows in firsts]
+    estimate = _text_estimate(bundle, requests, z_layer, hidden) if config.init == "text" else None
     return _Batch(requests, torch.tensor(owner), src, dst, row_positions,
-                  torch.cat(latents) if latents else None, prefix, hidden)
+                  torch.cat(latents) if latents else None, prefix, hidden, estimate)
+
+
+def _text_estimate(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
+                   hidden: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per concept, the mean over its prompts of h_dst - h_src at l*: the unedited block-l*
+    state at the destination's last token in the destination prompt, minus the source's.
+
+    It is where Stage I starts: swapping that state alone draws the destination, and from
+    there the loss has a minimum that still does, where from zero a far edit settles on a
+    minimum that draws a third concept (docs/method.md, "Stage I's start"). An empty
+    destination (an erase on Stable Diffusion) has no token to read: it starts from zero.
+    """
+    worded = [r for r in requests if r.destination.strip()]
+    states = _read_block_outputs(bundle, [p for r in worded for p in r.destination_prompts()], z_layer) \
+        if worded else {}
+    estimate = {}
+    for name in z_layer:
+        tokenizer = bundle.slot(name).tokenizer
+        rows, start = [], 0
+        for request, h in zip(requests, hidden[name], strict=True):
+            if not request.destination.strip():
+                rows.append(torch.zeros_like(h[0]))
+                continue
+            count = len(request.prompts)
+            positions = subject_positions(tokenizer, request.prompts, request.destination)
+            at_destination = gather_positions(states[name][start:start + count], positions)
+            rows.append((at_destination - h).mean(0))
+            start += count
+        estimate[name] = torch.stack(rows)
+    return estimate
 
 
 def _draw_noise(batch: _Batch, generators: list[torch.Generator], train_steps: int,
@@ -344,12 +383,13 @@ def _restore(states: list[dict[str, torch.Tensor]], deltas: dict[str, torch.Tens
 
 
 def _check_health(requests: list[EditRequest], first_bad: torch.Tensor, overflow: torch.Tensor,
-                  deltas: dict[str, torch.Tensor] | None = None) -> None:
+                  moves: dict[str, torch.Tensor] | None = None) -> None:
     """One host sync: fail naming the first concept whose loss went NaN/inf, whose delta
-    overflowed, or (``deltas`` given, at the end) whose delta never moved from zero."""
+    overflowed, or (``moves`` given, at the end: each delta minus its start) whose delta
+    never moved."""
     moved = None
-    if deltas is not None:
-        moved = torch.stack([d.detach().abs().amax(1) > 0 for d in deltas.values()]).all(0).cpu()
+    if moves is not None:
+        moved = torch.stack([m.abs().amax(1) > 0 for m in moves.values()]).all(0).cpu()
     first_bad, overflow = first_bad.cpu(), overflow.cpu()
     for index, request in enumerate(requests):
         name = f"{request.source!r} -> {request.destination!r}"
@@ -363,7 +403,7 @@ def _check_health(requests: list[EditRequest], first_bad: torch.Tensor, overflow
                 "(its norm is not finite); lower the learning rate (--lr)")
         if moved is not None and not moved[index]:
             raise Stage1DivergedError(
-                f"Stage I did not move delta for {name}: it is exactly zero after optimisation; "
+                f"Stage I did not move delta for {name}: it has not left its start; "
                 "check the learning rate (--lr) and that the subject reaches the loss")
 
 
@@ -463,8 +503,9 @@ def compute_z(
     settings = resolve_settings(bundle)
     teacher_kwargs = bundle.unet_kwargs(teacher, settings["height"], settings["width"])
     source_ids = bundle.tokenize(batch.src_prompts)  # once: it costs more than a small model's step
-    deltas = {name: torch.zeros(count, rows[0].shape[-1], device=device, requires_grad=True)
-              for name, rows in batch.hidden.items()}
+    deltas = {name: _initial_delta(batch, name, v_norm[name], config.clamp_factor)
+              for name in batch.hidden}
+    starts = {name: delta.detach().clone() for name, delta in deltas.items()}
     # capturable: Adam keeps its step count on the device, so a CUDA graph can replay it.
     optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr, capturable=graphs)
     generators = [torch.Generator().manual_seed(r.seed) for r in requests]
@@ -526,7 +567,7 @@ def compute_z(
                 _check_health(requests, first_bad, overflow)
                 save_progress([_concept_state(deltas, optimiser, generators[i], i, done)
                                for i in range(count)])
-    _check_health(requests, first_bad, overflow, deltas)
+    _check_health(requests, first_bad, overflow, {n: d.detach() - starts[n] for n, d in deltas.items()})
     final = losses.cpu()
     return [
         ConceptTarget(request, dict(z_layer),
@@ -534,6 +575,17 @@ def compute_z(
                       {n: rows[i].cpu() for n, rows in batch.hidden.items()}, float(final[i]))
         for i, request in enumerate(requests)
     ]
+
+
+def _initial_delta(batch: _Batch, name: str, v_norm: torch.Tensor, clamp_factor: float) -> torch.Tensor:
+    """Zeros, or the text estimate inside the norm clamp (the invariant every step keeps)."""
+    count, width = len(batch.requests), batch.hidden[name][0].shape[-1]
+    if batch.text_estimate is None:
+        return torch.zeros(count, width, device=v_norm.device, requires_grad=True)
+    start = batch.text_estimate[name].to(v_norm.device)
+    norms, limit = start.norm(dim=1), clamp_factor * v_norm
+    start = start * torch.where(norms > limit, limit / norms, torch.ones_like(norms)).unsqueeze(1)
+    return start.requires_grad_(True)
 
 
 def _release_memory(device: torch.device) -> None:
