@@ -22,7 +22,8 @@ USER_PROMPTS = ("a photo of a {}", "there is a {}", "{} on a table", "a picture 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", default="tench:goldfish,volcano:beacon")
     parser.add_argument("--images", type=int, default=4, help="seeds per prompt")
     parser.add_argument("--unrelated", type=int, default=20, help="unrelated concepts scored")
@@ -70,7 +71,8 @@ def main() -> None:
     edit_s = time.perf_counter() - started
     patch.apply(bundle)
     after, own_after = measure()
-    print(f"embedded model, options {options or 'defaults'}; {args.images} images per prompt; edit {edit_s:.0f} s")
+    print(f"embedded model, options {options or 'defaults'}; {args.images} images per prompt; "
+          f"edit {edit_s:.0f} s")
     print("| pair | prompts | prompt | P(source) before -> after | P(destination) before -> after |")
     print("| --- | --- | --- | --- | --- |")
     for key, rows in after.items():
