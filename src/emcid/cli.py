@@ -55,6 +55,23 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, device=device, allow_pickle=args.allow_pickle)
 
 
+def _model_input(args: argparse.Namespace) -> str | Path | None:
+    """The model's folder, where it is one (the embedded model's shipped folder by default)."""
+    if args.model is None:
+        from .models import default_model_path
+
+        return default_model_path()
+    return args.model
+
+
+def _check_out(args: argparse.Namespace, kind, **inputs) -> None:
+    """``--out`` against the model and the named inputs (``requests=path``), before any work."""
+    from .outputs import check_output
+
+    check_output(args.out, [("model", _model_input(args)),
+                            *((role.replace("_", " "), path) for role, path in inputs.items())], kind)
+
+
 def editor_options(args: argparse.Namespace, flags: dict) -> dict:
     """The ``--config`` file's options with every given flag over them (``None``: not given)."""
     from .config import read_config_file
@@ -97,6 +114,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
         "classifier": args.classifier, "images": args.images, "rounds": args.rounds,
     })
     requests = load_requests(args.requests)  # a bad file fails before the model loads ...
+    _check_out(args, "file", request_file=args.requests, config_file=args.config, corpus=args.corpus,
+               **{f"reference image {i}": path for i, path in enumerate(
+                   p for r in requests for p in getattr(r, "reference_images", ()))})
     debiasing = is_debias_batch(requests)
     check_edit_options(args.method, debiasing, options)  # ... and so does a bad option
     bundle = _load(args)
@@ -117,6 +137,7 @@ def cmd_debias(args: argparse.Namespace) -> None:
     from .debias import ClipZeroShot, DebiasConfig, debias, format_report, load_debias_requests
 
     requests = load_debias_requests(args.requests)  # bad requests fail before any loading
+    _check_out(args, "file", request_file=args.requests)
     bundle = _load(args)
     options = {k: v for k, v in {
         "steps": args.steps, "lam": args.lam, "layers": parse_layers(args.layers),
@@ -133,6 +154,7 @@ def cmd_debias(args: argparse.Namespace) -> None:
 def cmd_apply(args: argparse.Namespace) -> None:
     from .patch import EditPatch, save_pipeline
 
+    _check_out(args, "replaced folder", patch=args.patch)
     patch = EditPatch.load(args.patch)
     bundle = _load(args)
     patch.apply(bundle, force=args.force)
@@ -144,6 +166,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
 def cmd_revert(args: argparse.Namespace) -> None:
     from .patch import EditPatch, revert_last, save_pipeline
 
+    _check_out(args, "replaced folder", patch=args.patch)
     patch = EditPatch.load(args.patch) if args.patch else None
     bundle = _load(args)
     step = revert_last(bundle, patch)
@@ -154,7 +177,11 @@ def cmd_revert(args: argparse.Namespace) -> None:
 
 def cmd_export_lora(args: argparse.Namespace) -> None:
     from .lora import export_lora
+    from .outputs import check_output
 
+    # A file (.safetensors) or a folder; any other suffix is a typo (L.bin would become a folder).
+    kind = "file" if Path(args.out).suffix else "folder"
+    check_output(args.out, [("patch", args.patch)], kind, suffix=".safetensors")
     export = export_lora(args.patch, args.out, rank=args.rank)
     modules = len(export.kept_energy)
     if export.exact:
@@ -178,6 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     seeds = [args.seed + i for i in range(args.n)]
     check_seeds([seeds[0], seeds[-1]])
     check_settings({"num_inference_steps": args.steps, "guidance_scale": args.guidance})
+    _check_out(args, "folder", patch=args.patch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = _load(args)

@@ -43,3 +43,7 @@ class BenchmarkError(EmcidError, ValueError):
 
 class DeviceError(EmcidError):
     """The requested device (e.g. ``cuda:1``) is not available on this machine."""
+
+
+class OutputPathError(EmcidError):
+    """An output path would overwrite an input, or cannot be written (checked before any work)."""
