@@ -76,3 +76,19 @@ def test_patches_made_before_the_option_rebuild_with_the_release_start(sd1):
     del metadata["hparams"]["stage1"]["init"]
     assert editor_from_patch(metadata).config.stage1.init == "zero"
     assert get_editor("memit", sd1).config.stage1.init == "zero"  # MEMIT's compute_z starts at zero
+
+
+def test_the_command_line_selects_the_start_and_the_patch_records_it(tmp_path, sd1_dir):
+    import yaml
+
+    from emcid.cli import main
+
+    requests = tmp_path / "r.yaml"
+    requests.write_text(yaml.safe_dump([{"source": "tench", "destination": "goldfish"}]))
+    for start in ("zero", None):
+        out = tmp_path / f"{start}.safetensors"
+        flags = ["--init", start] if start else []
+        assert main(["edit", "--model", str(sd1_dir), "--requests", str(requests), "--out", str(out),
+                     "--steps", "1", "--stats-samples", "20", "--lam", "1.0", "--layers", "1-2",
+                     *flags]) == 0
+        assert emcid.EditPatch.load(out).metadata["hparams"]["stage1"]["init"] == (start or "text")

@@ -105,7 +105,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from .requests import is_debias_batch
 
     options = editor_options(args, {
-        "steps": args.steps, "lr": args.lr, "lam": args.lam, "alpha": args.alpha,
+        "steps": args.steps, "lr": args.lr, "init": args.init, "lam": args.lam, "alpha": args.alpha,
         "residual": args.residual, "layers": parse_layers(args.layers), "task": args.task,
         "stats_samples": args.stats_samples, "corpus": args.corpus,
         "concept_batch": args.concept_batch, "precision": args.precision,
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "presets (artist: layers, 100 Stage I steps, artist prompts)")
     edit.add_argument("--steps", type=int, help="Stage I optimisation steps (release: 200)")
     edit.add_argument("--lr", type=float, help="Stage I learning rate (release: 0.2)")
+    edit.add_argument("--init", choices=["text", "zero"],
+                      help="Stage I start: text (default: the destination's state minus the "
+                           "source's at the last edited block) or zero (the release's)")
     edit.add_argument("--lam", type=float, help="Stage II preservation weight (release: 4000)")
     edit.add_argument("--alpha", type=float, help="Stage II editing strength (release: 0.5)")
     edit.add_argument("--residual", choices=["memit", "release"], help="Stage II residual form")
