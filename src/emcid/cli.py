@@ -57,7 +57,7 @@ def _load(args: argparse.Namespace):
 
 def editor_options(args: argparse.Namespace, flags: dict) -> dict:
     """The ``--config`` file's options with every given flag over them (``None``: not given)."""
-    from .config import read_config_file
+    from .core.config import read_config_file
 
     options = read_config_file(args.config) if args.config else {}
     options.update({k: v for k, v in flags.items() if v is not None})
@@ -71,8 +71,8 @@ DEBIAS_FLAGS = ("classifier", "images", "rounds")  # `emcid edit` flags for debi
 
 def check_edit_options(method: str, debiasing: bool, options: dict) -> None:
     """Every option of `emcid edit`, checked for the requests' kind before the model loads."""
-    from .debias import debias_options
-    from .editors import get_editor
+    from .editors.registry import get_editor
+    from .tasks.debias import debias_options
 
     if debiasing:
         debias_options(method, options)
@@ -105,7 +105,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         return
     patch.save(args.out)
     if debiasing:
-        from .debias import format_report
+        from .tasks.debias import format_report
 
         print(format_report(patch.metadata["debias"]))
         print(f"wrote {args.out}: {len(requests)} concepts debiased in {len(patch.deltas)} modules")
@@ -114,7 +114,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
 
 def cmd_debias(args: argparse.Namespace) -> None:
-    from .debias import ClipZeroShot, DebiasConfig, debias, format_report, load_debias_requests
+    from .requests import load_debias_requests
+    from .tasks.debias import ClipZeroShot, DebiasConfig, debias, format_report
 
     requests = load_debias_requests(args.requests)  # bad requests fail before any loading
     bundle = _load(args)
@@ -131,7 +132,8 @@ def cmd_debias(args: argparse.Namespace) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    from .patch import EditPatch, save_pipeline
+    from .patch.export import save_pipeline
+    from .patch.format import EditPatch
 
     patch = EditPatch.load(args.patch)
     bundle = _load(args)
@@ -142,7 +144,9 @@ def cmd_apply(args: argparse.Namespace) -> None:
 
 
 def cmd_revert(args: argparse.Namespace) -> None:
-    from .patch import EditPatch, revert_last, save_pipeline
+    from .core.chain import revert_last
+    from .patch.export import save_pipeline
+    from .patch.format import EditPatch
 
     patch = EditPatch.load(args.patch) if args.patch else None
     bundle = _load(args)
@@ -153,7 +157,7 @@ def cmd_revert(args: argparse.Namespace) -> None:
 
 
 def cmd_export_lora(args: argparse.Namespace) -> None:
-    from .lora import export_lora
+    from .patch.export import export_lora
 
     export = export_lora(args.patch, args.out, rank=args.rank)
     modules = len(export.kept_energy)
@@ -168,8 +172,8 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generation import check_seeds, check_settings, generate_batches, to_pil
-    from .patch import EditPatch
+    from .core.generation import check_seeds, check_settings, generate_batches, to_pil
+    from .patch.format import EditPatch
 
     if args.n < 1:
         raise OptionError(f"--n {args.n}: give the number of images to draw (at least 1)")

@@ -43,3 +43,11 @@ class BenchmarkError(EmcidError, ValueError):
 
 class DeviceError(EmcidError):
     """The requested device (e.g. ``cuda:1``) is not available on this machine."""
+
+
+class Stage1OutOfMemoryError(EmcidError, MemoryError):
+    """Even one concept at a time does not fit in the device's memory."""
+
+
+class LoraExportError(EmcidError):
+    """A patch cannot be exported as a LoRA with the options given."""

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import TensorCache
-from ..config import split_runtime
+from ..core.bundle import ModelBundle
+from ..core.cache import TensorCache
+from ..core.config import split_runtime
+from ..core.loading import load_model
 from ..editors import Editor, editor_class
 from ..editors.presets import preset_options
 from ..errors import BenchmarkError
-from ..models import ModelBundle, load_model
-from ..requests import EditRequest
+from ..requests.edit import EditRequest
 from . import metrics
 from .judges import Judge, default_judge_name, load_judge
 from .prompts import template_seed

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.bundle import ModelBundle
 from ..errors import BenchmarkError
-from ..models import ModelBundle
 from .worlds import BenchClass
 
 
