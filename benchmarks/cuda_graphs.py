@@ -20,10 +20,11 @@ import torch
 from engine_speed import requests_for  # this folder is on sys.path when run as a script
 
 import emcid
-from emcid.cache import TensorCache
-from emcid.config import Runtime
+from emcid.core.cache import TensorCache
+from emcid.core.config import Runtime
 from emcid.editors.emcid import EMCIDEditor
-from emcid.editors.emcid.stage1 import Stage1Config, _Stepper, compute_z
+from emcid.editors.emcid.stage1 import Stage1Config, compute_z
+from emcid.editors.emcid.stage1.engine import Stepper
 
 
 def timed_run(bundle, requests, z_layer, config, images, runtime) -> tuple[float, list]:
@@ -57,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("cuda_graphs.py needs a CUDA device")
-    short = _Stepper.WARMUP + 2  # warm-up, capture and one replay
+    short = Stepper.WARMUP + 2  # warm-up, capture and one replay
     if args.steps <= short:
         raise SystemExit(f"--steps: more than {short}")
     os.environ.setdefault("EMCID_CACHE", tempfile.mkdtemp(prefix="emcid-graphs-"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from emcid.config import parse_option
+from emcid.core.config import parse_option
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import emcid
     from emcid.bench.styles import colour_debias_requests
-    from emcid.debias import balance_gap, format_report
+    from emcid.tasks.debias import balance_gap, format_report
 
     bundle = emcid.load_model(args.model)
     requests = colour_debias_requests(args.concepts, args.seed)

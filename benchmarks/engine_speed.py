@@ -18,13 +18,13 @@ from dataclasses import replace
 import torch
 
 import emcid
-from emcid.cache import TensorCache
 from emcid.concepts import imagenet1k_classes
-from emcid.config import Runtime
+from emcid.core.cache import TensorCache
+from emcid.core.config import Runtime
+from emcid.core.stats import second_moments
 from emcid.editors.emcid import EMCIDEditor
 from emcid.editors.emcid.stage1 import Stage1Config, compute_targets
 from emcid.editors.emcid.stage2 import Stage2Config, compute_deltas
-from emcid.stats import second_moments
 
 
 def requests_for(count: int) -> list[emcid.EditRequest]:

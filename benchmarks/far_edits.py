@@ -40,11 +40,11 @@ def main() -> None:
 
     bundle = emcid.load_model()
     judge, world = load_judge(bundle), world_for(bundle)
-    by_name = {c.name: c for c in world.classes}
+    by_name = {name: c for c in world.classes for name in c.names}  # aliases too ("monkey dog")
     pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
     options = dict(parse_option(text) for text in args.option)
-    edited = {n for pair in pairs for n in pair}
-    others = random.Random(0).sample([c for c in world.classes if c.name not in edited], args.unrelated)
+    edited = {by_name[n].index for pair in pairs for n in pair}
+    others = random.Random(0).sample([c for c in world.classes if c.index not in edited], args.unrelated)
 
     def score(prompts: list[str], indices: list[int]) -> list[float]:
         seeds = [5000 + k for k in range(args.images)]
@@ -56,7 +56,7 @@ def main() -> None:
         table = {}
         for src, dst in pairs:
             groups = {"templates": list(world.templates), "user": list(USER_PROMPTS),
-                      "free-form": [t for t, _ in by_name[src].free_form]}
+                      "free-form": [t for t, _ in by_name[src].free_form][:5]}
             for group, templates in groups.items():
                 prompts = [t.format(src) for t in templates]
                 p_src = score(prompts, [by_name[src].index] * len(prompts))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from emcid.config import parse_option
+from emcid.core.config import parse_option
 
 STAGE1_METHODS = {"emcid", "memit"}  # editors that take Stage I options
 

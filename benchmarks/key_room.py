@@ -8,7 +8,7 @@ second moment C = E[k k^T] of its inputs over the model's default caption corpus
 - the convergence of C with the number of captions: the relative Frobenius distance
   ||C_n - C_N|| / ||C_N|| of the estimate after n captions to the one after all N.
 
-Accumulation is `emcid.stats.running_sums` (float32 per batch into float64 totals).
+Accumulation is `emcid.core.stats.running_sums` (float32 per batch into float64 totals).
 
     python benchmarks/key_room.py [--model M] [--captions 20000] [--threads 2]
 """
@@ -21,8 +21,8 @@ import time
 import torch
 
 import emcid
+from emcid.core.stats import default_corpus, running_sums
 from emcid.editors.presets import preset_options, resolve_layers
-from emcid.stats import default_corpus, running_sums
 
 
 def checkpoints(total: int) -> list[int]:

@@ -24,8 +24,8 @@ import torch
 
 import emcid
 from emcid.concepts import imagenet1k_classes
+from emcid.core.hooks import capture
 from emcid.editors.emcid.stage1 import compute_targets
-from emcid.hooks import capture
 from emcid.requests import subject_positions
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import emcid
-from emcid.generation import generate
+from emcid.core.generation import generate
 from emcid.mini import default_model_dir, world
 from emcid.mini.judge import judge_accuracy, load_judge
 

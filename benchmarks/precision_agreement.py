@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import emcid
-from emcid.cache import TensorCache
-from emcid.config import Runtime
+from emcid.core.cache import TensorCache
+from emcid.core.config import Runtime
 from emcid.editors.emcid.stage1 import Stage1Config, compute_z
 
 

@@ -27,14 +27,16 @@ from pathlib import Path
 import torch
 
 import emcid
-from emcid.cache import TensorCache
 from emcid.concepts import builtin_caption_corpus, imagenet1k_classes
-from emcid.config import Runtime
+from emcid.core.bundle import ModelBundle
+from emcid.core.cache import TensorCache
+from emcid.core.config import Runtime
+from emcid.core.family import FAMILY_SAMPLING
+from emcid.core.loading import freeze_components
+from emcid.core.stats import second_moments
 from emcid.editors.emcid.stage1 import ConceptTarget, Stage1Config, compute_z
 from emcid.editors.emcid.stage2 import Stage2Config, compute_deltas
 from emcid.editors.presets import preset_options, resolve_layers
-from emcid.models import FAMILY_SAMPLING, ModelBundle, freeze_components
-from emcid.stats import second_moments
 from emcid.tiny import build_tokenizer
 
 SD14_UNET = dict(

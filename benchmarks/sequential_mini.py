@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from emcid.config import parse_option
+from emcid.core.config import parse_option
 
 AICE_OPTIONS = {"alpha": 0.6}  # ICEB's release value for arbitrary edits
 FIGURES = ("source_forget_efficacy", "source2dest_efficacy", "source_forget_generalization",
@@ -137,7 +137,7 @@ def main() -> None:
     from emcid.bench.judges import load_judge
     from emcid.bench.scoring import ImageBank, Scorer
     from emcid.bench.worlds import world_for
-    from emcid.cache import TensorCache
+    from emcid.core.cache import TensorCache
 
     started = time.perf_counter()
     bundle = emcid.load_model(args.model)

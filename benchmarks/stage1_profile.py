@@ -23,11 +23,12 @@ from engine_speed import requests_for  # this folder is on sys.path when run as 
 from torch.profiler import ProfilerActivity, profile
 
 import emcid
-from emcid.cache import TensorCache
-from emcid.config import Runtime
+from emcid.core.cache import TensorCache
+from emcid.core.config import Runtime
+from emcid.core.generation import resolve_settings
 from emcid.editors.emcid import EMCIDEditor
-from emcid.editors.emcid.stage1 import Stage1Config, _encode_edited, _layout, compute_z
-from emcid.generation import resolve_settings
+from emcid.editors.emcid.stage1 import Stage1Config, compute_z
+from emcid.editors.emcid.stage1.objective import encode_edited, layout
 
 
 def synchronize(device: torch.device) -> None:
@@ -48,14 +49,14 @@ def milliseconds(function, device: torch.device, repeats: int = 5) -> float:
 def time_parts(bundle, requests: list[emcid.EditRequest], z_layer: dict[str, int],
                images: TensorCache) -> None:
     """Each part of a step alone, on every source prompt of ``requests`` (one row each)."""
-    batch = _layout(bundle, requests, z_layer, Stage1Config(noise_weight=0.0), images)
+    batch = layout(bundle, requests, z_layer, Stage1Config(noise_weight=0.0), images)
     prompts, ids = batch.src_prompts, bundle.tokenize(batch.src_prompts)
     positions = {name: p.to(bundle.device) for name, p in batch.positions.items()}
     vectors = {name: torch.zeros(bundle.slot(name).hidden_size, device=bundle.device, requires_grad=True)
                for name in z_layer}
 
     def text() -> torch.Tensor:
-        return _encode_edited(bundle, ids, z_layer, batch.prefix, positions, vectors).embeds
+        return encode_edited(bundle, ids, z_layer, batch.prefix, positions, vectors).embeds
 
     embeds = text().detach().requires_grad_(True)
     settings = resolve_settings(bundle)

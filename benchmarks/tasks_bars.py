@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import emcid
     from emcid.bench import styles as bench
-    from emcid.generation import generate_arrays, to_pil
+    from emcid.core.generation import generate_arrays, to_pil
     from emcid.mini import world
     from emcid.mini.judge import load_judge
 

@@ -8,9 +8,9 @@ import tempfile
 import pytest
 import torch
 
-from emcid import cache as cache_module
 from emcid.cache import TensorCache
 from emcid.cli import main
+from emcid.core import cache as cache_module
 from emcid.errors import CacheError
 from emcid.stats import second_moments
 
@@ -50,7 +50,7 @@ def test_cache_that_is_a_file_is_refused(tmp_path, monkeypatch):
 
 
 def test_edit_with_a_file_as_cache_fails_before_stage1(tmp_path, sd1_dir, monkeypatch, capsys):
-    from emcid.editors.emcid import stage1
+    from emcid.editors.emcid.stage1 import schedule as stage1
 
     (tmp_path / "cache").write_text("not a folder")
     monkeypatch.setenv("EMCID_CACHE", str(tmp_path / "cache"))

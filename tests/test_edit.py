@@ -62,7 +62,7 @@ def test_sdxl_edit_touches_both_encoders(sdxl):
 
 
 def test_stage1_cache_is_reused_and_keyed_by_content(sd1, monkeypatch):
-    from emcid.editors.emcid import stage1
+    from emcid.editors.emcid.stage1 import schedule as stage1
 
     calls = []
     original = stage1.compute_z
@@ -147,7 +147,7 @@ def test_batched_stage1_equals_one_concept_at_a_time(sd1):
 
 
 def test_unlocatable_subject_fails_before_any_work(sd1, monkeypatch):
-    from emcid.editors.emcid import stage1
+    from emcid.editors.emcid.stage1 import schedule as stage1
 
     monkeypatch.setattr(stage1, "compute_z", lambda *a, **k: pytest.fail("Stage I started"))
     requests = [emcid.EditRequest("tench", "goldfish"),
@@ -170,7 +170,7 @@ def test_multi_process_stage1_shares_work_through_the_cache(sd1, monkeypatch):
     from types import SimpleNamespace
 
     import emcid.editors.emcid as emcid_editor
-    from emcid.editors.emcid import stage1
+    from emcid.editors.emcid.stage1 import schedule as stage1
 
     barrier = []
     state = SimpleNamespace(process_index=1, num_processes=2, wait_for_everyone=lambda: barrier.append(1))
@@ -206,7 +206,7 @@ def test_sd2_v_prediction_edit(tmp_path_factory, target):
 
 
 def test_memit_variant_uses_text_targets_only(sd1, monkeypatch):
-    from emcid.editors.emcid import stage1
+    from emcid.editors.emcid.stage1 import objective as stage1
 
     monkeypatch.setattr(stage1, "source_latents", lambda *a, **k: pytest.fail("images generated"))
     patch = emcid.edit(sd1, REQUESTS, method="memit", progress=False, **FAST)

@@ -31,7 +31,7 @@ def test_sdxl_images_depend_on_seed_not_on_batching(sdxl):
 
 
 def test_cached_generation_generates_each_image_once(sd1, monkeypatch):
-    from emcid import generation
+    from emcid.core import generation
 
     calls = []
     original = generation.generate_arrays

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 import emcid
-from emcid import generation
 from emcid.cli import main
+from emcid.core import generation
 from emcid.editors import EDITORS, get_editor
 from emcid.errors import BenchmarkError, OptionError
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from emcid.cli import main
-from emcid.outputs import check_output
+from emcid.core.outputs import check_output
 
 FAST = ["--steps", "1", "--stats-samples", "20", "--lam", "1.0", "--layers", "1-2"]
 

@@ -6,8 +6,7 @@ import torch
 import emcid
 from emcid.cache import TensorCache
 from emcid.config import Runtime
-from emcid.editors.emcid import stage1
-from emcid.editors.emcid.stage1 import Stage1Config, compute_targets
+from emcid.editors.emcid.stage1 import Stage1Config, compute_targets, engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -16,7 +15,7 @@ REQUESTS = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "
 STEPS = 9
 
 
-class CountingStepper(stage1._Stepper):
+class CountingStepper(engine.Stepper):
     """Counts the steps that replayed a captured graph."""
 
     replays = 0
@@ -40,10 +39,10 @@ def test_replayed_steps_match_eager_steps(family, precision, request, monkeypatc
     bundle = emcid.load_model(request.getfixturevalue(f"{family}_dir"), device="cuda")
     layer = {slot.name: 1 for slot in bundle.slots()}
     eager = _run(bundle, layer, graphs=False, precision=precision)
-    monkeypatch.setattr(stage1, "_Stepper", CountingStepper)
+    monkeypatch.setattr(engine, "Stepper", CountingStepper)
     CountingStepper.replays = 0
     graphed = _run(bundle, layer, graphs=True, precision=precision)
-    assert CountingStepper.replays == STEPS - stage1._Stepper.WARMUP
+    assert CountingStepper.replays == STEPS - engine.Stepper.WARMUP
     # Not bit for bit: cuBLAS may pick other kernels under capture, and Adam's steps of about
     # lr per element carry a rounding difference on (the benchmark measures about 1e-3). The
     # last step's loss in bf16 differed by 1.1 % on the tiny SDXL model (H200, deltas within 1 %).
@@ -60,18 +59,18 @@ def test_a_graphed_run_resumes_from_saved_progress(sd1_dir, monkeypatch):
     layer = {"text_encoder": 2}
     runtime = Runtime(concept_batch=3, checkpoint_every=4)
     expected = _run(bundle, layer, True, runtime=runtime)
-    original = stage1._check_health
+    original = engine.check_health
 
     def interrupted_before_the_end(requests, first_bad, overflow, deltas=None):
         if deltas is not None:
             raise KeyboardInterrupt
         original(requests, first_bad, overflow, deltas)
 
-    monkeypatch.setattr(stage1, "_check_health", interrupted_before_the_end)
+    monkeypatch.setattr(engine, "check_health", interrupted_before_the_end)
     cache = TensorCache("cuda-resume")
     with pytest.raises(KeyboardInterrupt):
         _run(bundle, layer, True, cache=cache, runtime=runtime)
-    monkeypatch.setattr(stage1, "_check_health", original)
+    monkeypatch.setattr(engine, "check_health", original)
     found = _run(bundle, layer, True, cache=cache, runtime=runtime)
     for a, b in zip(expected, found):
         delta, other = a.deltas["text_encoder"], b.deltas["text_encoder"]

@@ -9,7 +9,7 @@ import emcid
 from emcid.cache import TensorCache
 from emcid.config import Runtime
 from emcid.editors.emcid import stage1
-from emcid.editors.emcid.stage1 import Stage1Config, compute_targets
+from emcid.editors.emcid.stage1 import Stage1Config, compute_targets, engine, schedule
 
 REQUESTS = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=4),
             emcid.EditRequest("castle", "tower", ("{}", "a {} on a hill"), seed=2),
@@ -25,7 +25,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_finished_concepts(sd1, monkeyp
     config, runtime = Stage1Config(steps=4), Runtime(concept_batch=4)
     expected = compute_targets(sd1, REQUESTS, LAYER, config, TensorCache("oom-reference"),
                                progress=False, runtime=runtime)
-    sizes, original = [], stage1.compute_z
+    sizes, original = [], schedule.compute_z
 
     def short_of_memory(bundle, requests, *args, **kwargs):
         sizes.append(len(requests))
@@ -33,7 +33,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_finished_concepts(sd1, monkeyp
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return original(bundle, requests, *args, **kwargs)
 
-    monkeypatch.setattr(stage1, "compute_z", short_of_memory)
+    monkeypatch.setattr(schedule, "compute_z", short_of_memory)
     cache = TensorCache("oom")
     found = compute_targets(sd1, REQUESTS, LAYER, config, cache, progress=False, runtime=runtime)
     assert sizes == [4, 2, 2]
@@ -46,7 +46,7 @@ def test_out_of_memory_at_one_concept_is_a_clear_error(sd1, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(stage1, "compute_z", no_memory)
+    monkeypatch.setattr(schedule, "compute_z", no_memory)
     with pytest.raises(emcid.EmcidError, match="even with one concept"):
         compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=2), TensorCache("oom-one"),
                         progress=False, runtime=Runtime(concept_batch=2))
@@ -56,26 +56,26 @@ def test_interrupted_stage1_resumes_bit_identically(sd1, monkeypatch):
     config, runtime = Stage1Config(steps=7), Runtime(concept_batch=4, checkpoint_every=3)
     expected = compute_targets(sd1, REQUESTS, LAYER, config, TensorCache("resume-reference"),
                                progress=False, runtime=runtime)
-    original = stage1._check_health
+    original = engine.check_health
 
     def interrupted_before_the_end(requests, first_bad, overflow, deltas=None):
         if deltas is not None:  # the last step is done; the results are not saved yet
             raise KeyboardInterrupt
         original(requests, first_bad, overflow, deltas)
 
-    monkeypatch.setattr(stage1, "_check_health", interrupted_before_the_end)
+    monkeypatch.setattr(engine, "check_health", interrupted_before_the_end)
     cache = TensorCache("resume")
     with pytest.raises(KeyboardInterrupt):
         compute_targets(sd1, REQUESTS, LAYER, config, cache, progress=False, runtime=runtime)
-    monkeypatch.setattr(stage1, "_check_health", original)
+    monkeypatch.setattr(engine, "check_health", original)
     resumed_from = []
-    compute_z = stage1.compute_z
+    compute_z = schedule.compute_z
 
     def recording(bundle, requests, z_layer, cfg, images, run, resume=None, save_progress=None):
         resumed_from.append(None if resume is None else int(resume[0]["step"]))
         return compute_z(bundle, requests, z_layer, cfg, images, run, resume, save_progress)
 
-    monkeypatch.setattr(stage1, "compute_z", recording)
+    monkeypatch.setattr(schedule, "compute_z", recording)
     found = compute_targets(sd1, REQUESTS, LAYER, config, cache, progress=False, runtime=runtime)
     assert resumed_from == [6]
     for a, b in zip(_deltas(expected), _deltas(found)):
@@ -186,15 +186,15 @@ def test_a_failed_graph_capture_goes_on_with_eager_steps(sd1, monkeypatch, caplo
                            "stream": lambda s: contextlib.nullcontext(),
                            "device": lambda d: contextlib.nullcontext()}.items():
         monkeypatch.setattr(torch.cuda, name, stand_in)
-    stepper = stage1._Stepper
-    monkeypatch.setattr(stage1, "_Stepper", lambda step, optimiser, device, graphs:
+    stepper = engine.Stepper
+    monkeypatch.setattr(engine, "Stepper", lambda step, optimiser, device, graphs:
                         stepper(step, optimiser, device, True))
     config = Stage1Config(steps=stepper.WARMUP + 3)
     with caplog.at_level("WARNING", logger=stage1.__name__):
         found = compute_targets(sd1, REQUESTS[:2], LAYER, config, TensorCache("failed", enabled=False),
                                 progress=False)
     assert "CUDA graph capture failed" in caplog.text
-    monkeypatch.setattr(stage1, "_Stepper", stepper)
+    monkeypatch.setattr(engine, "Stepper", stepper)
     expected = compute_targets(sd1, REQUESTS[:2], LAYER, config, TensorCache("eager", enabled=False),
                                progress=False)
     for a, b in zip(_deltas(expected), _deltas(found)):

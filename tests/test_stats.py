@@ -25,7 +25,7 @@ def test_second_moment_matches_direct_computation(sd1):
 
 
 def test_statistics_are_cached(sd1, monkeypatch):
-    from emcid import stats
+    from emcid.core import stats
 
     name = sd1.slot("text_encoder").fc2_name(0)
     first = second_moments(sd1, [name], CAPTIONS[:5], progress=False)
@@ -64,7 +64,7 @@ def test_corrupted_statistics_recomputed(sd1):
 
 def test_statistics_survive_a_new_unet(sd1, monkeypatch):
     """They depend on the text encoder only: retraining the UNet must not recompute them."""
-    from emcid import stats
+    from emcid.core import stats
 
     name = sd1.slot("text_encoder").fc2_name(2)
     second_moments(sd1, [name], CAPTIONS[:7], progress=False)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .core.bundle import ModelBundle
+from .core.loading import load_model
 from .errors import EmcidError
-from .models import ModelBundle, load_model
-from .patch import EditPatch
-from .requests import EditRequest, load_requests
+from .patch.format import EditPatch
+from .requests import DebiasRequest, EditRequest, load_requests, parse_requests
 
 __all__ = ["EditPatch", "EditRequest", "EmcidError", "ModelBundle", "edit", "load_model",
            "load_requests"]
@@ -28,7 +29,7 @@ def edit(bundle: ModelBundle, requests: Sequence, method: str = "emcid",
 
     ``requests`` are :class:`EditRequest` objects or mappings as in a request file; debias
     requests (``{"source": "doctor", "debias": ["male", "female"]}`` or
-    :class:`emcid.debias.DebiasRequest`) run the debias task (:func:`emcid.debias.debias`),
+    :class:`emcid.requests.DebiasRequest`) run the debias task (:func:`emcid.tasks.debias.debias`),
     which also takes ``classifier`` (a callable or a CLIP id) and tuning options such as
     ``images`` and ``rounds``. One call takes one kind of request.
 
@@ -37,12 +38,12 @@ def edit(bundle: ModelBundle, requests: Sequence, method: str = "emcid",
     runtime switches (``cache``, ``cache_root``, ``concept_batch``) go here too. Every option
     is checked before any work (:class:`~emcid.errors.OptionError`).
     """
-    from .editors import get_editor
-    from .requests import is_debias_batch, parse_requests
-
     requests = parse_requests(requests)
-    if is_debias_batch(requests):
-        from .debias import edit_debias
+    if isinstance(requests[0], DebiasRequest):
+        from .tasks.debias import edit_debias
 
         return edit_debias(bundle, requests, method, progress=progress, **options)
-    return get_editor(method, bundle, **options).edit(bundle, requests, progress=progress)
+    from .editors.registry import get_editor
+    from .tasks.edit import edit_patch
+
+    return edit_patch(get_editor(method, bundle, **options), bundle, requests, progress=progress)

@@ -58,7 +58,7 @@ def _load(args: argparse.Namespace):
 def _model_input(args: argparse.Namespace) -> str | Path | None:
     """The model's folder, where it is one (the embedded model's shipped folder by default)."""
     if args.model is None:
-        from .models import default_model_path
+        from .core.loading import default_model_path
 
         return default_model_path()
     return args.model
@@ -66,7 +66,7 @@ def _model_input(args: argparse.Namespace) -> str | Path | None:
 
 def _check_out(args: argparse.Namespace, kind, **inputs) -> None:
     """``--out`` against the model and the named inputs (``requests=path``), before any work."""
-    from .outputs import check_output
+    from .core.outputs import check_output
 
     check_output(args.out, [("model", _model_input(args)),
                             *((role.replace("_", " "), path) for role, path in inputs.items())], kind)
@@ -74,7 +74,7 @@ def _check_out(args: argparse.Namespace, kind, **inputs) -> None:
 
 def editor_options(args: argparse.Namespace, flags: dict) -> dict:
     """The ``--config`` file's options with every given flag over them (``None``: not given)."""
-    from .config import read_config_file
+    from .core.config import read_config_file
 
     options = read_config_file(args.config) if args.config else {}
     options.update({k: v for k, v in flags.items() if v is not None})
@@ -88,8 +88,8 @@ DEBIAS_FLAGS = ("classifier", "images", "rounds")  # `emcid edit` flags for debi
 
 def check_edit_options(method: str, debiasing: bool, options: dict) -> None:
     """Every option of `emcid edit`, checked for the requests' kind before the model loads."""
-    from .debias import debias_options
-    from .editors import get_editor
+    from .editors.registry import get_editor
+    from .tasks.debias import debias_options
 
     if debiasing:
         debias_options(method, options)
@@ -125,7 +125,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         return
     patch.save(args.out)
     if debiasing:
-        from .debias import format_report
+        from .tasks.debias import format_report
 
         print(format_report(patch.metadata["debias"]))
         print(f"wrote {args.out}: {len(requests)} concepts debiased in {len(patch.deltas)} modules")
@@ -134,7 +134,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
 
 def cmd_debias(args: argparse.Namespace) -> None:
-    from .debias import ClipZeroShot, DebiasConfig, debias, format_report, load_debias_requests
+    from .requests import load_debias_requests
+    from .tasks.debias import ClipZeroShot, DebiasConfig, debias, format_report
 
     requests = load_debias_requests(args.requests)  # bad requests fail before any loading
     _check_out(args, "file", request_file=args.requests)
@@ -152,7 +153,8 @@ def cmd_debias(args: argparse.Namespace) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    from .patch import EditPatch, save_pipeline
+    from .patch.export import save_pipeline
+    from .patch.format import EditPatch
 
     _check_out(args, "replaced folder", patch=args.patch)
     patch = EditPatch.load(args.patch)
@@ -164,7 +166,9 @@ def cmd_apply(args: argparse.Namespace) -> None:
 
 
 def cmd_revert(args: argparse.Namespace) -> None:
-    from .patch import EditPatch, revert_last, save_pipeline
+    from .core.chain import revert_last
+    from .patch.export import save_pipeline
+    from .patch.format import EditPatch
 
     _check_out(args, "replaced folder", patch=args.patch)
     patch = EditPatch.load(args.patch) if args.patch else None
@@ -176,8 +180,8 @@ def cmd_revert(args: argparse.Namespace) -> None:
 
 
 def cmd_export_lora(args: argparse.Namespace) -> None:
-    from .lora import export_lora
-    from .outputs import check_output
+    from .core.outputs import check_output
+    from .patch.export import export_lora
 
     # A file (.safetensors) or a folder; any other suffix is a typo (L.bin would become a folder).
     kind = "file" if Path(args.out).suffix else "folder"
@@ -195,8 +199,8 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generation import check_seeds, check_settings, generate_batches, to_pil
-    from .patch import EditPatch
+    from .core.generation import check_seeds, check_settings, generate_batches, to_pil
+    from .patch.format import EditPatch
 
     if args.n < 1:
         raise OptionError(f"--n {args.n}: give the number of images to draw (at least 1)")

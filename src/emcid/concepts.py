@@ -1,4 +1,5 @@
-"""The ImageNet class lists shipped with the package, and the built-in caption corpus."""
+"""The ImageNet class lists shipped with the package, the release's prompt templates, and the
+built-in caption corpus."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ import random
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+
+OBJECT_PROMPTS = ("An image of {}", "A photo of {}", "{}")  # release default for objects
+ARTIST_PROMPTS = ("painting by {}", "artwork by {}", "style of {}")  # release, artists
+# ImageNet-1k has three class names used twice; these unique names are the usual fix.
+IMAGENET_NAME_OVERRIDES = {264: "Cardigan Welsh corgi", 517: "construction crane", 639: "tank suit"}
+
+
+def unique_class_names(index: int, names: list[str]) -> list[str]:
+    """An ImageNet-1k class's names with its unique class name first where it has one."""
+    override = IMAGENET_NAME_OVERRIDES.get(index)
+    if override is None:
+        return names
+    return [override] + [n for n in names if n.lower() != override.lower()]
+
 
 # Sentence frames for the generic caption corpus: a mix of the object templates and
 # everyday captions, so preservation statistics cover how concepts appear in prompts.

@@ -47,3 +47,11 @@ class DeviceError(EmcidError):
 
 class OutputPathError(EmcidError):
     """An output path would overwrite an input, or cannot be written (checked before any work)."""
+
+
+class Stage1OutOfMemoryError(EmcidError, MemoryError):
+    """Even one concept at a time does not fit in the device's memory."""
+
+
+class LoraExportError(EmcidError):
+    """A patch cannot be exported as a LoRA with the options given."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import cache_root
+from .core.cache import cache_root
 
 MAX_TOKENS = 77  # as CLIP
 

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-import emcid.generation as generation
+import emcid.core.generation as generation
 from emcid.bench.iceb import METRICS, run_iceb
 
 # Classes 0-5 of ImageNet; with a holdout fraction of 0.5 that is 3 edit and 3 holdout classes.

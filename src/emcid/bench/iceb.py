@@ -25,25 +25,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import TensorCache
-from ..config import split_runtime
+from ..core.bundle import ModelBundle
+from ..core.cache import TensorCache
+from ..core.config import split_runtime
+from ..core.loading import load_model
 from ..editors import Editor, editor_class
 from ..editors.presets import preset_options
 from ..errors import BenchmarkError
-from ..models import ModelBundle, load_model
-from ..requests import EditRequest
+from ..requests.edit import EditRequest
 from . import metrics
 from .judges import Judge, default_judge_name, load_judge
 from .prompts import template_seed
 from .results import ResultsWriter, versions
 from .scoring import METRICS, EditItem, ImageBank, Scorer, free_form_group, scale_metrics, template_group
-from .selection import (
-    DESTINATION_MODES,
-    cap_scales,
-    choose_destinations,
-    class_embeddings,
-    split_classes,
-)
+from .selection import cap_scales, check_destinations, choose_destinations, class_embeddings, split_classes
 from .worlds import BenchClass, World, world_for
 
 log = logging.getLogger(__name__)
@@ -92,9 +87,7 @@ class IcebConfig:
             raise BenchmarkError("holdout_fraction must be between 0 and 1")
         if self.classes is not None:
             self.classes = tuple(int(c) for c in self.classes)
-        if self.destinations not in DESTINATION_MODES:
-            raise BenchmarkError(f"unknown destinations {self.destinations!r}; choose from "
-                                 f"{', '.join(DESTINATION_MODES)}")
+        check_destinations(self.destinations)
 
     def editor_runtime(self, editor: type[Editor]) -> dict:
         """The run's cache switches, for an editor that keeps caches."""

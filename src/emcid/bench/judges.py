@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.bundle import ModelBundle
 from ..errors import EmcidError
-from ..models import ModelBundle
 
 log = logging.getLogger(__name__)
 

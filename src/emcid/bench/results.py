@@ -23,7 +23,7 @@ def versions() -> dict:
     import diffusers
     import transformers
 
-    from ..editors.base import package_version
+    from ..tasks.edit import package_version
 
     return {"emcid": package_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),

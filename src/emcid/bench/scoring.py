@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .. import generation
-from ..cache import TensorCache
-from ..models import ModelBundle
-from ..requests import EditRequest
+from ..core import generation
+from ..core.bundle import ModelBundle
+from ..core.cache import TensorCache
+from ..requests.edit import EditRequest
 from . import metrics
 from .judges import Judge
 from .prompts import template_seed

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.bundle import ModelBundle
 from ..errors import BenchmarkError
-from ..models import ModelBundle
 from .worlds import BenchClass
 
 
@@ -54,6 +54,11 @@ def class_embeddings(bundle: ModelBundle, classes: Sequence[BenchClass],
 DESTINATION_MODES = ("nearest", "random")
 
 
+def check_destinations(mode: str) -> None:
+    if mode not in DESTINATION_MODES:
+        raise BenchmarkError(f"unknown destinations {mode!r}; choose from {', '.join(DESTINATION_MODES)}")
+
+
 def choose_destinations(edit_classes: Sequence[BenchClass], holdout: Sequence[BenchClass],
                         edit_embeddings: torch.Tensor, holdout_embeddings: torch.Tensor,
                         seed: int, neighbours: int = 5, mode: str = "nearest") -> dict[int, int]:
@@ -67,8 +72,7 @@ def choose_destinations(edit_classes: Sequence[BenchClass], holdout: Sequence[Be
     """
     if not holdout:
         raise BenchmarkError("AICE needs at least one holdout class to draw destinations from")
-    if mode not in DESTINATION_MODES:
-        raise BenchmarkError(f"unknown destination mode {mode!r}; choose from {', '.join(DESTINATION_MODES)}")
+    check_destinations(mode)
     if mode == "random":
         return {cls.index: random.Random(f"iceb-random-destination-{seed}-{cls.index}").choice(holdout).index
                 for cls in edit_classes}

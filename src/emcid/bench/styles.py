@@ -28,9 +28,9 @@ from itertools import islice
 
 import torch
 
-from ..generation import generate_arrays, to_pil
-from ..models import ModelBundle
-from ..requests import EditRequest
+from ..core.bundle import ModelBundle
+from ..core.generation import generate_arrays, to_pil
+from ..requests.edit import EditRequest
 
 OBJECT_TEMPLATE = "An image of {}"
 OBJECTS_PER_STYLE = 2
@@ -137,7 +137,7 @@ def object_hits(bundle: ModelBundle, judge, objects: Sequence[int], seed: int = 
 
 def erase_requests(styles: Sequence[str]) -> list[EditRequest]:
     """Erase requests (destination "") with the release's artist prompts."""
-    from ..requests import ARTIST_PROMPTS
+    from ..concepts import ARTIST_PROMPTS
 
     return [EditRequest(style, "", ARTIST_PROMPTS) for style in styles]
 
@@ -274,9 +274,9 @@ def colour_debias_requests(count: int, seed: int = 0) -> list:
     """Debias requests of ``count`` ImageNet-1k concepts that the world draws on a named
     colour (a share of 1.00 / 0.00 before): values that word and a second, seeded one the
     concept can be drawn on."""
-    from ..debias import DebiasRequest
     from ..errors import OptionError
     from ..mini import styles, world
+    from ..requests.debias import DebiasRequest
 
     named = {styles.style_colour(word): word for word in styles.COLOUR_WORDS}
     rng = random.Random(f"debias-mini-{seed}")

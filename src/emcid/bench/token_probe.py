@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation import generate
-from ..models import ModelBundle, PromptEncoding
-from ..requests import subject_positions
+from ..core.bundle import ModelBundle, PromptEncoding
+from ..core.generation import generate
+from ..core.tokens import subject_positions
 
 TEMPLATE = "A photo of {}"
 PARTS = ("none", "subject", "after", "clean-pad")

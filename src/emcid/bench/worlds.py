@@ -12,15 +12,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..concepts import NamedConcept, imagenet1k_classes
-from ..models import ModelBundle
+from ..concepts import OBJECT_PROMPTS, NamedConcept, imagenet1k_classes, unique_class_names
+from ..core.bundle import ModelBundle
 from .prompts import free_form_templates
 
 log = logging.getLogger(__name__)
 
-EDIT_TEMPLATES: tuple[str, ...] = ("An image of {}", "A photo of {}", "{}")  # release, objects
-# ImageNet-1k has three class names used twice; these unique names are the usual fix.
-NAME_OVERRIDES = {264: "Cardigan Welsh corgi", 517: "construction crane", 639: "tank suit"}
+EDIT_TEMPLATES: tuple[str, ...] = OBJECT_PROMPTS
 
 
 @dataclass(frozen=True)
@@ -76,11 +74,7 @@ def imagenet_world(reference_dir: str | Path | None = None) -> World:
     """
     raw = []
     for c in imagenet1k_classes():
-        names = list(c.names)
-        if c.index in NAME_OVERRIDES:
-            override = NAME_OVERRIDES[c.index]
-            names = [override] + [n for n in names if n.lower() != override.lower()]
-        raw.append((c, names))
+        raw.append((c, unique_class_names(c.index, list(c.names))))
     counts = Counter(n.lower() for _, names in raw for n in set(x.lower() for x in names))
     class_names = {names[0].lower() for _, names in raw}
     classes = []

@@ -11,25 +11,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from ..cache import TensorCache
-from ..config import Runtime, build, split_runtime
+from ..core.bundle import ModelBundle
+from ..core.cache import TensorCache
+from ..core.config import Runtime, build, split_runtime
 from ..errors import OptionError
-from ..models import ModelBundle
-from ..patch import EditPatch, chain_record
-from ..requests import EditRequest, subject_positions, validate_requests
-from ..tasks import generic_destination, is_erase, resolve_erase
+from ..requests.edit import EditRequest
 from .presets import DEFAULT_TASK, preset_options
 
-
-def package_version() -> str:
-    try:
-        return version("emcid")
-    except PackageNotFoundError:
-        return "unknown"
+if TYPE_CHECKING:
+    from ..patch.format import EditPatch
 
 
 class Editor(ABC):
@@ -105,28 +98,11 @@ class Editor(ABC):
 
     def edit(self, bundle: ModelBundle, requests: Sequence[EditRequest],
              progress: bool = True) -> EditPatch:
-        """Check options and requests, compute the deltas, and wrap them in a patch."""
-        self.check(bundle)
-        checked = validate_requests(self.prepare(list(requests)))
-        for slot in bundle.slots():  # fail before any work if a subject cannot be located
-            for request in checked:
-                subject_positions(slot.tokenizer, request.prompts, request.source)
-        base = bundle.fingerprint()
-        deltas = self.compute(bundle, resolve_erase(bundle, checked), progress)
-        metadata = {
-            "method": self.name,
-            "task": self.task,
-            "base_fingerprint": base,
-            "base_model": bundle.source,
-            "family": bundle.family,
-            "requests": [r.to_dict() for r in checked],
-            "hparams": self.hparams(),
-            "emcid_version": package_version(),
-            **chain_record(bundle),  # a sequential edit names the patches it was made on
-        }
-        if any(is_erase(r) for r in checked):
-            metadata["erase_destination"] = generic_destination(bundle)
-        return EditPatch.from_dense(deltas, metadata)
+        """Check options and requests, compute the deltas, and wrap them in a patch: the edit
+        task (:func:`emcid.tasks.edit.edit_patch`) with this editor."""
+        from ..tasks.edit import edit_patch  # the task sits above the editors it runs
+
+        return edit_patch(self, bundle, requests, progress)
 
 
 class ConfiguredEditor(Editor):

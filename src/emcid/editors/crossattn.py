@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import check_float
+from ..core.bundle import ModelBundle
+from ..core.config import check_float
+from ..core.tokens import subject_positions
 from ..errors import OptionError
-from ..models import ModelBundle
-from ..requests import EditRequest, subject_positions
+from ..requests.edit import EditRequest
 from .base import ConfiguredEditor
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..models import ModelBundle
-from ..requests import ARTIST_PROMPTS
+from ..concepts import ARTIST_PROMPTS
+from ..core.bundle import ModelBundle
 
 # The task when none is given; the others select rows below.
 DEFAULT_TASK = "object"

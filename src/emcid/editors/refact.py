@@ -16,20 +16,22 @@ on the model already holding the earlier ones, as ReFACT does.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import check_corpus, check_float, check_int
+from ..core.bundle import ModelBundle
+from ..core.chain import base_weights
+from ..core.config import check_corpus, check_float, check_int
+from ..core.hooks import add_at_positions, capture
+from ..core.stats import DEFAULT_SAMPLES, read_corpus, second_moments
+from ..core.tokens import subject_positions
+from ..core.weights import add_weights, restored
 from ..errors import OptionError
-from ..hooks import add_at_positions, capture
-from ..models import ModelBundle
-from ..patch import base_weights
-from ..requests import EditRequest, subject_positions
-from ..stats import DEFAULT_SAMPLES, read_corpus, second_moments
+from ..requests.edit import EditRequest
 from .base import ConfiguredEditor
 
 
@@ -67,18 +69,6 @@ def rank_one_update(key: torch.Tensor, key_mean: torch.Tensor, delta: torch.Tens
     direction = torch.linalg.solve(second_moment.double(), key_mean.double())
     direction = direction / direction.norm()
     return torch.outer(delta.double() / (direction @ key.double()), direction)
-
-
-@contextmanager
-def _weights_restored(modules: list[torch.nn.Linear]):
-    """Sequential edits write into the live weights; put the originals back afterwards."""
-    originals = [m.weight.detach().clone() for m in modules]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for module, weight in zip(modules, originals, strict=True):
-                module.weight.copy_(weight)
 
 
 def _contrastive_loss(pooled: torch.Tensor, destination: torch.Tensor,
@@ -162,14 +152,13 @@ class ReFACTEditor(ConfiguredEditor):
                                      cache=self.cache("stats"), progress=progress)
         modules = {s.name: s.fc2(layer) for s in bundle.slots()}
         totals = {name: torch.zeros_like(m.weight, dtype=torch.float64) for name, m in modules.items()}
-        with _weights_restored(list(modules.values())):
+        with restored(bundle, names.values()):  # sequential edits write into the live weights
             for request in tqdm(requests, desc="ReFACT", unit="edit", disable=not progress):
                 deltas = optimise_delta(bundle, request, layer, config)
                 keys = subject_keys(bundle, request, layer)
-                for name, module in modules.items():
+                for name in modules:
                     update = rank_one_update(keys[name][0], keys[name].mean(0), deltas[name],
                                              moments[names[name]])
                     totals[name] += update.to(totals[name].device)
-                    with torch.no_grad():
-                        module.weight += update.to(module.weight)
+                    add_weights(bundle, {names[name]: update})
         return {names[name]: total.float().cpu() for name, total in totals.items()}

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+from ..core.loading import replace_folder
+
 
 @dataclass
 class SamplingDefaults:
@@ -125,36 +127,23 @@ def save_pipeline(
     pass it only for weights that are float16-exact (training rounds them so), since
     ``emcid.load_model`` loads them back as float32.
     """
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        _rmtree(tmp)
-    if half_text_encoder:
-        pipe.text_encoder.to(torch.float16)
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        pipe.text_encoder.to(torch.float32)
-    if half_text_encoder:  # stored as float16, loaded as float32 by stock from_pretrained too
-        config_file = tmp / "text_encoder" / "config.json"
-        config = {**json.loads(config_file.read_text()), "dtype": "float32"}
-        config_file.write_text(json.dumps(config, indent=2))
-    if tokenizer_dir is not None:
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(tokenizer_dir / name, tmp / "tokenizer" / name)
-        (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-    settings = {**asdict(sampling), "world": "mini", "editor_overrides": EDITOR_OVERRIDES,
-                **({"tasks": tasks} if tasks else {})}
-    (tmp / "emcid.json").write_text(json.dumps(settings, indent=1))
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        if old.exists():
-            _rmtree(old)
-        folder.rename(old)
-        tmp.rename(folder)
-        _rmtree(old)
-    else:
-        tmp.rename(folder)
+    def write(tmp: Path) -> None:
+        if half_text_encoder:
+            pipe.text_encoder.to(torch.float16)
+        try:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            pipe.text_encoder.to(torch.float32)
+        if half_text_encoder:  # stored as float16, loaded as float32 by stock from_pretrained too
+            config_file = tmp / "text_encoder" / "config.json"
+            config = {**json.loads(config_file.read_text()), "dtype": "float32"}
+            config_file.write_text(json.dumps(config, indent=2))
+        if tokenizer_dir is not None:
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy(tokenizer_dir / name, tmp / "tokenizer" / name)
+            (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+        settings = {**asdict(sampling), "world": "mini", "editor_overrides": EDITOR_OVERRIDES,
+                    **({"tasks": tasks} if tasks else {})}
+        (tmp / "emcid.json").write_text(json.dumps(settings, indent=1))
 
-
-def _rmtree(p: Path) -> None:
-    shutil.rmtree(p, ignore_errors=True)
+    replace_folder(folder, write)

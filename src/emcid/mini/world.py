@@ -25,6 +25,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..concepts import OBJECT_PROMPTS, unique_class_names
+
 __all__ = [
     "Concept",
     "SHAPES",
@@ -62,7 +64,7 @@ NEUTRAL_NAME = "empty"
 NEUTRAL_COLOUR = (128, 128, 128)
 
 #: Three editing templates, as in the EMCID release (objects).
-EDIT_TEMPLATES: tuple[str, str, str] = ("An image of {}", "A photo of {}", "{}")
+EDIT_TEMPLATES: tuple[str, str, str] = OBJECT_PROMPTS
 
 _PREFIXES = (
     "an image of",
@@ -178,8 +180,6 @@ class Concept:
 
 # --- class lists -------------------------------------------------------------------
 
-# Class names that collide (case-insensitively) inside ImageNet-1k get a unique name.
-_CLASS_NAME_OVERRIDES = {264: "Cardigan Welsh corgi", 517: "construction crane", 639: "tank suit"}
 _MAX_NAMES = 3  # class name + up to two aliases: bounds what the text encoder memorises
 _SANE_NAME = re.compile(r"[A-Za-z][A-Za-z '\-]{1,28}[A-Za-z]")
 
@@ -221,10 +221,7 @@ def _build_concepts() -> tuple[Concept, ...]:
     rows21k = _read_tsv("imagenet21k_lemmas.tsv")
     raw: list[tuple[str, list[str], str]] = []  # synset, names, split
     for idx, synset, names in rows1k:
-        ns = _split_names(names)
-        override = _CLASS_NAME_OVERRIDES.get(int(idx))
-        if override is not None:
-            ns = [override] + [n for n in ns if n.lower() != override.lower()]
+        ns = unique_class_names(int(idx), _split_names(names))
         raw.append((synset, ns, "imagenet1k"))
     taken_class = {ns[0].lower() for _, ns, _ in raw}
     all_1k_names = {n.lower() for _, ns, _ in raw for n in ns}

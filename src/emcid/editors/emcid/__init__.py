@@ -3,85 +3,25 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
-from ...cache import TensorCache
-from ...config import build, check_corpus, check_int
+from ...concepts import OBJECT_PROMPTS
+from ...core.bundle import ModelBundle
+from ...core.cache import TensorCache
+from ...core.chain import base_weights
+from ...core.config import check_corpus
+from ...core.stats import read_corpus, second_moments
 from ...errors import OptionError
-from ...models import ModelBundle
-from ...patch import base_weights
-from ...requests import OBJECT_PROMPTS, EditRequest
-from ...stats import DEFAULT_SAMPLES, read_corpus, second_moments
+from ...requests.edit import EditRequest
 from ..base import ConfiguredEditor
 from ..presets import preset_options, resolve_layers
-from .stage1 import Stage1Config, compute_targets
-from .stage2 import Stage2Config, compute_deltas
+from .config import STAGE1_KEYS, STAGE2_KEYS, EMCIDConfig, Stage1Config, Stage2Config
+from .stage1 import compute_targets
+from .stage2 import compute_deltas
 
-STAGE1_KEYS = frozenset(f.name for f in fields(Stage1Config))
-STAGE2_KEYS = frozenset(f.name for f in fields(Stage2Config))
-
-
-@dataclass
-class EMCIDConfig:
-    """Every EMCID hyperparameter (what a patch depends on besides the model and requests)."""
-
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    # Edited blocks per text encoder: index lists, or "start:stop" slices of the depth
-    # (the presets' form); None: the family's preset for objects.
-    layers: dict[str, list[int] | str] | None = None
-    stats_samples: int = DEFAULT_SAMPLES
-    corpus: str | None = None  # caption file for the statistics; None: the default corpus
-    # Stage I options for requests with reference images (ICEB's undrawable classes: true-noise
-    # target, text alignment off); all requests still share one Stage II solve.
-    reference_stage1: dict = field(default_factory=dict)
-    # Prompt templates for requests that kept the object default (the artist task's own).
-    default_prompts: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        check_int("EMCID", "stats_samples", self.stats_samples)
-        build(Stage1Config, self.reference_stage1, "reference_stage1 (Stage I)")
-        if self.layers is not None and (not isinstance(self.layers, dict) or not all(
-                isinstance(v, str) or (isinstance(v, list | tuple) and all(
-                    isinstance(i, int) and not isinstance(i, bool) for i in v))
-                for v in self.layers.values())):
-            raise OptionError(f"EMCID option layers={self.layers!r}: give e.g. "
-                              "{'text_encoder': [7, 8, 9, 10]}")
-        if self.default_prompts is not None:
-            # EditRequest checks each template; one probe request is enough.
-            EditRequest("probe", "check", tuple(self.default_prompts))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @staticmethod
-    def flatten(data: dict) -> dict:
-        """:meth:`to_dict`'s nested ``stage1``/``stage2`` mappings as flat options."""
-        flat = dict(data)
-        nested = {}
-        for key in ("stage1", "stage2"):
-            part = flat.pop(key, {})
-            if not isinstance(part, dict):
-                raise OptionError(f"EMCID option {key}={part!r}: give a mapping of option names")
-            nested.update(part)
-        return {**nested, **flat}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> EMCIDConfig:
-        """From :meth:`to_dict`'s nested form or flat options (``steps``, ``lam``, ...)."""
-        flat = cls.flatten(data)
-        stage1 = {k: flat.pop(k) for k in list(flat) if k in STAGE1_KEYS}
-        stage2 = {k: flat.pop(k) for k in list(flat) if k in STAGE2_KEYS}
-        config = build(cls, flat, "EMCID")
-        config.stage1 = build(Stage1Config, stage1, "EMCID Stage I")
-        config.stage2 = build(Stage2Config, stage2, "EMCID Stage II")
-        return config
-
-    def stage1_for(self, request: EditRequest) -> Stage1Config:
-        if request.reference_images and self.reference_stage1:
-            return replace(self.stage1, **self.reference_stage1)
-        return self.stage1
+__all__ = ["STAGE1_KEYS", "STAGE2_KEYS", "EMCIDConfig", "EMCIDEditor", "MEMITEditor", "Stage1Config",
+           "Stage2Config", "compute_deltas", "compute_targets", "distributed_state"]
 
 
 def distributed_state():

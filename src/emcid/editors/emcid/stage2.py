@@ -12,34 +12,19 @@ update, so later blocks see the earlier ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Literal
+from contextlib import ExitStack
 
 import torch
 from tqdm.auto import tqdm
 
-from ...config import check_choice, check_float
-from ...hooks import capture, replay_prefix
-from ...models import ModelBundle
-from ...requests import subject_positions
-from .stage1 import ConceptTarget
+from ...core.bundle import ModelBundle
+from ...core.hooks import capture, replay_prefix, stop_after
+from ...core.tokens import subject_positions
+from ...core.weights import add_weights, restored
+from .config import Stage2Config
+from .targets import ConceptTarget
 
-
-@dataclass
-class Stage2Config:
-    """Stage II hyperparameters; defaults are the release values (docs/method.md)."""
-
-    lam: float = 4000.0  # release: preservation weight 4000 (6000 for RoAD)
-    alpha: float = 0.5  # release: editing strength 0.5 (0.6 for arbitrary editing)
-    residual: Literal["memit", "release"] = "memit"  # memit: against block l*'s output
-
-    def __post_init__(self) -> None:
-        # lam = 0 leaves a K K^T, singular for fewer edits than key width: refused.
-        check_float("Stage II", "lam", self.lam, low=0, low_open=True)
-        check_float("Stage II", "alpha", self.alpha, low=0, high=1, low_open=True, high_open=True)
-        check_choice("Stage II", "residual", self.residual, ("memit", "release"))
+__all__ = ["Stage2Config", "closed_form_update", "compute_deltas"]
 
 
 def closed_form_update(
@@ -90,22 +75,6 @@ def _length_groups(positions: torch.Tensor, batch_size: int) -> list[list[int]]:
             for start in range(0, len(rows), batch_size)]
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the last block Stage II reads has run."""
-
-
-@contextmanager
-def _stop_after(block: torch.nn.Module) -> Iterator[None]:
-    def hook(*_args) -> None:
-        raise _StopForward
-
-    handle = block.register_forward_hook(hook)  # after the capture hooks, so they run first
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 class _KeyReader:
     """Reads fc2 keys and a reference output at the subject tokens, layer after layer.
 
@@ -148,11 +117,8 @@ class _KeyReader:
                 current_records = stack.enter_context(capture({"c": current}, last, "output"))
                 if layer > 0:
                     before = stack.enter_context(capture({"b": self.slot.block(layer - 1)}))
-                stack.enter_context(_stop_after(self.slot.block(last_block)))
-                try:
-                    self.slot.encoder(ids)
-                except _StopForward:
-                    pass
+                stack.enter_context(stop_after(self.slot.block(last_block)))
+                self.slot.encoder(ids)
             keys[rows] = key_records["k"][0].float().cpu()
             read = current_records["c"][0].float().cpu()
             if outputs is None:
@@ -179,8 +145,8 @@ def compute_deltas(
     The model is updated in place while the layers are processed and restored at the end.
     """
     deltas: dict[str, torch.Tensor] = {}
-    originals: dict[str, torch.Tensor] = {}
-    try:
+    edited = [bundle.slot(s).fc2_name(layer) for s, slot_layers in layers.items() for layer in slot_layers]
+    with restored(bundle, edited):
         for slot_name, slot_layers in layers.items():
             slot = bundle.slot(slot_name)
             prompts, positions, owner = _prompt_batch(targets, slot_name, bundle)
@@ -201,10 +167,6 @@ def compute_deltas(
                 residual = _mean_by_owner(z - current, owner, len(targets)).T / (len(ordered) - i)
                 delta = closed_form_update(keys, residual, second_moments[name], config.lam,
                                            config.alpha).float()
-                originals.setdefault(name, fc2.weight.detach().clone())
-                fc2.weight.add_(delta.to(fc2.weight))
+                add_weights(bundle, {name: delta})
                 deltas[name] = delta
-    finally:
-        for name, weight in originals.items():
-            bundle.module(name).weight.copy_(weight)
     return deltas

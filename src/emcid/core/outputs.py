@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from .errors import OutputPathError
+from ..errors import OutputPathError
 
 Kind = Literal["file", "folder", "replaced folder"]
 

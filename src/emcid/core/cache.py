@@ -1,0 +1,155 @@
+"""A content-addressed, atomic on-disk cache of tensors (Stage I targets, images, statistics).
+
+Keys hash everything a result depends on, so a changed prompt, seed or hyperparameter can
+never return a stale entry. Writes go to a temporary file that is renamed into place, so an
+interrupted run leaves either the old entry or the new one. Every entry carries a checksum;
+a corrupted file is detected on read, removed, and reported as a miss (it is recomputed).
+A cache folder that cannot be written is reported when a cache is opened, before any work;
+an entry that cannot be removed or written later (permissions changed mid-run) is logged and
+the result kept in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CacheError
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """``$EMCID_CACHE``, else ``$XDG_CACHE_HOME/emcid``, else ``~/.cache/emcid``."""
+    if os.environ.get("EMCID_CACHE"):
+        return Path(os.environ["EMCID_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "emcid"
+
+
+def content_key(**parts: object) -> str:
+    """A stable hash of JSON-serialisable parts (sorted keys, so order never matters)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
+    """SHA-256 of names, shapes, dtypes and bytes, plus ``extra`` text (patches: their metadata)."""
+    digest = hashlib.sha256(extra.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_writable(folder: Path) -> None:
+    """Raise :class:`CacheError` unless ``folder`` is, or can be made, a writable folder.
+
+    Walks up to the first existing ancestor: a file there, or a folder where a probe file
+    cannot be created (permissions, a read-only mount), is reported at once.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CacheError(f"cache folder {folder}: {existing} is a file, not a folder; point "
+                         "EMCID_CACHE at a folder (or pass --no-cache)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".emcid-probe-")
+    except OSError as exc:
+        raise CacheError(f"cache folder {existing} is not writable ({exc.strerror}); point "
+                         "EMCID_CACHE at a writable folder (or pass --no-cache)") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def save_tensors_atomic(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+    extra: str = "",
+) -> None:
+    """Write a safetensors file with a checksum (covering ``extra`` too), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {**(metadata or {}), "sha256": tensors_checksum(tensors, extra)}
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(contiguous, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a file written by :func:`save_tensors_atomic`; ValueError if it is corrupted."""
+    try:
+        tensors = load_file(str(path))
+        metadata = read_metadata(path)
+    except Exception as exc:  # safetensors raises several types for truncated/garbled files
+        raise ValueError(f"unreadable ({' '.join(str(exc).split())})") from None
+    if metadata.get("sha256") != tensors_checksum(tensors):
+        raise ValueError("fails its checksum")
+    return tensors, metadata
+
+
+def _discard(path: Path) -> None:
+    """Remove a bad entry; where that is not allowed, it is simply recomputed each time."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove cache entry %s (%s); the result is kept in memory", path,
+                    exc.strerror)
+
+
+def load_tensors_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """Read a cache entry; None (and removed where allowed) if corrupted, so it is recomputed."""
+    try:
+        return read_checked(path)
+    except ValueError as exc:
+        log.warning("cache entry %s is %s; recomputing", path, exc)
+        _discard(path)
+        return None
+
+
+class TensorCache:
+    """One namespace of the cache: ``root/namespace/<key>.safetensors``."""
+
+    def __init__(self, namespace: str, root: Path | None = None, enabled: bool = True):
+        self.folder = (root or cache_root()) / namespace
+        self.enabled = enabled
+        if enabled:
+            check_writable(self.folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        if not self.enabled or not self.path(key).exists():
+            return None
+        return load_tensors_checked(self.path(key))
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        meta = {k: str(v) for k, v in (metadata or {}).items()}
+        try:
+            save_tensors_atomic(self.path(key), tensors, meta)
+        except OSError as exc:
+            log.warning("cannot write cache entry %s (%s); the result is kept in memory",
+                        self.path(key), exc.strerror)

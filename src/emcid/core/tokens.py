@@ -1,0 +1,63 @@
+"""Where a concept sits in a prompt: its last token (the subject token every stage reads)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from string import Formatter
+
+import torch
+
+from ..errors import RequestError
+
+PROMPT_QUOTE = 60  # characters of a prompt quoted in an error message
+
+
+def normalise(text: str) -> str:
+    """Case and runs of white space folded: how concepts are compared."""
+    return " ".join(text.lower().split())
+
+
+def quote_start(text: str) -> str:
+    """The start of a long text, for error messages that must stay one readable line."""
+    return repr(text if len(text) <= PROMPT_QUOTE else text[:PROMPT_QUOTE] + "...")
+
+
+def subject_start(template: str) -> int:
+    """Character offset of the concept in the formatted prompt (literal braces unescaped)."""
+    offset = 0
+    for literal, name, _, _ in Formatter().parse(template):
+        offset += len(literal)
+        if name is not None:
+            return offset
+    raise RequestError(f"prompt {quote_start(template)} has no '{{}}'")
+
+
+def subject_positions(tokenizer, templates: Sequence[str], subject: str) -> torch.Tensor:
+    """Index of the last token of ``subject`` inside each formatted template.
+
+    Uses the tokenizer's character offsets, so multi-token concepts and punctuation next to
+    the concept are handled. Raises if the subject falls outside the token window.
+    """
+    positions = []
+    for template in templates:
+        prompt = template.format(subject)
+        start = subject_start(template)
+        end = start + len(subject)
+        encoded = tokenizer(
+            prompt, truncation=False, return_offsets_mapping=True, add_special_tokens=True
+        )
+        inside = [
+            i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and a < end and b > start
+        ]
+        if not inside:
+            raise RequestError(
+                f"subject {subject!r} not found among the tokens of {quote_start(prompt)}")
+        last = inside[-1]
+        if last >= tokenizer.model_max_length - 1:
+            raise RequestError(
+                f"prompt {quote_start(prompt)} is {len(encoded['input_ids'])} tokens long and "
+                f"its subject {quote_start(subject)} ends at token {last}, beyond the "
+                f"{tokenizer.model_max_length}-token window: shorten the prompt"
+            )
+        positions.append(last)
+    return torch.tensor(positions, dtype=torch.long)

@@ -1,0 +1,143 @@
+"""EMCID's hyperparameters: Stage I's, Stage II's and the editor's own (what a patch depends on
+besides the model and the requests). Field names and order are part of Stage I's cache keys."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Literal
+
+import torch
+
+from ...core.config import build, check_choice, check_float, check_int
+from ...core.stats import DEFAULT_SAMPLES
+from ...errors import OptionError
+from ...requests.edit import EditRequest
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+FP16_LOSS_SCALE = 1024.0  # fp16 gradients of a small MSE would underflow unscaled
+
+
+@dataclass
+class Stage1Config:
+    """Stage I hyperparameters; defaults are the release values for SD 1.x (docs/method.md).
+
+    Presets for SDXL and artists live in ``emcid.editors.presets``.
+    """
+
+    steps: int = 200  # release: 200 (100 for artists, 100 for SDXL)
+    lr: float = 0.2  # release: Adam 0.2 (SDXL 0.1)
+    noise_weight: float = 1.0  # release: weight of the diffusion noise prediction loss
+    align_weight: float = 0.01  # release: 0.01 for SD 1.x, 0.005 for SDXL
+    norm_decay: float = 5e-4  # release: 5e-4 * ||delta|| / ||v_src||^2
+    clamp_factor: float = 1.5  # release: ||delta|| <= 1.5 ||v_src|| (SDXL 1.2)
+    target: Literal["teacher", "noise"] = "teacher"  # "noise": regress on the true noise
+    image_guidance_scale: float | None = 7.5  # release: source images at guidance 7.5
+    image_steps: int | None = 50  # release: 50 sampling steps; None = the model's default
+    # Where delta starts. "text" (emcid): the destination's state at l* minus the source's, at
+    # their subject tokens (far edits otherwise settle on a third concept, docs/method.md);
+    # "zero": the release's start.
+    init: Literal["text", "zero"] = "text"
+
+    def __post_init__(self) -> None:
+        check_int("Stage I", "steps", self.steps)
+        check_float("Stage I", "lr", self.lr, low=0, low_open=True)
+        for name in ("noise_weight", "align_weight", "norm_decay"):
+            check_float("Stage I", name, getattr(self, name), low=0)
+        check_float("Stage I", "clamp_factor", self.clamp_factor, low=0, low_open=True)
+        check_choice("Stage I", "target", self.target, ("teacher", "noise"))
+        check_choice("Stage I", "init", self.init, ("text", "zero"))
+        if self.image_guidance_scale is not None:
+            check_float("Stage I", "image_guidance_scale", self.image_guidance_scale, low=0)
+        if self.image_steps is not None:
+            check_int("Stage I", "image_steps", self.image_steps)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """``auto``: bf16 on a CUDA device that has it (fp16 on older ones), fp32 elsewhere (CPU
+    autocast is slower than fp32 on most CPUs)."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+@dataclass
+class Stage2Config:
+    """Stage II hyperparameters; defaults are the release values (docs/method.md)."""
+
+    lam: float = 4000.0  # release: preservation weight 4000 (6000 for RoAD)
+    alpha: float = 0.5  # release: editing strength 0.5 (0.6 for arbitrary editing)
+    residual: Literal["memit", "release"] = "memit"  # memit: against block l*'s output
+
+    def __post_init__(self) -> None:
+        # lam = 0 leaves a K K^T, singular for fewer edits than key width: refused.
+        check_float("Stage II", "lam", self.lam, low=0, low_open=True)
+        check_float("Stage II", "alpha", self.alpha, low=0, high=1, low_open=True, high_open=True)
+        check_choice("Stage II", "residual", self.residual, ("memit", "release"))
+
+
+STAGE1_KEYS = frozenset(f.name for f in fields(Stage1Config))
+STAGE2_KEYS = frozenset(f.name for f in fields(Stage2Config))
+
+
+@dataclass
+class EMCIDConfig:
+    """Every EMCID hyperparameter (what a patch depends on besides the model and requests)."""
+
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    # Edited blocks per text encoder: index lists, or "start:stop" slices of the depth
+    # (the presets' form); None: the family's preset for objects.
+    layers: dict[str, list[int] | str] | None = None
+    stats_samples: int = DEFAULT_SAMPLES
+    corpus: str | None = None  # caption file for the statistics; None: the default corpus
+    # Stage I options for requests with reference images (ICEB's undrawable classes: true-noise
+    # target, text alignment off); all requests still share one Stage II solve.
+    reference_stage1: dict = field(default_factory=dict)
+    # Prompt templates for requests that kept the object default (the artist task's own).
+    default_prompts: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        check_int("EMCID", "stats_samples", self.stats_samples)
+        build(Stage1Config, self.reference_stage1, "reference_stage1 (Stage I)")
+        if self.layers is not None and (not isinstance(self.layers, dict) or not all(
+                isinstance(v, str) or (isinstance(v, list | tuple) and all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in v))
+                for v in self.layers.values())):
+            raise OptionError(f"EMCID option layers={self.layers!r}: give e.g. "
+                              "{'text_encoder': [7, 8, 9, 10]}")
+        if self.default_prompts is not None:
+            # EditRequest checks each template; one probe request is enough.
+            EditRequest("probe", "check", tuple(self.default_prompts))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def flatten(data: dict) -> dict:
+        """:meth:`to_dict`'s nested ``stage1``/``stage2`` mappings as flat options."""
+        flat = dict(data)
+        nested = {}
+        for key in ("stage1", "stage2"):
+            part = flat.pop(key, {})
+            if not isinstance(part, dict):
+                raise OptionError(f"EMCID option {key}={part!r}: give a mapping of option names")
+            nested.update(part)
+        return {**nested, **flat}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EMCIDConfig:
+        """From :meth:`to_dict`'s nested form or flat options (``steps``, ``lam``, ...)."""
+        flat = cls.flatten(data)
+        stage1 = {k: flat.pop(k) for k in list(flat) if k in STAGE1_KEYS}
+        stage2 = {k: flat.pop(k) for k in list(flat) if k in STAGE2_KEYS}
+        config = build(cls, flat, "EMCID")
+        config.stage1 = build(Stage1Config, stage1, "EMCID Stage I")
+        config.stage2 = build(Stage2Config, stage2, "EMCID Stage II")
+        return config
+
+    def stage1_for(self, request: EditRequest) -> Stage1Config:
+        if request.reference_images and self.reference_stage1:
+            return replace(self.stage1, **self.reference_stage1)
+        return self.stage1

@@ -1,0 +1,352 @@
+"""Stage I's objective: per-concept target values by dual self-distillation (docs/method.md).
+
+For one request, a vector ``delta`` per edited text encoder is added to the output of its
+last edited block ``l*`` at the subject token of every source prompt. ``delta`` is optimised
+so that the edited encoder on the source prompts makes (1) the UNet predict what the
+unedited model predicts on the destination prompts, on the same noisy latents of source
+images, and (2) the pooled text output match the unedited encoder's on the destination.
+No weight changes here; the result is the target ``z = h + delta`` at ``l*`` per prompt.
+
+This module holds the maths: the rows a batch of concepts is laid out in, the loss terms
+(:class:`Objective`) and :func:`compute_z`, the optimisation. How steps run (CUDA graphs,
+health flags, resume) is :mod:`.engine`; which concepts run when is :mod:`.schedule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from ....core.bundle import ModelBundle, PromptEncoding
+from ....core.cache import TensorCache
+from ....core.config import Runtime
+from ....core.generation import encode_images, generate_cached, pil_to_tensor, resolve_settings
+from ....core.hooks import add_at_positions, gather_positions, replay_prefix
+from ....core.tokens import subject_positions
+from ....requests.edit import EditRequest
+from ..config import FP16_LOSS_SCALE, Stage1Config, resolve_precision
+from ..targets import ConceptTarget
+from . import engine
+from .start import initial_deltas, read_block_outputs
+
+
+def _reference_images(request: EditRequest, height: int, width: int) -> torch.Tensor:
+    images = []
+    for path in request.reference_images:
+        with Image.open(path) as img:
+            images.append(img.convert("RGB"))
+    count = len(request.prompts)
+    # Pair images with prompts round-robin, so every prompt sees an image.
+    chosen = [images[i % len(images)] for i in range(max(count, len(images)))]
+    return pil_to_tensor(chosen, height, width)
+
+
+def source_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+                   image_cache: TensorCache) -> list[torch.Tensor]:
+    """VAE latents of each request's source images: the user's references, or generated once
+    and cached (one cache lookup for all requests, so the model is fingerprinted once)."""
+    settings = resolve_settings(bundle, guidance_scale=config.image_guidance_scale,
+                                num_inference_steps=config.image_steps)
+    drawn = [r for r in requests if not r.reference_images]
+    prompts = [p for r in drawn for p in r.source_prompts()]
+    seeds = [r.seed + i for r in drawn for i in range(len(r.prompts))]
+    arrays = generate_cached(bundle, prompts, seeds, image_cache, progress=False, **settings) \
+        if drawn else None
+    latents, start = [], 0
+    for request in requests:
+        if request.reference_images:
+            pixels = _reference_images(request, settings["height"], settings["width"])
+        else:
+            count = len(request.prompts)
+            pixels = arrays[start:start + count].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            start += count
+        latents.append(encode_images(bundle, pixels))
+    return latents
+
+
+@dataclass
+class Batch:
+    """Several concepts' rows laid out as one tensor program (one row per source image)."""
+
+    requests: list[EditRequest]
+    owner: torch.Tensor  # concept index of each row
+    src_prompts: list[str]
+    dst_prompts: list[str]
+    positions: dict[str, torch.Tensor]  # subject token of each row, per text encoder
+    latents: torch.Tensor | None  # None when the noise-prediction loss is off
+    prefix: dict[str, torch.Tensor]  # unedited output of block l* at every token of every row
+    hidden: dict[str, list[torch.Tensor]]  # per concept: unedited h at l*, (n_prompts, width)
+
+
+def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
+            config: Stage1Config, image_cache: TensorCache) -> Batch:
+    """Rows of every concept, with the unedited states of block l* read in one pass.
+
+    A concept's rows cycle through its prompts and there are at least as many rows as
+    prompts, so its first rows hold the states at the subject of each prompt in turn.
+    """
+    latents = source_latents(bundle, requests, config, image_cache) if config.noise_weight else []
+    owner, src, dst, firsts = [], [], [], []
+    positions: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
+    for index, request in enumerate(requests):
+        count = len(request.prompts)
+        # text-only targets need no images: one row per prompt
+        rows = torch.arange(latents[index].shape[0] if config.noise_weight else count) % count
+        firsts.append(torch.arange(count) + len(owner))
+        owner += [index] * len(rows)
+        src += [request.source_prompts()[i] for i in rows]
+        dst += [request.destination_prompts()[i] for i in rows]
+        for name in z_layer:
+            tokens = subject_positions(bundle.slot(name).tokenizer, request.prompts, request.source)
+            positions[name].append(tokens[rows])
+    row_positions = {n: torch.cat(p) for n, p in positions.items()}
+    prefix = read_block_outputs(bundle, src, z_layer)
+    hidden = {}
+    for name, states in prefix.items():
+        at_subject = gather_positions(states, row_positions[name])
+        hidden[name] = [at_subject[rows] for rows in firsts]
+    return Batch(requests, torch.tensor(owner), src, dst, row_positions,
+                  torch.cat(latents) if latents else None, prefix, hidden)
+
+
+def draw_noise(batch: Batch, generators: list[torch.Generator], train_steps: int,
+                count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps (count, rows) and noise (count, rows, ...) for the next ``count`` steps, each
+    concept from its own generator in step order (so independent of batch and of ``count``),
+    moved to the device in one copy rather than once per step."""
+    shape = batch.latents.shape[1:]
+    timesteps, noise = [], []
+    for index, generator in enumerate(generators):
+        rows = int((batch.owner == index).sum())
+        draws = [(torch.randint(0, train_steps, (rows,), generator=generator),
+                  torch.randn((rows, *shape), generator=generator)) for _ in range(count)]
+        timesteps.append(torch.stack([t for t, _ in draws]))
+        noise.append(torch.stack([n for _, n in draws]))
+    device = batch.latents.device
+    return torch.cat(timesteps, 1).to(device), torch.cat(noise, 1).to(device, batch.latents.dtype)
+
+
+@dataclass
+class Noising:
+    """DDPM's training-time noising with its tables on the device once (no copy per step)."""
+
+    alphas: torch.Tensor
+    velocity: bool
+
+    @classmethod
+    def of(cls, scheduler, device: torch.device, dtype: torch.dtype) -> Noising:
+        return cls(scheduler.alphas_cumprod.to(device, dtype),
+                   scheduler.config.prediction_type == "v_prediction")
+
+    def scales(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self.alphas[t]
+        return (alpha ** 0.5).view(-1, 1, 1, 1), ((1 - alpha) ** 0.5).view(-1, 1, 1, 1)
+
+
+def encode_edited(bundle: ModelBundle, ids: list[torch.Tensor], z_layer: dict[str, int],
+                   prefix: dict[str, torch.Tensor], positions: dict[str, torch.Tensor],
+                   vectors: dict[str, torch.Tensor]) -> PromptEncoding:
+    """Stage I's text pass: ``ids`` encoded with block l*'s recorded output replayed (nothing
+    before it depends on delta) and ``vectors`` added there at each row's subject token."""
+    with ExitStack() as stack:
+        for name, layer in z_layer.items():
+            slot = bundle.slot(name)
+            stack.enter_context(replay_prefix([slot.block(i) for i in range(layer + 1)], prefix[name]))
+            stack.enter_context(add_at_positions(slot.block(layer), positions[name], vectors[name]))
+        return bundle.encode_ids(ids)
+
+
+def _edited_unet_kwargs(teacher_kwargs: dict, edited: PromptEncoding) -> dict:
+    """The teacher's extra UNet inputs with the edited pooled text embedding (SDXL). The size
+    conditioning is made once, before the steps: a copy from the host cannot be in a CUDA graph."""
+    if "added_cond_kwargs" not in teacher_kwargs:
+        return teacher_kwargs
+    return {"added_cond_kwargs": {**teacher_kwargs["added_cond_kwargs"],
+                                  "text_embeds": edited.added_text_embeds}}
+
+
+def noise_loss(bundle: ModelBundle, noising: Noising, latents: torch.Tensor, noise: torch.Tensor,
+                t: torch.Tensor, edited: PromptEncoding, teacher: PromptEncoding,
+                teacher_kwargs: dict, target: str, precision: str,
+                autocast_cache: bool = True) -> torch.Tensor:
+    """Per-row MSE between the UNet's prediction under the edited conditioning and the
+    unedited model's prediction under the destination's (or the true noise / velocity).
+
+    The UNet runs under autocast at ``precision`` (its cache of cast weights off where a CUDA
+    graph is captured, as capture requires); the loss is float32.
+    """
+    signal, sigma = noising.scales(t)
+    noisy = signal * latents + sigma * noise
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(bundle.device.type, dtype=dtype, enabled=dtype is not None,
+                        cache_enabled=autocast_cache):
+        prediction = bundle.unet(noisy, t, encoder_hidden_states=edited.embeds,
+                                 **_edited_unet_kwargs(teacher_kwargs, edited)).sample
+        with torch.no_grad():  # the teacher: once per (concept, timestep draw), no graph
+            if target == "noise":
+                goal = signal * noise - sigma * latents if noising.velocity else noise
+            else:
+                goal = bundle.unet(noisy, t, encoder_hidden_states=teacher.embeds,
+                                   **teacher_kwargs).sample
+    return (prediction.float() - goal.float()).pow(2).flatten(1).mean(1)
+
+
+@dataclass
+class Objective:
+    """Stage I's loss for a batch of concepts, term by term; everything fixed before the steps
+    (the teacher's encoding, the source token ids, the noising tables) is made once here."""
+
+    bundle: ModelBundle
+    batch: Batch
+    config: Stage1Config
+    z_layer: dict[str, int]
+    owner: torch.Tensor  # concept of each row, on the device
+    positions: dict[str, torch.Tensor]
+    rows_per_concept: torch.Tensor
+    v_norm: dict[str, torch.Tensor]  # per concept: ||h|| at the subject of its first prompt
+    source_ids: list[torch.Tensor]
+    teacher: PromptEncoding
+    teacher_pooled: list[torch.Tensor]
+    teacher_kwargs: dict
+    noising: Noising | None
+    train_steps: int  # DDPM's, for the timesteps drawn
+    precision: str
+    autocast_cache: bool
+
+    @classmethod
+    def of(cls, bundle: ModelBundle, batch: Batch, z_layer: dict[str, int], config: Stage1Config,
+           precision: str, graphs: bool) -> Objective:
+        device = bundle.device
+        v_norm = {name: torch.stack([h[0].norm() for h in rows]).to(device)  # release: 1st prompt
+                  for name, rows in batch.hidden.items()}
+        with torch.no_grad():
+            teacher = bundle.encode(batch.dst_prompts)
+            teacher_pooled = [p.float() for p in teacher.pooled]
+        settings = resolve_settings(bundle)
+        teacher_kwargs = bundle.unet_kwargs(teacher, settings["height"], settings["width"])
+        source_ids = bundle.tokenize(batch.src_prompts)  # once: it costs more than a small model's step
+        # Training-time noising is DDPM's whatever the sampler (Euler's add_noise only accepts
+        # timesteps of an inference schedule and skips the alpha scaling the UNet expects).
+        scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
+        noising = None if batch.latents is None else Noising.of(scheduler, device, batch.latents.dtype)
+        return cls(bundle, batch, config, z_layer, batch.owner.to(device),
+                   {name: p.to(device) for name, p in batch.positions.items()},
+                   torch.bincount(batch.owner, minlength=len(batch.requests)).to(device), v_norm,
+                   source_ids, teacher, teacher_pooled, teacher_kwargs, noising,
+                   scheduler.config.num_train_timesteps, precision, autocast_cache=not graphs)
+
+    def edited(self, deltas: dict[str, torch.Tensor]) -> PromptEncoding:
+        """The source prompts encoded with each concept's delta added at its subject tokens."""
+        return encode_edited(self.bundle, self.source_ids, self.z_layer, self.batch.prefix, self.positions,
+                             {name: delta[self.owner] for name, delta in deltas.items()})
+
+    def noise_term(self, edited: PromptEncoding, t: torch.Tensor | None,
+                   noise: torch.Tensor | None) -> torch.Tensor:
+        """Per row: the UNet's noise prediction against the teacher's (zeros when it is off)."""
+        if self.noising is None:
+            return torch.zeros(len(self.batch.src_prompts), device=self.bundle.device)
+        return self.config.noise_weight * noise_loss(
+            self.bundle, self.noising, self.batch.latents, noise, t, edited, self.teacher,
+            self.teacher_kwargs, self.config.target, self.precision, self.autocast_cache)
+
+    def align_terms(self, edited: PromptEncoding) -> Iterator[torch.Tensor]:
+        """Per row and text encoder: the pooled output against the teacher's on the destination."""
+        if self.config.align_weight:
+            for edited_pooled, target_pooled in zip(edited.pooled, self.teacher_pooled):
+                yield self.config.align_weight * (edited_pooled.float() - target_pooled).pow(2).mean(1)
+
+    def per_concept(self, rows: torch.Tensor) -> torch.Tensor:
+        """Row losses averaged over each concept's rows."""
+        total = torch.zeros(len(self.batch.requests), device=self.bundle.device)
+        return total.index_add_(0, self.owner, rows) / self.rows_per_concept
+
+    def decay_terms(self, deltas: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Per concept and text encoder: release's norm decay, ``||delta|| / ||v_src||^2``."""
+        for name, delta in deltas.items():
+            yield self.config.norm_decay * delta.norm(dim=1) / self.v_norm[name] ** 2
+
+    def limits(self) -> dict[str, torch.Tensor]:
+        """Per concept and text encoder, the largest ``||delta||``: release's clamp."""
+        return {name: self.config.clamp_factor * norm for name, norm in self.v_norm.items()}
+
+
+def compute_z(
+    bundle: ModelBundle,
+    requests: list[EditRequest],
+    z_layer: dict[str, int],
+    config: Stage1Config,
+    image_cache: TensorCache,
+    runtime: Runtime | None = None,
+    resume: list[dict[str, torch.Tensor]] | None = None,
+    save_progress: engine.ProgressHook | None = None,
+) -> list[ConceptTarget]:
+    """Optimise every request's ``delta`` (the paper's dual self-distillation), side by side.
+
+    Concepts are independent: each has its own delta, loss terms, noise generator, norm
+    clamp and Adam state (Adam is element-wise), so batching them changes nothing but speed.
+    ``resume`` continues from saved concept states; ``save_progress`` receives them every
+    ``runtime.checkpoint_every`` steps. The step loop never waits for the device except there.
+    """
+    runtime = runtime or Runtime()
+    batch = layout(bundle, requests, z_layer, config, image_cache)
+    device, count = bundle.device, len(requests)
+    precision = resolve_precision(runtime.precision, device)
+    graphs = runtime.cuda_graphs and device.type == "cuda"
+    objective = Objective.of(bundle, batch, z_layer, config, precision, graphs)
+    limits = objective.limits()
+    deltas = initial_deltas(bundle, requests, z_layer, batch.hidden, config.init, limits)
+    starts = {name: delta.detach().clone() for name, delta in deltas.items()}
+    # capturable: Adam keeps its step count on the device, so a CUDA graph can replay it.
+    optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr, capturable=graphs)
+    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+    first = engine.restore(resume, deltas, optimiser, generators) if resume else 0
+    loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
+    health, losses = engine.Health(count, first, device), torch.zeros(count, device=device)
+
+    def step(t: torch.Tensor | None, noise: torch.Tensor | None) -> None:
+        edited = objective.edited(deltas)
+        # The terms are generators, so each is made as it is added, in this order (the order
+        # autograd sums their gradients in, and so part of the results).
+        rows = sum(objective.align_terms(edited), objective.noise_term(edited, t, noise))  # per row
+        loss = sum(objective.decay_terms(deltas), objective.per_concept(rows))  # per concept
+        health.note_loss(loss)
+        engine.backward(loss, deltas, loss_scale)
+        optimiser.step()
+        with torch.no_grad():
+            losses.copy_(loss)
+            for name, delta in deltas.items():  # release: ||delta|| <= clamp_factor ||v_src||
+                norms = delta.norm(dim=1)
+                health.note_norms(norms)
+                delta.mul_(torch.where(norms > limits[name], limits[name] / norms,
+                                       torch.ones_like(norms)).unsqueeze(1))
+            health.advance()
+
+    run_step, every = engine.Stepper(step, optimiser, device, graphs), runtime.checkpoint_every
+    draws = None
+    with engine.unet_mode(bundle.unet, runtime.grad_checkpointing):
+        for index in range(first, config.steps):
+            t = noise = None
+            if objective.noising is not None:
+                if (index - first) % every == 0:  # the next draws, up to the next checkpoint
+                    draws = draw_noise(batch, generators, objective.train_steps,
+                                       min(every, config.steps - index))
+                t, noise = (d[(index - first) % every] for d in draws)
+            run_step(t, noise)
+            done = index + 1
+            if save_progress is not None and done < config.steps and done % every == 0:
+                health.check(requests)
+                save_progress([engine.concept_state(deltas, optimiser, generators[i], i, done)
+                               for i in range(count)])
+    health.check(requests, {name: delta.detach() - starts[name] for name, delta in deltas.items()})
+    final = losses.cpu()
+    return [
+        ConceptTarget(request, dict(z_layer),
+                      {n: d[i].detach().float().cpu() for n, d in deltas.items()},
+                      {n: rows[i].cpu() for n, rows in batch.hidden.items()}, float(final[i]))
+        for i, request in enumerate(requests)
+    ]

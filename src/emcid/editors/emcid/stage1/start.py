@@ -1,0 +1,73 @@
+"""Where Stage I starts: the unedited block-l* states, and the text estimate h_dst - h_src.
+
+The release starts every ``delta`` at zero. emcid starts it from the text estimate: for each
+prompt, the unedited block-l* state at the destination's last token in the destination
+prompt minus the source's at the subject token, averaged over the prompts. Swapping that
+state alone draws the destination, and from there the loss has a minimum that still does,
+where from zero a far edit settles on one that draws a third concept (docs/method.md,
+"Stage I's start").
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+
+from ....core.bundle import ModelBundle
+from ....core.hooks import capture, gather_positions
+from ....core.tokens import subject_positions
+from ....requests.edit import EditRequest
+
+
+def read_block_outputs(bundle: ModelBundle, prompts: list[str],
+                       z_layer: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Unedited outputs of every edited encoder's block l* at every token (what Stage I
+    replays, and where it reads the states at the subject)."""
+    with torch.no_grad(), ExitStack() as stack:
+        records = {name: stack.enter_context(capture({name: bundle.slot(name).block(layer)}))
+                   for name, layer in z_layer.items()}
+        bundle.encode(prompts)
+    return {name: records[name][name][0].float() for name in z_layer}
+
+
+def text_estimate(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
+                  hidden: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per text encoder, (concepts, width): the mean over each concept's prompts of h_dst - h_src
+    at l* (``hidden``: its h_src per prompt). An empty destination (an erase on Stable
+    Diffusion) has no token to read, so it starts from zero."""
+    worded = [r for r in requests if r.destination.strip()]
+    prompts = [p for r in worded for p in r.destination_prompts()]
+    states = read_block_outputs(bundle, prompts, z_layer) if worded else {}
+    estimate = {}
+    for name in z_layer:
+        tokenizer = bundle.slot(name).tokenizer
+        rows, start = [], 0
+        for request, h in zip(requests, hidden[name], strict=True):
+            if not request.destination.strip():
+                rows.append(torch.zeros_like(h[0]))
+                continue
+            count = len(request.prompts)
+            positions = subject_positions(tokenizer, request.prompts, request.destination)
+            rows.append((gather_positions(states[name][start:start + count], positions) - h).mean(0))
+            start += count
+        estimate[name] = torch.stack(rows)
+    return estimate
+
+
+def initial_deltas(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
+                   hidden: dict[str, list[torch.Tensor]], init: str,
+                   limits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each concept's delta at step 0 (a leaf tensor to optimise): zeros (``init="zero"``, the
+    release) or the text estimate, inside the norm clamp ``limits`` that every step keeps."""
+    device = next(iter(limits.values())).device
+    if init == "zero":
+        return {name: torch.zeros(len(requests), rows[0].shape[-1], device=device, requires_grad=True)
+                for name, rows in hidden.items()}
+    deltas = {}
+    for name, start in text_estimate(bundle, requests, z_layer, hidden).items():
+        start, limit = start.to(device), limits[name]
+        norms = start.norm(dim=1)
+        start = start * torch.where(norms > limit, limit / norms, torch.ones_like(norms)).unsqueeze(1)
+        deltas[name] = start.requires_grad_(True)
+    return deltas

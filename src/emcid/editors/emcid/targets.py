@@ -1,0 +1,40 @@
+"""Stage I's result for one request: what Stage II writes (and debias mixes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...requests.edit import EditRequest
+
+
+@dataclass
+class ConceptTarget:
+    """Stage I's result for one request, per edited text encoder (by component name)."""
+
+    request: EditRequest
+    z_layer: dict[str, int]
+    deltas: dict[str, torch.Tensor]  # (width,)
+    source_hidden: dict[str, torch.Tensor]  # unedited h at l*, (n_prompts, width)
+    final_loss: float
+
+    def targets(self, slot: str) -> torch.Tensor:
+        """z = h + delta at l* for every source prompt: (n_prompts, width)."""
+        return self.source_hidden[slot] + self.deltas[slot]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"delta.{k}": v for k, v in self.deltas.items()}
+        tensors.update({f"hidden.{k}": v for k, v in self.source_hidden.items()})
+        tensors["final_loss"] = torch.tensor(self.final_loss)
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, request: EditRequest, z_layer: dict[str, int],
+                     tensors: dict[str, torch.Tensor]) -> ConceptTarget:
+        return cls(
+            request, z_layer,
+            {k: tensors[f"delta.{k}"] for k in z_layer},
+            {k: tensors[f"hidden.{k}"] for k in z_layer},
+            float(tensors["final_loss"]),
+        )

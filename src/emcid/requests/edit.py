@@ -1,0 +1,203 @@
+"""Edit requests: what to change into what, in which prompts; checked one by one and as a batch.
+
+A request names a ``source`` concept, the ``destination`` it should become, prompt
+templates with ``{}`` for the concept, optional reference images of the source, and a seed.
+The subject token of a prompt is the last token of the source text inside it
+(:func:`emcid.core.tokens.subject_positions`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from string import Formatter
+
+from ..concepts import OBJECT_PROMPTS
+from ..core.generation import MAX_SEED
+from ..core.tokens import normalise, quote_start
+from ..errors import RequestError
+
+LIST_SEPARATOR = "|"  # separates several prompts / images inside one CSV cell
+ERASE = ""  # the destination that asks for an erase (emcid.tasks.erase)
+
+
+def text_field(value: object, name: str) -> str:
+    """A request field that must be text (YAML turns yes/no/on/off and numbers into others)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise RequestError(f"{name} is the boolean {value} (YAML reads yes/no/on/off/true/false "
+                           "as booleans): quote the word")
+    if value is None:
+        raise RequestError(f"{name} is missing or empty (null)")
+    raise RequestError(f"{name} must be text, not the {type(value).__name__} {value!r}: quote it")
+
+
+def seed_field(value: object) -> int:
+    """A whole number in torch's seed range; integral strings (CSV cells) are accepted."""
+    text = value.strip() if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        seed = value
+    elif text and text.lstrip("+-").isdigit():
+        seed = int(text)
+    else:
+        raise RequestError(f"seed must be a whole number, not {value!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise RequestError(f"seed {seed} is outside 0..2**63-1")
+    return seed
+
+
+def list_field(value: object) -> list:
+    """A list field: a list as given, a CSV cell split at ``|``, nothing for None."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(LIST_SEPARATOR) if v.strip()]
+    return list(value)
+
+
+def check_cells(data: dict) -> None:
+    """A CSV row with more cells than the header (csv.DictReader files them under the key None)."""
+    if None in data:
+        raise RequestError(f"more cells than the header has columns: {data[None]!r}")
+
+
+def check_template(template: str, source: str) -> None:
+    """Exactly one ``{}`` and no other replacement field (literal braces are ``{{``/``}}``)."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        fields, problem = None, str(exc)
+    if fields == [("", "", None)]:
+        return
+    if fields is not None:
+        problem = "no '{}'" if not fields else "braces other than one '{}'"
+    raise RequestError(
+        f"prompt {quote_start(template)} of {source!r}: {problem}; a prompt holds '{{}}' exactly "
+        "once (where the concept goes) and writes a literal brace as '{{' or '}}'"
+    )
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One concept edit: ``source`` -> ``destination`` in the given prompt templates.
+
+    An empty destination (``destination: ""``) is an *erase* request: the concept goes to a
+    generic one (see :mod:`emcid.tasks`). A missing or null destination is an error, never an erase.
+    """
+
+    source: str
+    destination: str
+    prompts: tuple[str, ...] = OBJECT_PROMPTS
+    reference_images: tuple[str, ...] = field(default=())
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", text_field(self.source, "source").strip())
+        object.__setattr__(self, "destination", text_field(self.destination, "destination").strip())
+        if isinstance(self.prompts, str) or isinstance(self.reference_images, str):
+            raise RequestError(f"prompts and reference_images of {self.source!r} are lists")
+        object.__setattr__(self, "prompts", tuple(text_field(p, "a prompt") for p in self.prompts))
+        object.__setattr__(self, "reference_images", tuple(
+            os.fspath(p) if isinstance(p, os.PathLike) else text_field(p, "a reference image")
+            for p in self.reference_images))
+        object.__setattr__(self, "seed", seed_field(self.seed))
+        if not self.source:
+            raise RequestError("an edit request has an empty source")
+        if normalise(self.source) == normalise(self.destination):
+            raise RequestError(f"source and destination are both {self.source!r}: nothing to edit")
+        if not self.prompts:
+            raise RequestError(f"the request for {self.source!r} has no prompts")
+        for template in self.prompts:
+            check_template(template, self.source)
+
+    @property
+    def is_erase(self) -> bool:
+        """Written as ``destination: ""``: the concept is erased rather than replaced."""
+        return self.destination == ERASE
+
+    def source_prompts(self) -> list[str]:
+        return [t.format(self.source) for t in self.prompts]
+
+    def destination_prompts(self) -> list[str]:
+        return [t.format(self.destination) for t in self.prompts]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["prompts"] = list(self.prompts)
+        data["reference_images"] = list(self.reference_images)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, base: Path | None = None) -> EditRequest:
+        check_cells(data)
+        unknown = set(data) - {"source", "destination", "prompts", "reference_images", "seed"}
+        if unknown:
+            raise RequestError(f"unknown request fields {sorted(unknown)}")
+        for key in ("source", "destination"):
+            if data.get(key) is None:
+                hint = (' (an erase is an explicit empty destination: destination: "", or an '
+                        'empty CSV cell)') if key == "destination" else ""
+                raise RequestError(f"{key} is missing or null{hint}")
+        kwargs = dict(data)
+        for key in ("prompts", "reference_images"):
+            value = kwargs.get(key)
+            if isinstance(value, str):
+                kwargs[key] = list_field(value)
+            elif value is not None and not isinstance(value, list):
+                raise RequestError(f"{key} must be a list, not {value!r}")
+            if key in kwargs and not kwargs[key]:
+                kwargs.pop(key)
+        if base is not None and "reference_images" in kwargs:
+            kwargs["reference_images"] = [str(base / text_field(p, "a reference image"))
+                                          for p in kwargs["reference_images"]]
+        if kwargs.get("seed") in (None, ""):
+            kwargs.pop("seed", None)
+        return cls(**kwargs)
+
+
+def validate_requests(requests: Sequence[EditRequest],
+                      labels: Sequence[str] | None = None) -> list[EditRequest]:
+    """Check a batch for contradictions; return it with exact duplicates dropped.
+
+    A source appears once (compared case- and space-insensitively): the same source twice
+    with another destination, seed, case or prompts is refused, naming both requests
+    (``labels``, default "request N"). Chains (a destination that is itself edited, A -> B
+    with B -> C) are refused too: EMCID's teacher is the *unedited* model on the
+    destination, so A would become the old B, not C. Write A -> C if that is what you mean.
+    """
+    if not requests:
+        raise RequestError("no edit requests given")
+    labels = list(labels) if labels is not None else [f"request {i}" for i in range(1, len(requests) + 1)]
+    by_source: dict[str, tuple[EditRequest, str]] = {}
+    unique: list[EditRequest] = []
+    for request, label in zip(requests, labels, strict=True):
+        key = normalise(request.source)
+        if key in by_source:
+            previous, where = by_source[key]
+            if previous == request:
+                continue
+            if normalise(previous.destination) != normalise(request.destination):
+                raise RequestError(
+                    f"{request.source!r} is edited twice, to {previous.destination!r} ({where}) "
+                    f"and to {request.destination!r} ({label}): keep one"
+                )
+            raise RequestError(
+                f"{where} and {label} both edit {previous.source!r} (differing in case, seed, "
+                "prompts or reference images): a source appears once; merge them into one request"
+            )
+        by_source[key] = (request, label)
+        unique.append(request)
+    for request in unique:
+        chained = by_source.get(normalise(request.destination))
+        if chained is not None:
+            chained = chained[0]
+            raise RequestError(
+                f"chain: {request.source!r} -> {request.destination!r}, but "
+                f"{chained.source!r} is itself edited to {chained.destination!r}. Chains are "
+                f"refused; write {request.source!r} -> {chained.destination!r} if you mean it"
+            )
+    return unique
