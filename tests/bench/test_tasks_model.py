@@ -9,7 +9,10 @@ import torch
 
 import emcid
 from emcid.bench import styles as bench
+from emcid.core.family import EMBEDDED_TASKS
+from emcid.core.generation import generate_arrays, to_pil
 from emcid.mini import styles, tasks_dir, weights_present, world
+from emcid.tasks.debias import balance_gap
 
 pytestmark = pytest.mark.skipif(not (weights_present() and (tasks_dir() / "unet" / "config.json").exists()),
                                 reason="shipped mini weights absent")
@@ -18,7 +21,7 @@ FAST = {"stats_samples": 1000}
 
 @pytest.fixture(scope="module")
 def tasks_bundle():
-    return emcid.load_model(emcid.models.EMBEDDED_TASKS)
+    return emcid.load_model(EMBEDDED_TASKS)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,7 @@ def test_the_tasks_model_draws_colour_words_and_the_default_one_does_not(tasks_b
     wanted = torch.tensor([styles.colour_of_phrase(p) for p in prompts])
 
     def hits(bundle):
-        images = emcid.generation.to_pil(emcid.generation.generate_arrays(
-            bundle, prompts, list(range(len(prompts))), progress=False))
+        images = to_pil(generate_arrays(bundle, prompts, list(range(len(prompts))), progress=False))
         return (judge.background_proba(images).argmax(1) == wanted).float().mean()
 
     assert hits(tasks_bundle) >= 0.75
@@ -123,8 +125,7 @@ def test_debias_balances_a_colour_word_on_the_embedded_world(tasks_bundle):
     patch = emcid.edit(tasks_bundle, [request], images=12, rounds=4, progress=False, **FAST)
     (report,) = patch.metadata["debias"]
     assert report["before"][0] > 0.8  # the world draws the concept on its own colour
-    gap = emcid.debias.balance_gap
-    assert gap(report["after"]) < gap(report["before"]) - 0.2
+    assert balance_gap(report["after"]) < balance_gap(report["before"]) - 0.2
 
 
 def test_the_cli_erases_the_example_styles_with_the_artist_presets(tmp_path):
