@@ -3,7 +3,7 @@
 Edits the given pairs (default: the README's, tench -> goldfish and volcano -> beacon) into
 the embedded model in one call of ``emcid.edit`` at its defaults, then judges images of each
 prompt (the editing templates, prompts a user would write, and the world's held-out
-free-form prompts) before and after, and P(own class) of unrelated concepts. Bars (issue 20):
+free-form prompts) before and after, and P(own class) of unrelated concepts. Targets:
 templates P(destination) >= 0.8, free-form >= 0.6, P(source) <= 0.05, unrelated P(own) >= 0.9.
 
     python benchmarks/far_edits.py [--pairs tench:goldfish,volcano:beacon] [--images 4]
