@@ -153,28 +153,30 @@ def cmd_debias(args: argparse.Namespace) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    from .patch.export import save_pipeline
+    from .patch.export import recorded_base, save_pipeline
     from .patch.format import EditPatch
 
     _check_out(args, "replaced folder", patch=args.patch)
+    recorded_base(args.out, args.overwrite)  # an unrelated folder is refused before the work
     patch = EditPatch.load(args.patch)
     bundle = _load(args)
     patch.apply(bundle, force=args.force)
-    save_pipeline(bundle, args.out)
+    save_pipeline(bundle, args.out, args.overwrite)
     print(f"wrote the edited pipeline to {args.out}: {len(patch.metadata.get('requests', []))} "
           f"edits in {len(patch.deltas)} modules, patch {len(bundle.history) + 1} of its chain")
 
 
 def cmd_revert(args: argparse.Namespace) -> None:
     from .core.chain import revert_last
-    from .patch.export import save_pipeline
+    from .patch.export import recorded_base, save_pipeline
     from .patch.format import EditPatch
 
     _check_out(args, "replaced folder", patch=args.patch)
+    recorded_base(args.out, args.overwrite)
     patch = EditPatch.load(args.patch) if args.patch else None
     bundle = _load(args)
     step = revert_last(bundle, patch)
-    save_pipeline(bundle, args.out)
+    save_pipeline(bundle, args.out, args.overwrite)
     print(f"wrote {args.out}: reverted {step.get('method')} patch ({', '.join(step.get('sources', []))}); "
           f"{len(bundle.history)} patches remain")
 
@@ -224,6 +226,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
             image.save(out / f"{seeds[written]:06d}.png")
             written += 1
     print(f"wrote {written} images to {out}")
+
+
+OVERWRITE_HELP = ("replace --out even if it holds a pipeline emcid did not write from this base "
+                  "model (by default such a folder is refused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--patch", required=True)
     apply.add_argument("--out", required=True, help="folder for the edited diffusers pipeline")
     apply.add_argument("--force", action="store_true", help="apply to a model of another fingerprint")
+    apply.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     apply.set_defaults(func=cmd_apply)
 
     lora = commands.add_parser("export-lora",
@@ -303,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     revert.add_argument("--patch", help="the patch to revert; must be the folder's last one "
                                         "(default: whichever is last)")
     revert.add_argument("--out", required=True, help="folder for the reverted pipeline")
+    revert.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     revert.set_defaults(func=cmd_revert)
 
     gen = commands.add_parser("generate", help="generate images, optionally with a patch applied")

@@ -49,6 +49,11 @@ class OutputPathError(EmcidError):
     """An output path would overwrite an input, or cannot be written (checked before any work)."""
 
 
+class WriteError(EmcidError, OSError):
+    """A file could not be written (a full disk, a folder that became read-only); nothing
+    half-written is left behind."""
+
+
 class Stage1OutOfMemoryError(EmcidError, MemoryError):
     """Even one concept at a time does not fit in the device's memory."""
 

@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from ..errors import CacheError
+from ..errors import CacheError, WriteError
+from .folders import give_umask_modes, remove_stale_files, temp_file_prefix
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +72,47 @@ def check_writable(folder: Path) -> None:
     os.unlink(probe)
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+    """A safetensors file's bytes with its header's keys sorted: safetensors writes the
+    metadata in a random order per process, so the same tensors would give other bytes."""
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads its header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically, with the same bytes for the same content and the
+    user's file mode. A failed write (a full disk) leaves no file and names the path."""
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    data = safetensors_bytes(contiguous, metadata)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_file_prefix(), suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        give_umask_modes(Path(tmp))  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_tensors_atomic(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
     extra: str = "",
 ) -> None:
     """Write a safetensors file with a checksum (covering ``extra`` too), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {**(metadata or {}), "sha256": tensors_checksum(tensors, extra)}
-    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(contiguous, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_safetensors(path, tensors, metadata)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -135,6 +161,7 @@ class TensorCache:
         self.enabled = enabled
         if enabled:
             check_writable(self.folder)
+            remove_stale_files(self.folder)
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
@@ -151,5 +178,4 @@ class TensorCache:
         try:
             save_tensors_atomic(self.path(key), tensors, meta)
         except OSError as exc:
-            log.warning("cannot write cache entry %s (%s); the result is kept in memory",
-                        self.path(key), exc.strerror)
+            log.warning("%s; the result is kept in memory", exc)

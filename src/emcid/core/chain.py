@@ -152,14 +152,20 @@ def base_weights(bundle: ModelBundle) -> Iterator[ModelBundle]:
         yield bundle
 
 
+def base_fingerprint(bundle: ModelBundle) -> str:
+    """The fingerprint of the model without the patches it carries."""
+    if not chain_checksums(bundle):
+        return bundle.fingerprint()
+    with base_weights(bundle):
+        return bundle.fingerprint()
+
+
 def chain_record(bundle: ModelBundle) -> dict:
     """Patch metadata naming the chain an edit was made on (nothing for an unpatched model)."""
     checksums = chain_checksums(bundle)
     if not checksums:
         return {}
-    with base_weights(bundle):
-        base = bundle.fingerprint()
-    return {"chain": {"base_fingerprint": base, "patches": checksums}}
+    return {"chain": {"base_fingerprint": base_fingerprint(bundle), "patches": checksums}}
 
 
 def write_history(bundle: ModelBundle, folder: Path) -> None:

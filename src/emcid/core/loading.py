@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +16,9 @@ from ..errors import DeviceError, ModelLoadError
 from .activations import use_fast_quick_gelu
 from .bundle import ModelBundle
 from .chain import PatchChain
+from .checkpoint import check_allocated, load_text_encoders
 from .family import COMPONENTS, EMBEDDED_TASKS, FAMILY_SAMPLING, detect_family
+from .folders import recover_swap
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,25 @@ def _not_a_pipeline(path: Path) -> str:
     return f"{what} (a folder holding model_index.json, written by save_pretrained)"
 
 
+def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
+    """A local pipeline folder: swapped in whole, with a readable index and no unasked pickles."""
+    recover_swap(folder)  # a folder an interrupted `emcid apply` left half swapped
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(_not_a_pipeline(folder))
+    try:
+        if not isinstance(json.loads(index.read_text()), dict):
+            raise ValueError("it is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{index} is not a valid diffusers index ({exc}); restore it from "
+                             "the model's source") from None
+    pickles = _local_pickles(folder)
+    if pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"{pickles[0]} is a pickle checkpoint, which can run arbitrary code when loaded; "
+            "convert it to safetensors or pass allow_pickle=True (--allow-pickle) if you trust it")
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """The device, or a clear error when this machine does not have it."""
     try:
@@ -124,7 +143,7 @@ def load_model(
     from diffusers import DiffusionPipeline
 
     device = check_device(device)
-    source, components = None if id_or_path is None else str(id_or_path), {}
+    source, components, draws = None if id_or_path is None else str(id_or_path), {}, []
     if source == EMBEDDED_TASKS:
         components, draws = _embedded_tasks_components(dtype)
         id_or_path = None
@@ -135,14 +154,9 @@ def load_model(
     looks_local = (local.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") > 1
                    or local.suffix in (".safetensors", *PICKLE_SUFFIXES))
     if looks_local:
-        if not (local / "model_index.json").is_file():
-            raise ModelLoadError(_not_a_pipeline(local))
-        pickles = _local_pickles(local)
-        if pickles and not allow_pickle:
-            raise ModelLoadError(
-                f"{pickles[0]} is a pickle checkpoint, which can run arbitrary code when loaded; "
-                "convert it to safetensors or pass allow_pickle=True (--allow-pickle) if you trust it"
-            )
+        _check_local_folder(local, allow_pickle)
+        checked = load_text_encoders(local, dtype, allow_pickle, skip=tuple(components))
+        components = {**checked, **components}
     class_name = _pipeline_class_name(id_or_path)
     kwargs = {}
     if class_name in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
@@ -154,18 +168,19 @@ def load_model(
     except Exception as exc:
         problem = None if looks_local else _hub_problem(id_or_path, exc)
         raise ModelLoadError(problem or f"cannot load {id_or_path!r}: {exc}") from exc
+    check_allocated(pipeline, local if looks_local else None)
     detected = detect_family(pipeline)
     if family is not None and family != detected:
         raise ModelLoadError(f"{id_or_path!r} is an {detected} model, not {family}")
     pipeline.to(device)
     freeze_components(pipeline)
     settings = _read_settings(local) if looks_local else {}
-    if components:
+    if source == EMBEDDED_TASKS:
         settings = {**settings, "tasks": draws}
     sampling = {k: settings.get(k, v) for k, v in FAMILY_SAMPLING[detected].items()}
     chain = PatchChain.read(local) if looks_local else PatchChain()
-    return ModelBundle(pipeline, detected, source if components else id_or_path, sampling, settings,
-                       chain=chain)
+    name = source if source == EMBEDDED_TASKS else id_or_path
+    return ModelBundle(pipeline, detected, name, sampling, settings, chain=chain)
 
 
 def freeze_components(pipeline) -> None:
@@ -207,24 +222,6 @@ def write_settings(bundle: ModelBundle, folder: str | os.PathLike) -> None:
     """Carry the model's emcid settings (sampling defaults, world) into an exported folder."""
     if bundle.settings:
         Path(folder, SETTINGS_FILE).write_text(json.dumps(bundle.settings, indent=2))
-
-
-def replace_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a fresh folder beside ``folder``, then rename it into place (over
-    any old one), so an interrupted save leaves no half-written folder."""
-    folder = Path(folder)
-    tmp = folder.parent / f".{folder.name}.emcid-tmp-{os.getpid()}"
-    old = folder.parent / f".{folder.name}.emcid-old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def default_model_path() -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from ..core.loading import replace_folder
+from ..core.folders import replace_folder
 
 
 @dataclass

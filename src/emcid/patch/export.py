@@ -11,6 +11,7 @@ the fraction of ``||D||_F^2`` kept is reported per module.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,13 @@ from pathlib import Path
 import torch
 
 from ..core.bundle import ModelBundle
-from ..core.chain import write_history
-from ..core.loading import replace_folder, write_settings
+from ..core.chain import HISTORY_DIR, base_fingerprint, write_history
+from ..core.folders import replace_folder
+from ..core.loading import write_settings
 from ..errors import LoraExportError, PatchFileError
 from .format import EditPatch, svd_rank
+
+ORIGIN_FILE = "origin.json"  # in emcid_history/: the base model a folder emcid wrote is an edit of
 
 
 def _refuse_overlap(bundle: ModelBundle, folder: Path) -> None:
@@ -32,27 +36,51 @@ def _refuse_overlap(bundle: ModelBundle, folder: Path) -> None:
     if target == source or source in target.parents or target in source.parents:
         raise PatchFileError(f"--out {folder} would overwrite the model {bundle.source}: write "
                              "the edited pipeline to a new folder beside it")
-    if target.exists() and any(target.iterdir()) and not (target / "model_index.json").exists():
-        raise PatchFileError(f"--out {folder} exists and is not a pipeline folder: choose a new "
-                             "folder")
 
 
-def save_pipeline(bundle: ModelBundle, folder: str | os.PathLike) -> Path:
+def recorded_base(folder: str | os.PathLike, overwrite: bool = False) -> str | None:
+    """The base model fingerprint a pipeline folder that emcid wrote records; None for a new or
+    empty folder, or with ``overwrite``. Any other folder is refused, so a pipeline the user
+    made or downloaded is never replaced by mistake."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    if not (folder / "model_index.json").exists():
+        raise PatchFileError(f"--out {folder} exists and is not a pipeline folder: choose a new folder")
+    if overwrite:
+        return None
+    origin = folder / HISTORY_DIR / ORIGIN_FILE
+    try:
+        return json.loads(origin.read_text())["base_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PatchFileError(f"--out {folder} holds a pipeline that emcid did not write (it has no "
+                             f"{HISTORY_DIR}/{ORIGIN_FILE}): choose a new folder, or pass "
+                             "--overwrite to replace it") from None
+
+
+def save_pipeline(bundle: ModelBundle, folder: str | os.PathLike, overwrite: bool = False) -> Path:
     """Save the (patched) pipeline with ``save_pretrained``, emcid's settings and patch chain.
 
-    Refuses to write over (or into) the folder the model came from. The folder is written
-    beside its final place and renamed into it, so an interrupted save leaves no half model.
-    The chain records every patch the model carries, so
+    Refuses to write over (or into) the folder the model came from, and to replace a pipeline
+    folder unless emcid wrote it from the same base model (or ``overwrite``). The folder is
+    written beside its final place and swapped into it, so an interrupted save leaves no half
+    model. The chain records every patch the model carries, so
     :func:`~emcid.core.chain.revert_last` can take them off one at a time, last first, bit
     for bit.
     """
     folder = Path(folder)
     _refuse_overlap(bundle, folder)
+    recorded, base = recorded_base(folder, overwrite), base_fingerprint(bundle)
+    if recorded is not None and recorded != base:
+        raise PatchFileError(f"--out {folder} holds an edit of another base model ({recorded[:12]}, "
+                             f"this one is {base[:12]}): choose a new folder, or pass --overwrite")
 
     def write(tmp: Path) -> None:
         bundle.pipeline.save_pretrained(tmp, safe_serialization=True)
         write_settings(bundle, tmp)
         write_history(bundle, tmp)
+        (tmp / HISTORY_DIR).mkdir(exist_ok=True)
+        (tmp / HISTORY_DIR / ORIGIN_FILE).write_text(json.dumps({"base_fingerprint": base}) + "\n")
 
     return replace_folder(folder, write)
 
