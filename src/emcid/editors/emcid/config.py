@@ -68,7 +68,9 @@ class Stage2Config:
 
     lam: float = 4000.0  # release: preservation weight 4000 (6000 for RoAD)
     alpha: float = 0.5  # release: editing strength 0.5 (0.6 for arbitrary editing)
-    residual: Literal["memit", "release"] = "memit"  # memit: against block l*'s output
+    # memit: per-prompt targets against block l*'s output; release: the EMCID release's one
+    # target per concept against the mean fc2 output (stage2.py)
+    residual: Literal["memit", "release"] = "memit"
 
     def __post_init__(self) -> None:
         # lam = 0 leaves a K K^T, singular for fewer edits than key width: refused.

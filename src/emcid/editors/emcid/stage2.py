@@ -7,7 +7,12 @@ column per concept), residuals ``R`` and preservation statistics ``C``:
 
 the minimiser of ``lam (1-a) tr(D C D^T) + a ||(W + D) K - (W K + R_l)||^2``. The residual
 is spread over the remaining blocks (``R_l = R / (L - i)``) and recomputed after each
-update, so later blocks see the earlier ones.
+update, so later blocks see the earlier ones. ``R`` per concept, with ``h`` block ``l*``'s
+output and ``m^l`` block ``l``'s fc2 output at the subject token of prompt ``j``:
+
+- ``memit`` (default): ``mean_j (h_j + delta - h_j^current)``, one target per prompt;
+- ``release`` (the EMCID release): ``h_0 + delta - mean_j m_j^l``, one target per concept,
+  formed at its first prompt.
 """
 
 from __future__ import annotations
@@ -62,6 +67,23 @@ def _mean_by_owner(rows: torch.Tensor, owner: torch.Tensor, count: int) -> torch
     sums = torch.zeros(count, rows.shape[-1], dtype=torch.float64)
     sums.index_add_(0, owner, rows.double().cpu())
     return sums / torch.bincount(owner, minlength=count).unsqueeze(1)
+
+
+def _targets(targets: list[ConceptTarget], slot_name: str, form: str) -> torch.Tensor:
+    """memit: ``z_j = h_j + delta`` per prompt, (prompts, width); release: the release's one
+    ``z = h_0 + delta`` per concept, (concepts, width)."""
+    if form == "memit":
+        return torch.cat([t.targets(slot_name) for t in targets])
+    return torch.stack([t.first_prompt_target(slot_name) for t in targets])
+
+
+def _residuals(z: torch.Tensor, current: torch.Tensor, owner: torch.Tensor, count: int,
+               form: str) -> torch.Tensor:
+    """Per concept, (count, width) float64. memit: ``mean_j (z_j - current_j)``; release:
+    ``z - mean_j current_j`` (the release averages the outputs, not the differences)."""
+    if form == "memit":
+        return _mean_by_owner(z - current, owner, count)
+    return z.double() - _mean_by_owner(current, owner, count)
 
 
 def _length_groups(positions: torch.Tensor, batch_size: int) -> list[list[int]]:
@@ -150,7 +172,7 @@ def compute_deltas(
         for slot_name, slot_layers in layers.items():
             slot = bundle.slot(slot_name)
             prompts, positions, owner = _prompt_batch(targets, slot_name, bundle)
-            z = torch.cat([t.targets(slot_name) for t in targets])  # per prompt, (n, width)
+            z = _targets(targets, slot_name, config.residual)
             z_layer = max(slot_layers)
             reader = _KeyReader(bundle, slot_name, prompts, positions, batch_size)
             ordered = sorted(slot_layers)
@@ -164,7 +186,8 @@ def compute_deltas(
                 else:
                     keys_in, current = reader.read(layer, fc2, layer)
                 keys = _mean_by_owner(keys_in, owner, len(targets)).T
-                residual = _mean_by_owner(z - current, owner, len(targets)).T / (len(ordered) - i)
+                residual = _residuals(z, current, owner, len(targets), config.residual)
+                residual = residual.T / (len(ordered) - i)
                 delta = closed_form_update(keys, residual, second_moments[name], config.lam,
                                            config.alpha).float()
                 add_weights(bundle, {name: delta})

@@ -23,6 +23,11 @@ class ConceptTarget:
         """z = h + delta at l* for every source prompt: (n_prompts, width)."""
         return self.source_hidden[slot] + self.deltas[slot]
 
+    def first_prompt_target(self, slot: str) -> torch.Tensor:
+        """z = h + delta at the first source prompt only, (width,): the one target per
+        concept that the EMCID release writes into Stage II."""
+        return self.source_hidden[slot][0] + self.deltas[slot]
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"delta.{k}": v for k, v in self.deltas.items()}
         tensors.update({f"hidden.{k}": v for k, v in self.source_hidden.items()})
