@@ -201,15 +201,15 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .core.generation import check_seeds, check_settings, generate_batches, to_pil
+    from .core.generation import Repeated, check_seeds, check_settings, generate_batches, to_pil
     from .patch.format import EditPatch
 
     if args.n < 1:
         raise OptionError(f"--n {args.n}: give the number of images to draw (at least 1)")
     if args.batch_size < 1:
         raise OptionError(f"--batch-size {args.batch_size}: give at least 1")
-    seeds = [args.seed + i for i in range(args.n)]
-    check_seeds([seeds[0], seeds[-1]])
+    seeds = range(args.seed, args.seed + args.n)  # lazy, like the prompts: -n 10**8 costs nothing
+    check_seeds(seeds)
     check_settings({"num_inference_steps": args.steps, "guidance_scale": args.guidance})
     _check_out(args, "folder", patch=args.patch)
     out = Path(args.out)
@@ -219,7 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         EditPatch.load(args.patch).apply(bundle, force=args.force)
     written = 0
     # Each batch is saved as soon as it is drawn: an interrupted run keeps what it made.
-    batches = generate_batches(bundle, [args.prompt] * args.n, seeds, batch_size=args.batch_size,
+    batches = generate_batches(bundle, Repeated(args.prompt, args.n), seeds, batch_size=args.batch_size,
                                num_inference_steps=args.steps, guidance_scale=args.guidance)
     for batch in batches:
         for image in to_pil(batch):
@@ -346,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     except (EmcidError, FileNotFoundError) as exc:
         print(f"emcid: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return 2
+    except KeyboardInterrupt:
+        print("emcid: interrupted; finished concepts and statistics are kept in the cache, so the "
+              "same command resumes", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
     return 0
 
 

@@ -51,12 +51,32 @@ def tensors_checksum(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
     return digest.hexdigest()
 
 
+def _symlink_problem(folder: Path) -> str | None:
+    """A symlink on the way to ``folder`` that loops or points nowhere."""
+    for path in [*reversed(folder.parents), folder]:
+        if path.is_symlink():
+            try:
+                target = path.resolve(strict=True)
+            except RuntimeError:
+                return f"{path} is a symlink loop"
+            except OSError:
+                return f"{path} is a symlink to {os.readlink(path)}, which does not exist"
+            if not target.is_dir():
+                return f"{path} is a symlink to {target}, which is not a folder"
+    return None
+
+
 def check_writable(folder: Path) -> None:
     """Raise :class:`CacheError` unless ``folder`` is, or can be made, a writable folder.
 
-    Walks up to the first existing ancestor: a file there, or a folder where a probe file
-    cannot be created (permissions, a read-only mount), is reported at once.
+    The folder is made here and a probe file written in it, so a file on the way, a symlink
+    that loops or points nowhere, missing permissions or a read-only mount are reported at
+    once, not when the first entry is written after the work.
     """
+    fix = "point EMCID_CACHE at a writable folder (or pass --no-cache)"
+    problem = _symlink_problem(folder)
+    if problem:
+        raise CacheError(f"cache folder {folder}: {problem}; {fix}")
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -64,10 +84,10 @@ def check_writable(folder: Path) -> None:
         raise CacheError(f"cache folder {folder}: {existing} is a file, not a folder; point "
                          "EMCID_CACHE at a folder (or pass --no-cache)")
     try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".emcid-probe-")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".emcid-probe-")
     except OSError as exc:
-        raise CacheError(f"cache folder {existing} is not writable ({exc.strerror}); point "
-                         "EMCID_CACHE at a writable folder (or pass --no-cache)") from None
+        raise CacheError(f"cache folder {folder} is not writable ({exc.strerror}); {fix}") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -153,15 +173,35 @@ def load_tensors_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
         return None
 
 
+_USABLE_ROOTS: set[Path] = set()  # cache roots this process has found writable
+
+
 class TensorCache:
     """One namespace of the cache: ``root/namespace/<key>.safetensors``."""
+
+    writable = True
 
     def __init__(self, namespace: str, root: Path | None = None, enabled: bool = True):
         self.folder = (root or cache_root()) / namespace
         self.enabled = enabled
         if enabled:
+            self._open()
+
+    def _open(self) -> None:
+        """Check the folder. One that was usable earlier in this run and no longer is (its
+        permissions changed) only loses its writes, as a failed entry does, so the work goes on
+        with its results kept in memory; the first open of a run refuses it."""
+        root = Path(os.path.abspath(self.folder.parent))
+        try:
             check_writable(self.folder)
-            remove_stale_files(self.folder)
+        except CacheError as exc:
+            if root not in _USABLE_ROOTS:
+                raise
+            log.warning("%s; this run's results are kept in memory", exc)
+            self.writable = False
+            return
+        _USABLE_ROOTS.add(root)
+        remove_stale_files(self.folder)
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
@@ -172,7 +212,7 @@ class TensorCache:
         return load_tensors_checked(self.path(key))
 
     def save(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.writable:
             return
         meta = {k: str(v) for k, v in (metadata or {}).items()}
         try:

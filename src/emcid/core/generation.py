@@ -37,7 +37,26 @@ def check_settings(settings: dict) -> None:
             check_int("sampling", name, settings[name], minimum=8)
 
 
+class Repeated(Sequence[str]):
+    """One prompt ``count`` times, without a list of ``count`` strings (``generate -n 10**8``)."""
+
+    def __init__(self, prompt: str, count: int):
+        self.prompt, self.count = prompt, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.prompt] * len(range(*index.indices(self.count)))
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return self.prompt
+
+
 def check_seeds(seeds: Sequence[int]) -> None:
+    if isinstance(seeds, range):  # a run of consecutive seeds: its ends decide
+        seeds = [seeds[0], seeds[-1]] if len(seeds) else []
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise OptionError(f"seed {seed!r}: give an integer in 0..{MAX_SEED} (2^63 - 1)")

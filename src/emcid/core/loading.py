@@ -123,6 +123,15 @@ def check_device(device: str | torch.device) -> torch.device:
         if device.index is not None and device.index >= count:
             raise DeviceError(f"device {str(device)!r} requested, but this machine has {count} CUDA "
                               f"device(s): cuda:0..cuda:{count - 1}")
+    elif device.type == "meta":
+        raise DeviceError("the meta device holds no weights; use --device cpu or cuda")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as exc:  # e.g. mps on a torch built without it
+            reason = " ".join(str(exc).split())[:160]
+            raise DeviceError(f"device {str(device)!r} is not usable with this torch build "
+                              f"({reason}); use --device cpu") from None
     return device
 
 
