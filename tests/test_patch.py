@@ -173,6 +173,7 @@ def test_chain_of_two_patches_reverts_last_first_bit_exact(tmp_path, sd1, patch)
     folder = save_pipeline(sd1, tmp_path / "two")
     chained = emcid.load_model(folder)
     assert [s["sha256"] for s in chained.history] == [patch.checksum, second.checksum]
+    assert chained.history[1]["sources"] == second.sources == ["concept 1"]
     assert_same_state(model_state(chained), model_state(sd1))
     with pytest.raises(PatchMismatchError, match="last first: revert step 2 of 2"):
         revert_last(chained, patch)

@@ -180,9 +180,8 @@ def write_history(bundle: ModelBundle, folder: Path) -> None:
     for (patch, scale), replaced in zip(bundle.chain.applied, bundle.chain.step_originals(), strict=True):
         name = f"step-{len(steps) + 1:03d}.safetensors"
         save_tensors_atomic(history / name, replaced)
-        sources = [r.get("source") for r in patch.metadata.get("requests", [])]
         steps.append({"sha256": patch.checksum, "method": patch.metadata.get("method"),
-                      "sources": sources, "scale": scale, "originals": name})
+                      "sources": patch.sources, "scale": scale, "originals": name})
     if steps:
         chain = {"model_fingerprint": bundle.fingerprint(), "steps": steps}
         (history / HISTORY_FILE).write_text(json.dumps(chain, indent=2))

@@ -79,6 +79,11 @@ class EditPatch:
     def base_fingerprint(self) -> str | None:
         return self.metadata.get("base_fingerprint")
 
+    @property
+    def sources(self) -> list[str]:
+        """The edited source concepts, one per recorded request (a merged patch's too)."""
+        return [r.get("source") for r in self.metadata.get("requests", [])]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors as stored: ``<module>.delta``, or ``<module>.up`` and ``<module>.down``."""
         tensors = {}
