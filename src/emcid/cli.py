@@ -188,14 +188,14 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
     # A file (.safetensors) or a folder; any other suffix is a typo (L.bin would become a folder).
     kind = "file" if Path(args.out).suffix else "folder"
     check_output(args.out, [("patch", args.patch)], kind, suffix=".safetensors")
-    export = export_lora(args.patch, args.out, rank=args.rank)
+    export = export_lora(args.patch, args.out, rank=args.rank, format=args.format)
     modules = len(export.kept_energy)
+    what = f"{args.out}: {export.format} rank-{export.rank} LoRA of {modules} text-encoder modules"
     if export.exact:
-        print(f"wrote {args.out}: rank-{export.rank} LoRA of {modules} text-encoder modules "
-              "(exact: the patch's own rank)")
+        print(f"wrote {what} (exact: the patch's own rank)")
         return
-    print(f"wrote {args.out}: rank-{export.rank} LoRA of {modules} text-encoder modules; the patch has "
-          f"rank {export.patch_rank}, so each delta keeps this share of its energy (||delta||_F^2):")
+    print(f"wrote {what}; the patch has rank {export.patch_rank}, so each delta keeps this share of "
+          "its energy (||delta||_F^2):")
     for name, kept in export.kept_energy.items():
         print(f"  {name}: {kept:.2%}")
 
@@ -297,12 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     apply.set_defaults(func=cmd_apply)
 
     lora = commands.add_parser("export-lora",
-                               help="write a patch's text-encoder deltas as a diffusers LoRA file")
+                               help="write a patch's text-encoder deltas as a LoRA file (A1111, kohya, "
+                                    "ComfyUI, diffusers)")
     lora.add_argument("--patch", required=True, help="patch file from `emcid edit`")
     lora.add_argument("--out", required=True,
-                      help="LoRA file (.safetensors) or folder, for pipe.load_lora_weights(...)")
+                      help="LoRA file (.safetensors), or a folder for diffusers' default file name")
     lora.add_argument("--rank", type=int,
                       help="LoRA rank (default: the patch's; lower ranks keep the top singular directions)")
+    lora.add_argument("--format", default="kohya",
+                      help="kohya: lora_te_* names (A1111, kohya sd-scripts, ComfyUI, diffusers; default); "
+                           "diffusers: diffusers' own names")
     lora.set_defaults(func=cmd_export_lora)
     revert = commands.add_parser(
         "revert", help="take the last patch off a pipeline folder written by apply (bit exact)")

@@ -1,12 +1,20 @@
 """A patch written out: as a full pipeline folder with its patch chain (:func:`save_pipeline`),
-or as a LoRA of its text-encoder deltas that stock diffusers loads (:func:`export_lora`).
+or as a LoRA of its text-encoder deltas (:func:`export_lora`).
 
-LoRA: each ``fc2`` delta ``D`` (d_out x d_in) becomes ``lora_B @ lora_A`` from its SVD, with the
-same rank ``r`` in every module and ``lora_alpha = r`` (scale 1), so ``pipe.load_lora_weights``
-adds exactly ``D`` at ``lora_scale=1``. Keys are PEFT's, prefixed by the component
-(``text_encoder.text_model.encoder.layers.N.mlp.fc2.lora_A.weight``), written by diffusers'
-own ``save_lora_weights``. A rank below a delta's rank keeps its top singular directions;
-the fraction of ``||D||_F^2`` kept is reported per module.
+LoRA: each ``fc2`` delta ``D`` (d_out x d_in) becomes ``up @ down`` from its SVD, with the same
+rank ``r`` in every module and alpha = ``r`` (scale 1), so a loader adds exactly ``D`` at
+weight 1. A rank below a delta's rank keeps its top singular directions; the fraction of
+``||D||_F^2`` kept is reported per module. Two key layouts (:data:`FORMATS`):
+
+- ``kohya`` (default): ``lora_te_text_model_encoder_layers_N_mlp_fc2.lora_up.weight`` /
+  ``.lora_down.weight`` / ``.alpha`` (SDXL: ``lora_te1_`` / ``lora_te2_``), the names A1111's
+  Lora extension, kohya sd-scripts, ComfyUI and diffusers' ``load_lora_weights`` all match;
+- ``diffusers``: diffusers' own text-encoder names
+  (``text_encoder.text_model.encoder.layers.N.mlp.fc2.lora_linear_layer.up.weight``).
+
+Every file carries kohya's ``ss_*`` metadata (A1111 reads the base model from it) and emcid's
+(``emcid_base_fingerprint``, ``emcid_family``, ``emcid_rank``, ``emcid_kept_energy``,
+``emcid_sources``), all strings, keys sorted.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..core.bundle import ModelBundle
 from ..core.chain import HISTORY_DIR, base_fingerprint, write_history
@@ -89,30 +98,35 @@ def save_pipeline(bundle: ModelBundle, folder: str | os.PathLike, overwrite: boo
 LORA_SUFFIXES = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
 FAMILY_SLOTS = {"sd1": ("text_encoder",), "sd2": ("text_encoder",),
                 "sdxl": ("text_encoder", "text_encoder_2")}
+FORMATS = ("kohya", "diffusers")
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 # diffusers' text-encoder LoRA layout; it converts these to PEFT's lora_B / lora_A on loading.
 # (diffusers 0.42 cannot load an fc2-only file written with PEFT's names: its PEFT -> diffusers
 # key map knows only the attention projections, so such a file fails type detection.)
 UP, DOWN = "lora_linear_layer.up.weight", "lora_linear_layer.down.weight"
+# kohya's module-name prefix per text encoder: sd-scripts names a lone encoder lora_te and
+# SDXL's two lora_te1 / lora_te2; A1111 and ComfyUI match the same names.
+KOHYA_PREFIXES = {"sd1": {"text_encoder": "lora_te"}, "sd2": {"text_encoder": "lora_te"},
+                  "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+# kohya's ss_base_model_version values; A1111 reads the model family from it and ss_v2.
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 @dataclass
 class LoraExport:
-    """What was (or would be) written: state dict per component and each delta's kept energy."""
+    """What was (or would be) written: the file's tensors and metadata, each delta's kept energy."""
 
     family: str
+    format: str
     rank: int
     patch_rank: int
-    layers: dict[str, dict[str, torch.Tensor]]  # component -> PEFT keys without the prefix
-    kept_energy: dict[str, float]  # module name -> fraction of ||delta||_F^2 the LoRA keeps
+    tensors: dict[str, torch.Tensor]  # the keys as they are in the file
+    metadata: dict[str, str]  # the file's safetensors metadata, keys sorted
+    kept_energy: dict[str, float]  # module name -> fraction of ||delta||_F^2 the file keeps
 
     @property
     def exact(self) -> bool:
         return self.rank >= self.patch_rank
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The keys as they are in the file (component prefix included)."""
-        return {f"{c}.{k}": v for c, layers in self.layers.items() for k, v in layers.items()}
 
 
 def _family(patch: EditPatch) -> str:
@@ -143,20 +157,31 @@ def _check_modules(patch: EditPatch, family: str) -> None:
         raise LoraExportError(f"--patch: {odd[0]} is not a Linear layer diffusers loads LoRA weights into")
 
 
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise LoraExportError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+
+
 def _kept(s: torch.Tensor, rank: int) -> float:
     total = float(s.pow(2).sum())
     return 1.0 if total == 0 else float(s[:rank].pow(2).sum()) / total
 
 
-def lora_from_patch(patch: EditPatch, rank: int | None = None) -> LoraExport:
-    """The patch's text-encoder deltas as rank-``rank`` LoRA factors (default: the patch's rank).
+def kohya_module(name: str, family: str) -> str:
+    """kohya's name of a text-encoder module: the encoder's prefix, then its path with '_' for '.'.
 
-    Raises :class:`LoraExportError` for a rank below 1 or above a module's width, and for
-    patches with deltas outside the text encoders of their model family.
+    (diffusers' ``convert_state_dict_to_kohya`` is not used: it names every first encoder
+    ``lora_te1``, SDXL's name, where SD 1.x/2.x files need ``lora_te``, and it takes PEFT keys
+    only. Its renaming is this line.)
     """
-    family = _family(patch)
-    _check_modules(patch, family)
-    dense = {name: delta.dense() for name, delta in patch.deltas.items()}
+    component, _, path = name.partition(".")
+    return f"{KOHYA_PREFIXES[family][component]}_{path.replace('.', '_')}"
+
+
+def _factors(dense: dict[str, torch.Tensor], rank: int | None,
+             ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float], int, int]:
+    """Rank-``rank`` SVD factors ``(up, down)`` per module, the energy each keeps, the rank
+    chosen and the patch's rank (the largest numerical rank of its deltas)."""
     width = min(min(d.shape) for d in dense.values())
     if rank is not None and not 1 <= rank <= width:
         raise LoraExportError(
@@ -164,36 +189,81 @@ def lora_from_patch(patch: EditPatch, rank: int | None = None) -> LoraExport:
     decomposed = {name: svd_rank(delta) for name, delta in dense.items()}
     patch_rank = max(max(r for *_, r in decomposed.values()), 1)
     chosen = patch_rank if rank is None else min(rank, patch_rank)
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    kept: dict[str, float] = {}
+    factors, kept = {}, {}
     for name, (u, s, vh, _) in decomposed.items():
-        component, _, module = name.partition(".")
         root = s[:chosen].sqrt()
-        layers.setdefault(component, {})[f"{module}.{UP}"] = (u[:, :chosen] * root).float().contiguous()
-        layers[component][f"{module}.{DOWN}"] = (root.unsqueeze(1) * vh[:chosen]).float().contiguous()
+        factors[name] = ((u[:, :chosen] * root).float().contiguous(),
+                         (root.unsqueeze(1) * vh[:chosen]).float().contiguous())
         kept[name] = _kept(s, chosen)
-    return LoraExport(family, chosen, patch_rank, layers, kept)
+    return factors, kept, chosen, patch_rank
 
 
-def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _kohya_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], family: str,
+                   ) -> dict[str, torch.Tensor]:
+    """``lora_up``/``lora_down`` and ``alpha`` = rank (a 0-dim tensor), so alpha / rank = 1."""
+    tensors = {}
+    for name, (up, down) in factors.items():
+        module = kohya_module(name, family)
+        tensors[f"{module}.lora_up.weight"] = up
+        tensors[f"{module}.lora_down.weight"] = down
+        tensors[f"{module}.alpha"] = torch.tensor(float(up.shape[1]))
+    return tensors
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+def _diffusers_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The layout diffusers' ``save_lora_weights`` writes: component prefix, module path, UP/DOWN."""
+    tensors = {}
+    for name, (up, down) in factors.items():
+        tensors[f"{name}.{UP}"] = up
+        tensors[f"{name}.{DOWN}"] = down
+    return tensors
+
+
+def _metadata(patch: EditPatch, family: str, rank: int, kept: dict[str, float]) -> dict[str, str]:
+    """kohya's ``ss_*`` keys that A1111 reads (the family, the network's dim and alpha) and emcid's."""
+    metadata = {
+        "ss_base_model_version": BASE_MODEL_VERSIONS[family], "ss_v2": str(family == "sd2"),
+        "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+        "ss_network_module": "networks.lora", "format": "pt",
+        "emcid_family": family, "emcid_rank": str(rank),
+        "emcid_kept_energy": json.dumps(kept, sort_keys=True),
+        "emcid_sources": json.dumps(patch.sources),
+    }
+    if patch.base_fingerprint is not None:  # unknown for patches made elsewhere
+        metadata["emcid_base_fingerprint"] = patch.base_fingerprint
+    return dict(sorted(metadata.items()))
+
+
+def lora_from_patch(patch: EditPatch, rank: int | None = None, format: str = "kohya") -> LoraExport:
+    """The patch's text-encoder deltas as rank-``rank`` LoRA factors (default: the patch's rank)
+    under ``format``'s key names (:data:`FORMATS`).
+
+    Raises :class:`LoraExportError` for an unknown format, a rank below 1 or above a module's
+    width, and for patches with deltas outside the text encoders of their model family.
+    """
+    _check_format(format)
+    family = _family(patch)
+    _check_modules(patch, family)
+    dense = {name: delta.dense() for name, delta in patch.deltas.items()}
+    factors, kept, chosen, patch_rank = _factors(dense, rank)
+    tensors = _kohya_tensors(factors, family) if format == "kohya" else _diffusers_tensors(factors)
+    return LoraExport(family, format, chosen, patch_rank, tensors,
+                      _metadata(patch, family, chosen, kept), kept)
 
 
 def export_lora(patch: EditPatch | str | os.PathLike, out: str | os.PathLike,
-                rank: int | None = None) -> LoraExport:
-    """Write the patch's text-encoder deltas as a diffusers LoRA file (``pipe.load_lora_weights``).
+                rank: int | None = None, format: str = "kohya") -> LoraExport:
+    """Write the patch's text-encoder deltas as a LoRA file (see :func:`lora_from_patch`).
 
-    ``out`` is a ``.safetensors`` file, or a folder that receives diffusers' default file name.
-    Nothing is written if the patch or the rank is refused.
+    ``out`` is a ``.safetensors`` file, or a folder that receives diffusers' default file name
+    (so ``pipe.load_lora_weights(folder)`` finds it). Nothing is written if the patch, the
+    format or the rank is refused.
     """
     if not isinstance(patch, EditPatch):
         patch = EditPatch.load(patch)
-    export = lora_from_patch(patch, rank)
+    export = lora_from_patch(patch, rank, format)
     out = Path(out)
-    is_file = out.suffix == ".safetensors"
-    folder, weight_name = (out.parent, out.name) if is_file else (out, DEFAULT_WEIGHT_NAME)
-    arguments = {f"{component}_lora_layers": layers for component, layers in export.layers.items()}
-    _pipeline_class(export.family).save_lora_weights(folder, weight_name=weight_name, **arguments)
+    path = out if out.suffix == ".safetensors" else out / DEFAULT_WEIGHT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(export.tensors, str(path), metadata=export.metadata)
     return export
