@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from emcid import EditPatch, EmcidError, load_model
 from emcid.cli import main
+from emcid.core.bundle import get_submodule
 from emcid.lora import export_lora, lora_from_patch
 from emcid.models import ModelBundle
 
@@ -122,6 +123,12 @@ def test_cli_exports_an_edit(sd1_dir, tmp_path, capsys):
     report = capsys.readouterr().out
     assert "energy" in report and "layers.1.mlp.fc2" in report
 
+    diff = tmp_path / "full.safetensors"
+    assert main(["export-lora", "--patch", str(tmp_path / "edit.safetensors"), "--out", str(diff),
+                 "--format", "diff"]) == 0
+    assert "(exact)" in capsys.readouterr().out
+    assert all(key.endswith(".diff") for key in load_file(diff))
+
 
 def test_bad_input_is_refused_and_nothing_written(sd1_dir, tmp_path, capsys):
     bundle = load_model(sd1_dir)
@@ -140,8 +147,10 @@ def test_bad_input_is_refused_and_nothing_written(sd1_dir, tmp_path, capsys):
                                         {"family": "sd1"})
     with pytest.raises(EmcidError, match="text_encoder_2"):
         lora_from_patch(wrong_family)
-    with pytest.raises(EmcidError, match="--format 'peft': choose one of kohya, diffusers"):
+    with pytest.raises(EmcidError, match="--format 'peft': choose one of kohya, diffusers, diff"):
         export_lora(patch, out, format="peft")
+    with pytest.raises(EmcidError, match="--rank 2: --format diff writes each delta in full"):
+        export_lora(patch, out, rank=2, format="diff")
     patch.save(tmp_path / "edit.safetensors")
     for option in (["--rank", "0"], ["--format", "a1111"]):
         assert main(["export-lora", "--patch", str(tmp_path / "edit.safetensors"), "--out", str(out),
@@ -232,24 +241,26 @@ def tiny_bundle(family: str, request) -> ModelBundle:
     return load_model(request.getfixturevalue(f"{family}_dir"))
 
 
+@pytest.mark.parametrize("format", ["kohya", "diff"])
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-def test_a1111_and_kohya_match_every_edited_module(family, request):
+def test_a1111_and_kohya_match_every_edited_module(family, format, request):
     bundle = tiny_bundle(family, request)
     patch = low_rank_patch(bundle)
-    export = lora_from_patch(patch)
+    export = lora_from_patch(patch, format=format)
     parts = {}
     for key in export.tensors:
         module, _, part = key.partition(".")
         parts.setdefault(module, set()).add(part)
-    wanted = {"lora_up.weight", "lora_down.weight", "alpha"}
-    assert all(p == wanted for p in parts.values()), parts  # A1111's lora module type
+    wanted = {"diff"} if format == "diff" else {"lora_up.weight", "lora_down.weight", "alpha"}
+    assert all(p == wanted for p in parts.values()), parts  # A1111's lora / full module types
     layers = a1111_layers(bundle)
     matched = {module: a1111_match(module, layers, family == "sd2") for module in parts}
     assert None not in matched.values(), [k for k, v in matched.items() if v is None]
     assert sorted(matched.values()) == sorted(patch.deltas)
-    kohya = kohya_names(bundle)
-    assert set(parts) <= set(kohya), sorted(set(parts) - set(kohya))
-    assert sorted(kohya[m] for m in parts) == sorted(patch.deltas)
+    if format == "kohya":  # sd-scripts loads lora_up/lora_down only (no .diff)
+        kohya = kohya_names(bundle)
+        assert set(parts) <= set(kohya), sorted(set(parts) - set(kohya))
+        assert sorted(kohya[m] for m in parts) == sorted(patch.deltas)
 
 
 def test_sdxl_names_its_encoders_te1_and_te2_as_diffusers_converter_does(sdxl):
@@ -288,3 +299,20 @@ def test_metadata_names_the_base_model_network_and_edit(family, tmp_path, reques
     assert json.loads(metadata["emcid_sources"]) == ["tench", "zebra"]
     alphas = [t for k, t in load_file(tmp_path / "edit.safetensors").items() if k.endswith(".alpha")]
     assert len(alphas) == len(patch.deltas) and all(a.ndim == 0 and float(a) == 2 for a in alphas)
+
+
+def test_diff_holds_each_delta_exactly(sd1_dir, tmp_path):
+    bundle = load_model(sd1_dir)
+    patch = low_rank_patch(bundle)
+    export = export_lora(patch, tmp_path / "edit.safetensors", format="diff")
+    assert export.exact and export.rank == export.patch_rank == 3
+    stored = load_file(tmp_path / "edit.safetensors")
+    layers = a1111_layers(bundle)
+    pipe = stock_pipeline(sd1_dir, "sd1")
+    with torch.no_grad():
+        for key, diff in stored.items():
+            name = a1111_match(key.removesuffix(".diff"), layers, sd2=False)
+            assert torch.equal(diff, patch.deltas[name].dense())
+            get_submodule(pipe.text_encoder, name.partition(".")[2]).weight += diff  # A1111's full module
+    patch.apply(bundle)
+    assert_close(encodings(pipe, "sd1"), encodings(bundle.pipeline, "sd1"))

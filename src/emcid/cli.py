@@ -190,6 +190,9 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
     check_output(args.out, [("patch", args.patch)], kind, suffix=".safetensors")
     export = export_lora(args.patch, args.out, rank=args.rank, format=args.format)
     modules = len(export.kept_energy)
+    if export.format == "diff":
+        print(f"wrote {args.out}: the full deltas (.diff) of {modules} text-encoder modules (exact)")
+        return
     what = f"{args.out}: {export.format} rank-{export.rank} LoRA of {modules} text-encoder modules"
     if export.exact:
         print(f"wrote {what} (exact: the patch's own rank)")
@@ -306,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="LoRA rank (default: the patch's; lower ranks keep the top singular directions)")
     lora.add_argument("--format", default="kohya",
                       help="kohya: lora_te_* names (A1111, kohya sd-scripts, ComfyUI, diffusers; default); "
-                           "diffusers: diffusers' own names")
+                           "diffusers: diffusers' own names; diff: each delta in full as .diff keys "
+                           "(A1111, ComfyUI; exact, no --rank)")
     lora.set_defaults(func=cmd_export_lora)
     revert = commands.add_parser(
         "revert", help="take the last patch off a pipeline folder written by apply (bit exact)")

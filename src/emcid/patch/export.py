@@ -4,13 +4,15 @@ or as a LoRA of its text-encoder deltas (:func:`export_lora`).
 LoRA: each ``fc2`` delta ``D`` (d_out x d_in) becomes ``up @ down`` from its SVD, with the same
 rank ``r`` in every module and alpha = ``r`` (scale 1), so a loader adds exactly ``D`` at
 weight 1. A rank below a delta's rank keeps its top singular directions; the fraction of
-``||D||_F^2`` kept is reported per module. Two key layouts (:data:`FORMATS`):
+``||D||_F^2`` kept is reported per module. Three key layouts (:data:`FORMATS`):
 
 - ``kohya`` (default): ``lora_te_text_model_encoder_layers_N_mlp_fc2.lora_up.weight`` /
   ``.lora_down.weight`` / ``.alpha`` (SDXL: ``lora_te1_`` / ``lora_te2_``), the names A1111's
   Lora extension, kohya sd-scripts, ComfyUI and diffusers' ``load_lora_weights`` all match;
 - ``diffusers``: diffusers' own text-encoder names
-  (``text_encoder.text_model.encoder.layers.N.mlp.fc2.lora_linear_layer.up.weight``).
+  (``text_encoder.text_model.encoder.layers.N.mlp.fc2.lora_linear_layer.up.weight``);
+- ``diff``: the kohya module names with one dense ``.diff`` key each, the full delta, exact
+  whatever the patch's rank (A1111 and ComfyUI load it; sd-scripts and diffusers do not).
 
 Every file carries kohya's ``ss_*`` metadata (A1111 reads the base model from it) and emcid's
 (``emcid_base_fingerprint``, ``emcid_family``, ``emcid_rank``, ``emcid_kept_energy``,
@@ -98,7 +100,7 @@ def save_pipeline(bundle: ModelBundle, folder: str | os.PathLike, overwrite: boo
 LORA_SUFFIXES = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
 FAMILY_SLOTS = {"sd1": ("text_encoder",), "sd2": ("text_encoder",),
                 "sdxl": ("text_encoder", "text_encoder_2")}
-FORMATS = ("kohya", "diffusers")
+FORMATS = ("kohya", "diffusers", "diff")
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 # diffusers' text-encoder LoRA layout; it converts these to PEFT's lora_B / lora_A on loading.
 # (diffusers 0.42 cannot load an fc2-only file written with PEFT's names: its PEFT -> diffusers
@@ -157,9 +159,11 @@ def _check_modules(patch: EditPatch, family: str) -> None:
         raise LoraExportError(f"--patch: {odd[0]} is not a Linear layer diffusers loads LoRA weights into")
 
 
-def _check_format(format: str) -> None:
+def _check_format(format: str, rank: int | None) -> None:
     if format not in FORMATS:
         raise LoraExportError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    if format == "diff" and rank is not None:
+        raise LoraExportError(f"--rank {rank}: --format diff writes each delta in full, at no rank")
 
 
 def _kept(s: torch.Tensor, rank: int) -> float:
@@ -171,8 +175,8 @@ def kohya_module(name: str, family: str) -> str:
     """kohya's name of a text-encoder module: the encoder's prefix, then its path with '_' for '.'.
 
     (diffusers' ``convert_state_dict_to_kohya`` is not used: it names every first encoder
-    ``lora_te1``, SDXL's name, where SD 1.x/2.x files need ``lora_te``, and it takes PEFT keys
-    only. Its renaming is this line.)
+    ``lora_te1``, SDXL's name, where SD 1.x/2.x files need ``lora_te``; it takes PEFT keys only
+    and writes no ``.diff`` keys. Its renaming is this line.)
     """
     component, _, path = name.partition(".")
     return f"{KOHYA_PREFIXES[family][component]}_{path.replace('.', '_')}"
@@ -235,18 +239,23 @@ def _metadata(patch: EditPatch, family: str, rank: int, kept: dict[str, float]) 
 
 
 def lora_from_patch(patch: EditPatch, rank: int | None = None, format: str = "kohya") -> LoraExport:
-    """The patch's text-encoder deltas as rank-``rank`` LoRA factors (default: the patch's rank)
-    under ``format``'s key names (:data:`FORMATS`).
+    """The patch's text-encoder deltas as a LoRA in ``format`` (:data:`FORMATS`).
 
-    Raises :class:`LoraExportError` for an unknown format, a rank below 1 or above a module's
-    width, and for patches with deltas outside the text encoders of their model family.
+    ``kohya`` and ``diffusers`` hold rank-``rank`` factors (default: the patch's rank); ``diff``
+    holds each delta in full. Raises :class:`LoraExportError` for an unknown format, a rank
+    below 1 or above a module's width (or any rank with ``diff``), and for patches with
+    deltas outside the text encoders of their model family.
     """
-    _check_format(format)
+    _check_format(format, rank)
     family = _family(patch)
     _check_modules(patch, family)
     dense = {name: delta.dense() for name, delta in patch.deltas.items()}
     factors, kept, chosen, patch_rank = _factors(dense, rank)
-    tensors = _kohya_tensors(factors, family) if format == "kohya" else _diffusers_tensors(factors)
+    if format == "diff":
+        chosen, kept = patch_rank, dict.fromkeys(dense, 1.0)
+        tensors = {f"{kohya_module(n, family)}.diff": d.float().contiguous() for n, d in dense.items()}
+    else:
+        tensors = _kohya_tensors(factors, family) if format == "kohya" else _diffusers_tensors(factors)
     return LoraExport(family, format, chosen, patch_rank, tensors,
                       _metadata(patch, family, chosen, kept), kept)
 
