@@ -160,6 +160,7 @@ def _check_modules(patch: EditPatch, family: str) -> None:
 
 
 def _check_format(format: str, rank: int | None) -> None:
+    """Refused before any work: a diff file holds full deltas, so a rank would be ignored."""
     if format not in FORMATS:
         raise LoraExportError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     if format == "diff" and rank is not None:
