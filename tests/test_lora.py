@@ -286,7 +286,10 @@ def test_metadata_names_the_base_model_network_and_edit(family, tmp_path, reques
     export = export_lora(patch, tmp_path / "edit.safetensors", rank=2)
     with safe_open(str(tmp_path / "edit.safetensors"), framework="pt") as handle:
         metadata = handle.metadata()
-    assert metadata == export.metadata and list(export.metadata) == sorted(export.metadata)
+    assert metadata == export.metadata
+    raw = (tmp_path / "edit.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])  # keeps the file's order
+    assert list(header["__metadata__"]) == sorted(metadata) and list(header) == sorted(header)
     version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
     assert metadata["ss_base_model_version"] == version
     assert metadata["ss_v2"] == str(family == "sd2")

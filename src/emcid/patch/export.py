@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..core.bundle import ModelBundle
+from ..core.cache import write_safetensors
 from ..core.chain import HISTORY_DIR, base_fingerprint, write_history
 from ..core.folders import replace_folder
 from ..core.loading import write_settings
@@ -266,14 +266,14 @@ def export_lora(patch: EditPatch | str | os.PathLike, out: str | os.PathLike,
     """Write the patch's text-encoder deltas as a LoRA file (see :func:`lora_from_patch`).
 
     ``out`` is a ``.safetensors`` file, or a folder that receives diffusers' default file name
-    (so ``pipe.load_lora_weights(folder)`` finds it). Nothing is written if the patch, the
-    format or the rank is refused.
+    (so ``pipe.load_lora_weights(folder)`` finds it). It is written whole or not at all, with
+    its header's keys sorted (the same patch gives the same bytes); nothing is written if the
+    patch, the format or the rank is refused.
     """
     if not isinstance(patch, EditPatch):
         patch = EditPatch.load(patch)
     export = lora_from_patch(patch, rank, format)
     out = Path(out)
     path = out if out.suffix == ".safetensors" else out / DEFAULT_WEIGHT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(export.tensors, str(path), metadata=export.metadata)
+    write_safetensors(path, export.tensors, export.metadata)
     return export
