@@ -181,10 +181,19 @@ def write_history(bundle: ModelBundle, folder: Path) -> None:
         name = f"step-{len(steps) + 1:03d}.safetensors"
         save_tensors_atomic(history / name, replaced)
         steps.append({"sha256": patch.checksum, "method": patch.metadata.get("method"),
-                      "sources": patch.sources, "scale": scale, "originals": name})
+                      "sources": patch.sources, "scale": scale, "originals": name,
+                      "requests": patch.metadata.get("requests", [])})
     if steps:
         chain = {"model_fingerprint": bundle.fingerprint(), "steps": steps}
         (history / HISTORY_FILE).write_text(json.dumps(chain, indent=2))
+
+
+def edited_requests(bundle: ModelBundle) -> list[dict]:
+    """The requests (as stored in patch metadata) of every patch the model carries, oldest
+    first: what a null-space Stage II keeps untouched in a sequential edit. Steps recorded
+    before requests were kept in the chain contribute none."""
+    recorded = [r for step in bundle.chain.history for r in step.get("requests", [])]
+    return recorded + [r for patch, _ in bundle.chain.applied for r in patch.metadata.get("requests", [])]
 
 
 def _describe(step: dict, number: int, total: int) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ...concepts import OBJECT_PROMPTS
 from ...core.bundle import ModelBundle
 from ...core.cache import TensorCache
-from ...core.chain import base_weights
+from ...core.chain import base_weights, edited_requests
 from ...core.config import check_corpus
 from ...core.stats import read_corpus, second_moments
 from ...errors import OptionError
@@ -83,7 +83,19 @@ class EMCIDEditor(ConfiguredEditor):
         layers = self.layers_for(bundle)
         targets = self.stage1_targets(bundle, requests, layers, progress)
         moments = self.second_moments(bundle, layers, progress)
-        return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress)
+        return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress,
+                              protected=self.protected_requests(bundle, requests),
+                              cache=self.cache("eigen"))
+
+    def protected_requests(self, bundle: ModelBundle, requests: list[EditRequest]) -> list[EditRequest]:
+        """With the null-space projection, the concepts earlier patches in the chain edited
+        (not those edited again now): their keys stay out of the update's space."""
+        if self.config.stage2.projection != "nullspace":
+            return []
+        now = {r.source.casefold() for r in requests}
+        earlier = [EditRequest(data["source"], data.get("destination", ""), tuple(data["prompts"]))
+                   for data in edited_requests(bundle)]
+        return [r for r in earlier if r.source.casefold() not in now]
 
     def stage1_targets(self, bundle: ModelBundle, requests: list[EditRequest],
                        layers: dict[str, list[int]], progress: bool) -> list:

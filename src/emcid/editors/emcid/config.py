@@ -71,12 +71,20 @@ class Stage2Config:
     # memit: per-prompt targets against block l*'s output; release: the EMCID release's one
     # target per concept against the mean fc2 output (stage2.py)
     residual: Literal["memit", "release"] = "memit"
+    # none: the closed form over all key directions; nullspace: only the directions C's
+    # eigenvalues below nullspace_threshold x its largest span, less the keys earlier patches
+    # in the chain edited (nullspace.py; docs/method.md)
+    projection: Literal["none", "nullspace"] = "none"
+    nullspace_threshold: float = 1e-2
 
     def __post_init__(self) -> None:
         # lam = 0 leaves a K K^T, singular for fewer edits than key width: refused.
         check_float("Stage II", "lam", self.lam, low=0, low_open=True)
         check_float("Stage II", "alpha", self.alpha, low=0, high=1, low_open=True, high_open=True)
         check_choice("Stage II", "residual", self.residual, ("memit", "release"))
+        check_choice("Stage II", "projection", self.projection, ("none", "nullspace"))
+        check_float("Stage II", "nullspace_threshold", self.nullspace_threshold, low=0, high=1,
+                    low_open=True, high_open=True)
 
 
 STAGE1_KEYS = frozenset(f.name for f in fields(Stage1Config))

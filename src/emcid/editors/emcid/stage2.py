@@ -23,10 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ...core.bundle import ModelBundle
+from ...core.cache import TensorCache
 from ...core.hooks import capture, replay_prefix, stop_after
 from ...core.tokens import subject_positions
 from ...core.weights import add_weights, restored
+from ...requests.edit import EditRequest
 from .config import Stage2Config
+from .nullspace import eigen_decomposition, free_basis, projected_update
 from .targets import ConceptTarget
 
 __all__ = ["Stage2Config", "closed_form_update", "compute_deltas"]
@@ -52,10 +55,14 @@ def closed_form_update(
 
 def _prompt_batch(targets: list[ConceptTarget], slot_name: str, bundle: ModelBundle):
     """All source prompts of all concepts, their subject positions and owning concept."""
+    return _request_prompts([t.request for t in targets], slot_name, bundle)
+
+
+def _request_prompts(requests: list[EditRequest], slot_name: str, bundle: ModelBundle):
+    """All source prompts of ``requests``, their subject positions and owning request."""
     prompts, positions, owner = [], [], []
     tokenizer = bundle.slot(slot_name).tokenizer
-    for i, target in enumerate(targets):
-        request = target.request
+    for i, request in enumerate(requests):
         prompts += request.source_prompts()
         positions.append(subject_positions(tokenizer, request.prompts, request.source))
         owner += [i] * len(request.prompts)
@@ -153,6 +160,26 @@ class _KeyReader:
         return keys, outputs
 
 
+def _protected_keys(reader: _KeyReader | None, owner: torch.Tensor, count: int, layer: int,
+                    slot) -> torch.Tensor | None:
+    """Mean fc2 keys (d_in, concepts) of the concepts earlier patches edited, at this layer."""
+    if reader is None:
+        return None
+    keys, _ = reader.read(layer, slot.fc2(layer), layer)
+    return _mean_by_owner(keys, owner, count).T
+
+
+def _layer_update(name: str, keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor,
+                  config: Stage2Config, protected: torch.Tensor | None,
+                  cache: TensorCache | None) -> torch.Tensor:
+    """One block's delta: the closed form, or the closed form within the free space."""
+    if config.projection == "none":
+        return closed_form_update(keys, residual, second_moment, config.lam, config.alpha)
+    values, vectors = eigen_decomposition(second_moment, cache)
+    basis = free_basis(name, values, vectors, config.nullspace_threshold, protected)
+    return projected_update(keys, residual, second_moment, basis, config.lam, config.alpha)
+
+
 def compute_deltas(
     bundle: ModelBundle,
     targets: list[ConceptTarget],
@@ -161,13 +188,18 @@ def compute_deltas(
     config: Stage2Config,
     batch_size: int = 256,
     progress: bool = True,
+    protected: list[EditRequest] = (),
+    cache: TensorCache | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weight delta of every edited fc2, by module name (float32, (d_out, d_in)).
 
+    ``protected``: with ``projection="nullspace"``, the requests earlier patches of the chain
+    made, whose keys the update must leave alone; ``cache``: where C's eigenvectors are kept.
     The model is updated in place while the layers are processed and restored at the end.
     """
     deltas: dict[str, torch.Tensor] = {}
     edited = [bundle.slot(s).fc2_name(layer) for s, slot_layers in layers.items() for layer in slot_layers]
+    guarded = list(protected) if config.projection == "nullspace" else []
     with restored(bundle, edited):
         for slot_name, slot_layers in layers.items():
             slot = bundle.slot(slot_name)
@@ -175,6 +207,10 @@ def compute_deltas(
             z = _targets(targets, slot_name, config.residual)
             z_layer = max(slot_layers)
             reader = _KeyReader(bundle, slot_name, prompts, positions, batch_size)
+            guard_reader, guard_owner = None, None
+            if guarded:
+                guard_prompts, guard_positions, guard_owner = _request_prompts(guarded, slot_name, bundle)
+                guard_reader = _KeyReader(bundle, slot_name, guard_prompts, guard_positions, batch_size)
             ordered = sorted(slot_layers)
             bar = tqdm(ordered, desc=f"Stage II {slot_name}", disable=not progress)
             for i, layer in enumerate(bar):
@@ -188,8 +224,9 @@ def compute_deltas(
                 keys = _mean_by_owner(keys_in, owner, len(targets)).T
                 residual = _residuals(z, current, owner, len(targets), config.residual)
                 residual = residual.T / (len(ordered) - i)
-                delta = closed_form_update(keys, residual, second_moments[name], config.lam,
-                                           config.alpha).float()
+                kept = _protected_keys(guard_reader, guard_owner, len(guarded), layer, slot)
+                delta = _layer_update(name, keys, residual, second_moments[name], config, kept,
+                                      cache).float()
                 add_weights(bundle, {name: delta})
                 deltas[name] = delta
     return deltas
