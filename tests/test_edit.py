@@ -9,6 +9,7 @@ from emcid.config import Runtime
 from emcid.editors.emcid import EMCIDEditor
 from emcid.editors.emcid.stage1 import Stage1Config, compute_targets
 from emcid.errors import RequestError
+from emcid.tasks.edit import edit_patch
 
 # Single-token words of the tiny tokenizer, as most concept names are in CLIP's vocabulary.
 REQUESTS = [emcid.EditRequest("lobster", "crab"), emcid.EditRequest("owl", "heron", seed=1)]
@@ -33,7 +34,7 @@ def test_edit_moves_subject_to_target_and_keeps_the_rest(sd1):
 
     before = {r.source: read(r.prompts, r.source) for r in REQUESTS}
     unrelated_before = {o: read(UNRELATED, o) for o in OTHERS}
-    editor.edit(sd1, REQUESTS, progress=False).apply(sd1)
+    edit_patch(editor, sd1, REQUESTS, progress=False).apply(sd1)
     edited_moves = []
     for target, request in zip(targets, REQUESTS):
         z = target.targets("text_encoder")

@@ -142,3 +142,15 @@ def test_old_import_paths_still_work():
     assert EditPatch and base_weights and revert_last and save_pipeline and ARTIST_PROMPTS
     assert OBJECT_PROMPTS and EditRequest and subject_positions and generic_destination
     assert resolve_erase and issubclass(LoraExportError, emcid.EmcidError)
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    """core <- requests <- editors / patch <- tasks <- cli / bench / mini: no upward import."""
+    above = {"emcid.core": ("emcid.requests", "emcid.editors", "emcid.patch", "emcid.tasks"),
+             "emcid.requests": ("emcid.editors", "emcid.patch", "emcid.tasks"),
+             "emcid.editors": ("emcid.tasks", "emcid.cli", "emcid.bench"),
+             "emcid.patch": ("emcid.tasks", "emcid.cli", "emcid.bench")}
+    upward = sorted((module, imported) for module, imports in _graph().items()
+                    for layer, forbidden in above.items() if module.startswith(layer + ".")
+                    for imported in imports if imported.startswith(forbidden))
+    assert upward == []

@@ -33,6 +33,7 @@ from ..editors import Editor, editor_class
 from ..editors.presets import preset_options
 from ..errors import BenchmarkError
 from ..requests.edit import EditRequest
+from ..tasks.edit import edit_patch
 from . import metrics
 from .judges import Judge, default_judge_name, load_judge
 from .prompts import template_seed
@@ -153,8 +154,8 @@ class IcebRun:
     def _edit(self, subtask: str, items: Sequence[EditItem]):
         """One patch for all items (the subtask's editor; undrawable sources carry reference
         images, which its presets handle)."""
-        return self.editors[subtask].edit(self.bundle, [i.request for i in items],
-                                          progress=self.config.progress)
+        return edit_patch(self.editors[subtask], self.bundle, [i.request for i in items],
+                          progress=self.config.progress)
 
     def _sweep(self, subtask: str, items: list[EditItem], holdout: list[metrics.ImageGroup]) -> dict:
         """Edit, score and revert at each scale; returns {scale: {method: metrics}}."""

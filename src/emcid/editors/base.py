@@ -1,4 +1,5 @@
-"""The Editor contract: requests in, an EditPatch out. EMCID and every baseline implement it.
+"""The Editor contract: requests in, weight deltas out (the edit task, :mod:`emcid.tasks.edit`,
+wraps them in an EditPatch). EMCID and every baseline implement it.
 
 An editor is built from options (:meth:`Editor.create`: presets, then the model folder's
 overrides, then the caller's options, all checked before any work) or from the
@@ -9,10 +10,9 @@ concrete editor; ``emcid.editors`` holds the registry.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from ..core.bundle import ModelBundle
 from ..core.cache import TensorCache
@@ -20,9 +20,6 @@ from ..core.config import Runtime, build, split_runtime
 from ..errors import OptionError
 from ..requests.edit import EditRequest
 from .presets import DEFAULT_TASK, preset_options
-
-if TYPE_CHECKING:
-    from ..patch.format import EditPatch
 
 
 class Editor(ABC):
@@ -95,14 +92,6 @@ class Editor(ABC):
         """The on-disk cache ``namespace`` as the runtime switches say."""
         root = self.runtime.cache_root
         return TensorCache(namespace, root=Path(root) if root else None, enabled=self.runtime.cache)
-
-    def edit(self, bundle: ModelBundle, requests: Sequence[EditRequest],
-             progress: bool = True) -> EditPatch:
-        """Check options and requests, compute the deltas, and wrap them in a patch: the edit
-        task (:func:`emcid.tasks.edit.edit_patch`) with this editor."""
-        from ..tasks.edit import edit_patch  # the task sits above the editors it runs
-
-        return edit_patch(self, bundle, requests, progress)
 
 
 class ConfiguredEditor(Editor):
