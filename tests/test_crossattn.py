@@ -106,6 +106,24 @@ def _assert_deltas(deltas: dict, expected: dict) -> None:
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
 
 
+def test_time_matches_its_paper(sd1):
+    """TIME (Orgad et al., 2023): W' = (sum v* c^T + lam W)(sum c c^T + lam I)^{-1} at its
+    paper's lam = 0.1, with c the source's subject-token embedding, v* = W c_dst."""
+    templates = ("a photo of {}", "{}")
+    requests = [emcid.EditRequest("lobster", "crab", templates),
+                emcid.EditRequest("otter", "killer whale", templates)]
+    editor = get_editor("time")
+    assert editor.config.lam == 0.1
+    src, src_last = _token_states(sd1, [r.source_prompts()[i] for r in requests for i in range(2)])
+    dst, dst_last = _token_states(sd1, [r.destination_prompts()[i] for r in requests for i in range(2)])
+    keys = [(src[n, src_last[n]], dst[n, dst_last[n]]) for n in range(len(src))]
+    expected = {}
+    for name, module in cross_attention_projections(sd1, edit_keys=True).items():
+        w = module.weight.detach().double()
+        expected[name] = _closed_form(w, [(c, w @ c_dst) for c, c_dst in keys], lam=0.1) - w
+    _assert_deltas(editor.compute(sd1, requests, progress=False), expected)
+
+
 @pytest.mark.parametrize("preserve", [[], ["dog", "goldfish"]])
 def test_uce_paper_variant_matches_the_2023_equations(sd1, preserve):
     """UCE's closed form (Gandikota et al., 2024, with the lambda term of its 2023 code) on
