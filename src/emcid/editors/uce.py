@@ -1,19 +1,20 @@
 """UCE (Gandikota et al., 2024): TIME's closed form with concepts to preserve, in two variants.
 
-- ``v2025`` (the default; every UCE figure in the docs used it): UCE's 2025 code. Keys are
-  the subject token of each request's prompts, targets ``v* = W c_dst``, the erase scale 1,
-  and only the ``preserve`` concepts are preserved (at their subject token).
+- ``v2025`` (the default; every UCE figure in the docs used it): after UCE's 2025 code, keyed
+  on the subject token (here in each of the request's prompts), targets ``v* = W c_dst``,
+  erase and preserve scales 1, only the ``preserve`` concepts preserved (at their subject
+  token); lam 0.1, where that code's script defaults to 0.5.
 - ``paper``: UCE as the EMCID paper ran it, the EMCID release's copy of UCE's 2023 code
   (``edit_model_uce``, ``technique="tensor"``, its defaults lam 0.1, erase scale 0.1,
   preserve scale 0.1). It edits at the bare concept names (``request.source`` and
   ``request.destination``, not the prompt templates); the keys of one edit are the source's
   last subject token, its end-of-text token and the padding after them, row for row against
-  the destination's from its own last token, both cut to the same count (``77 - max`` of the
-  two last-token indices); an erase's destination ("") starts at its start-of-text token. The
-  target of each row is the "tensor" one: ``W c_dst`` less its component along the edit's
-  source outputs ``W c_src``, taken over all the edit's rows as one vector. The preserved
-  prompts are ``preserve``, or the empty prompt "" when none is given (as the release's
-  function does), every one of their 77 tokens, each kept at ``W c``.
+  the destination's from its own last token, both cut to the same count (the token window,
+  77 on SD, less the larger last-token index); an erase's destination ("") starts at its
+  start-of-text token. The target of each row is the "tensor" one: ``W c_dst`` less its
+  component along the edit's source outputs ``W c_src``, taken over all the edit's rows as
+  one vector. The preserved prompts are ``preserve``, or the empty prompt "" when none is
+  given (as the release's function does), every token of their window, each kept at ``W c``.
 
 Both solve ``W' = (lam W + e sum V^T K + p sum W P^T P)(lam I + e sum K^T K + p sum P^T P)^{-1}``
 per projection (:func:`~emcid.editors.crossattn.closed_form_update`, float64).
@@ -56,8 +57,8 @@ class UCEConfig(CrossAttentionConfig):
 
 @torch.no_grad()
 def prompt_states(bundle: ModelBundle, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
-    """Every token's UNet conditioning, (n, 77, width) float64, and each prompt's last token
-    before end-of-text (0, the start-of-text token, for an empty prompt)."""
+    """Every token's UNet conditioning, (n, window, width) float64, and each prompt's last
+    token before end-of-text (0, the start-of-text token, for an empty prompt)."""
     tokenizer = bundle.slots()[0].tokenizer
     limit = tokenizer.model_max_length
     last = [len(tokenizer(p, truncation=True, max_length=limit).input_ids) - 2 for p in prompts]
