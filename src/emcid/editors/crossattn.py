@@ -3,9 +3,11 @@
 Both map the text embedding ``c`` of each source concept (at its subject token) to what the
 unedited projection makes of the destination's embedding, ``v* = W c_dst``:
 
-- **TIME** (Orgad et al., 2023): ``W' = (lam W + sum_e v* c^T)(lam I + sum_e c c^T)^{-1}``.
-- **UCE** (Gandikota et al., 2024) adds concepts to preserve, whose outputs are kept:
-  ``W' = (lam W + sum_e v* c^T + sum_p W c c^T)(lam I + sum_e c c^T + sum_p c c^T)^{-1}``.
+- **TIME** (Orgad et al., 2023): ``W' = (lam W + sum_e v* c^T)(lam I + sum_e c c^T)^{-1}``,
+  its paper's equation, at its paper's lam = 0.1.
+- **UCE** (Gandikota et al., 2024; :mod:`emcid.editors.uce`) adds concepts to preserve, whose
+  outputs are kept, and the scales of both sums; its ``variant`` selects the UCE code whose
+  keys, targets and scales it follows.
 
 The keys are the prompt embeddings the UNet sees (SDXL: both encoders' states, concatenated).
 """
@@ -26,7 +28,7 @@ from .base import ConfiguredEditor
 
 @dataclass
 class CrossAttentionConfig:
-    lam: float = 0.1  # both papers' regulariser towards the original weights
+    lam: float = 0.1  # the regulariser towards the original weights (TIME's paper: 0.1)
     preserve: list[str] = field(default_factory=list)  # UCE: concepts whose outputs are kept
     preserve_scale: float = 1.0  # UCE: weight of each preserved concept
     edit_keys: bool = True  # edit to_k as well as to_v (both papers do)
@@ -61,7 +63,8 @@ def subject_embeddings(bundle: ModelBundle, prompts: list[str], subjects: list[s
     return embeds[rows, positions.to(embeds.device)].double().cpu()
 
 
-def _pairs(requests: list[EditRequest]) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+def edit_embeddings(bundle: ModelBundle, requests: list[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sources, destinations): the subject-token embeddings of every request's prompts."""
     src, dst, templates, src_names, dst_names = [], [], [], [], []
     for request in requests:
         src += request.source_prompts()
@@ -69,7 +72,8 @@ def _pairs(requests: list[EditRequest]) -> tuple[list[str], list[str], list[str]
         templates += list(request.prompts)
         src_names += [request.source] * len(request.prompts)
         dst_names += [request.destination] * len(request.prompts)
-    return src, dst, templates, src_names, dst_names
+    return (subject_embeddings(bundle, src, src_names, templates),
+            subject_embeddings(bundle, dst, dst_names, templates))
 
 
 def cross_attention_projections(bundle: ModelBundle, edit_keys: bool) -> dict[str, torch.nn.Linear]:
@@ -79,21 +83,23 @@ def cross_attention_projections(bundle: ModelBundle, edit_keys: bool) -> dict[st
             if name.endswith(suffixes)}
 
 
-def closed_form_projection(weight: torch.Tensor, sources: torch.Tensor, destinations: torch.Tensor,
-                           preserved: torch.Tensor, lam: float, preserve_scale: float) -> torch.Tensor:
-    """The new weight minus the old one, for one projection (float64 solve)."""
-    w = weight.double().cpu()
-    targets = destinations @ w.T  # v* = W c_dst, one row per edit
-    width = w.shape[1]
-    left = lam * w + targets.T @ sources + preserve_scale * (preserved @ w.T).T @ preserved
-    right = lam * torch.eye(width, dtype=torch.float64) + sources.T @ sources
+def closed_form_update(weight: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       preserved: torch.Tensor, lam: float, edit_scale: float = 1.0,
+                       preserve_scale: float = 1.0) -> torch.Tensor:
+    """``W' - W`` for ``W' = (lam W + e V^T K + p W P^T P)(lam I + e K^T K + p P^T P)^{-1}``:
+    the rows of ``keys`` go to those of ``values``, the preserved rows keep their outputs
+    (``weight`` float64, on the CPU)."""
+    width = weight.shape[1]
+    left = lam * weight + edit_scale * values.T @ keys + preserve_scale * weight @ preserved.T @ preserved
+    right = lam * torch.eye(width, dtype=torch.float64) + edit_scale * keys.T @ keys
     right = right + preserve_scale * preserved.T @ preserved
     # W' = left @ right^{-1}; right is symmetric, so solve right X = left^T.
-    return torch.linalg.solve(right, left.T).T - w
+    return torch.linalg.solve(right, left.T).T - weight
 
 
 class CrossAttentionEditor(ConfiguredEditor):
-    """Shared machinery of TIME and UCE; subclasses only differ in what they preserve."""
+    """TIME, and the machinery UCE (:mod:`emcid.editors.uce`) shares: subject-token keys,
+    ``v* = W c_dst`` targets, one closed form per projection."""
 
     config_class = CrossAttentionConfig
     uses_preservation = False
@@ -103,25 +109,24 @@ class CrossAttentionEditor(ConfiguredEditor):
         if self.config.preserve and not self.uses_preservation:
             raise OptionError(f"{self.name} has no preservation set; use uce")
 
+    def edit_scale(self) -> float:
+        """The weight of the edits' sums in the closed form (TIME's paper: 1)."""
+        return 1.0
+
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
-        src, dst, templates, src_names, dst_names = _pairs(requests)
-        sources = subject_embeddings(bundle, src, src_names, templates)
-        destinations = subject_embeddings(bundle, dst, dst_names, templates)
+        sources, destinations = edit_embeddings(bundle, requests)
         preserved = torch.zeros(0, sources.shape[1], dtype=torch.float64)
         if self.config.preserve:
             names = list(self.config.preserve)
             preserved = subject_embeddings(bundle, names, names, ["{}"] * len(names))
-        return {
-            name: closed_form_projection(module.weight, sources, destinations, preserved,
-                                         self.config.lam, self.config.preserve_scale).float()
-            for name, module in cross_attention_projections(bundle, self.config.edit_keys).items()
-        }
+        deltas = {}
+        for name, module in cross_attention_projections(bundle, self.config.edit_keys).items():
+            weight = module.weight.detach().double().cpu()
+            deltas[name] = closed_form_update(
+                weight, sources, destinations @ weight.T, preserved, self.config.lam,
+                self.edit_scale(), self.config.preserve_scale).float()
+        return deltas
 
 
 class TIMEEditor(CrossAttentionEditor):
     name = "time"
-
-
-class UCEEditor(CrossAttentionEditor):
-    name = "uce"
-    uses_preservation = True

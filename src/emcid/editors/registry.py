@@ -7,10 +7,11 @@ from ..core.config import RUNTIME_KEYS, Runtime
 from ..errors import OptionError
 from ..patch.format import EditPatch
 from .base import Editor
-from .crossattn import TIMEEditor, UCEEditor
+from .crossattn import TIMEEditor
 from .emcid import EMCIDEditor, MEMITEditor
 from .presets import DEFAULT_TASK
 from .refact import ReFACTEditor
+from .uce import UCEEditor
 
 EDITORS: dict[str, type[Editor]] = {
     cls.name: cls for cls in (EMCIDEditor, MEMITEditor, ReFACTEditor, TIMEEditor, UCEEditor)
