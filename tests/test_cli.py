@@ -4,7 +4,8 @@ import pytest
 import torch
 import yaml
 
-from emcid.cli import main, parse_layers
+from emcid.cli import main
+from emcid.cli_commands import parse_layers
 from emcid.errors import EmcidError
 
 FAST_ARGS = ["--steps", "3", "--stats-samples", "50", "--lam", "1.0"]
@@ -43,7 +44,7 @@ def test_edit_apply_generate(tmp_path, sd1_dir, request_file):
 
     images = tmp_path / "images"
     assert main(["generate", "--model", str(sd1_dir), "--patch", str(patch_path), "--prompt",
-                 "a photo of tench", "--n", "2", "--seed", "5", "--out", str(images)]) == 0
+                 "a photo of tench", "-n", "2", "--seed", "5", "--out", str(images)]) == 0
     assert sorted(p.name for p in images.iterdir()) == ["000005.png", "000006.png"]
 
 
@@ -69,9 +70,9 @@ BAD_REQUEST_FILES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUEST_FILES))
 def test_bad_request_file_fails_before_the_model_loads(case, tmp_path, capsys, monkeypatch):
-    import emcid.cli
+    import emcid.cli_commands
 
-    monkeypatch.setattr(emcid.cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(emcid.cli_commands, "_load", lambda args: pytest.fail("the model was loaded"))
     name, text, expected = BAD_REQUEST_FILES[case]
     (tmp_path / name).write_text(text)
     out = tmp_path / "p.safetensors"

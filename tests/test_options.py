@@ -104,9 +104,10 @@ def test_bad_config_file_is_one_line(tmp_path, request_file, capsys):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--n", "0"], "--n"), (["--n", "-3"], "--n"), (["--guidance", "nan"], "guidance"),
-    (["--steps", "0"], "steps"), (["--seed", str(2**63)], "seed"),
-    (["--seed", str(2**63 - 2), "--n", "3"], "seed"), (["--seed", "-1"], "seed"),
+    (["-n", "0"], "num-images"), (["--num-images", "-3"], "num-images"),
+    (["--guidance", "nan"], "guidance"), (["--sampling-steps", "0"], "steps"),
+    (["--height", "4"], "height"), (["--seed", str(2**63)], "seed"),
+    (["--seed", str(2**63 - 2), "-n", "3"], "seed"), (["--seed", "-1"], "seed"),
     (["--batch-size", "0"], "batch-size"),
 ])
 def test_bad_generate_options_fail_before_the_model_loads(flags, expected, tmp_path, capsys):
@@ -128,9 +129,8 @@ def test_generate_writes_images_as_they_are_made(tmp_path, sd1_dir, monkeypatch)
 
     monkeypatch.setattr(generation, "sample_latents", interrupted_third)
     out = tmp_path / "images"
-    with pytest.raises(KeyboardInterrupt):
-        main(["generate", "--model", str(sd1_dir), "--prompt", "a photo of tench", "--n", "20000",
-              "--batch-size", "2", "--seed", "7", "--out", str(out)])
+    assert main(["generate", "--model", str(sd1_dir), "--prompt", "a photo of tench", "-n", "20000",
+                 "--batch-size", "2", "--seed", "7", "--out", str(out)]) == 130
     assert sorted(p.name for p in out.iterdir()) == [f"{s:06d}.png" for s in (7, 8, 9, 10)]
 
 

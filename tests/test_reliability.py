@@ -73,7 +73,7 @@ def test_generate_builds_no_lists_for_many_images(tmp_path, sd1_dir, monkeypatch
         seen.update(prompts=prompts, seeds=seeds)
         return iter(())
     monkeypatch.setattr(generation, "generate_batches", record)
-    assert main(["generate", "--model", str(sd1_dir), "--prompt", "a cat", "--n", str(10**8),
+    assert main(["generate", "--model", str(sd1_dir), "--prompt", "a cat", "-n", str(10**8),
                  "--out", str(tmp_path / "g")]) == 0
     assert isinstance(seen["prompts"], Repeated) and isinstance(seen["seeds"], range)
     assert len(seen["prompts"]) == len(seen["seeds"]) == 10**8

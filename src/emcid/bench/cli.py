@@ -24,7 +24,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def cmd_iceb(args: argparse.Namespace) -> None:
-    from ..cli import editor_options
+    from ..cli_commands import editor_options
     from .iceb import run_iceb
     from .report import summary_table
 
