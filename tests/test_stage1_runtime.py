@@ -71,9 +71,10 @@ def test_interrupted_stage1_resumes_bit_identically(sd1, monkeypatch):
     resumed_from = []
     compute_z = schedule.compute_z
 
-    def recording(bundle, requests, z_layer, cfg, images, run, resume=None, save_progress=None):
+    def recording(bundle, requests, z_layer, cfg, images, run, resume=None, save_progress=None,
+                  report=None):
         resumed_from.append(None if resume is None else int(resume[0]["step"]))
-        return compute_z(bundle, requests, z_layer, cfg, images, run, resume, save_progress)
+        return compute_z(bundle, requests, z_layer, cfg, images, run, resume, save_progress, report)
 
     monkeypatch.setattr(schedule, "compute_z", recording)
     found = compute_targets(sd1, REQUESTS, LAYER, config, cache, progress=False, runtime=runtime)
@@ -83,6 +84,16 @@ def test_interrupted_stage1_resumes_bit_identically(sd1, monkeypatch):
     assert [t.final_loss for t in expected] == [t.final_loss for t in found]
     progress = TensorCache("resume-progress")
     assert not list(progress.folder.glob("*.safetensors"))  # removed once finished
+
+
+def test_progress_counts_concept_steps_with_the_running_loss(sd1):
+    """Reported at every checkpoint (where the loop syncs anyway), so one batch of all concepts
+    still moves the bar."""
+    reports = []
+    schedule.compute_z(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=5), TensorCache("report"),
+                       Runtime(checkpoint_every=2), report=lambda n, loss: reports.append((n, loss)))
+    assert [n for n, _ in reports] == [4, 4, 2]  # 2 concepts x steps 1-2, 3-4, 5
+    assert all(loss > 0 and loss == loss for _, loss in reports)
 
 
 def test_a_delta_that_overflows_names_the_concept(sd1):

@@ -14,7 +14,7 @@ health flags, resume) is :mod:`.engine`; which concepts run when is :mod:`.sched
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -284,13 +284,15 @@ def compute_z(
     runtime: Runtime | None = None,
     resume: list[dict[str, torch.Tensor]] | None = None,
     save_progress: engine.ProgressHook | None = None,
+    report: Callable[[int, float], None] | None = None,
 ) -> list[ConceptTarget]:
     """Optimise every request's ``delta`` (the paper's dual self-distillation), side by side.
 
     Concepts are independent: each has its own delta, loss terms, noise generator, norm
     clamp and Adam state (Adam is element-wise), so batching them changes nothing but speed.
     ``resume`` continues from saved concept states; ``save_progress`` receives them every
-    ``runtime.checkpoint_every`` steps. The step loop never waits for the device except there.
+    ``runtime.checkpoint_every`` steps, and ``report`` the concept-steps done since its last
+    call and the mean loss, as often. The step loop never waits for the device except there.
     """
     runtime = runtime or Runtime()
     batch = layout(bundle, requests, z_layer, config, image_cache)
@@ -327,7 +329,7 @@ def compute_z(
             health.advance()
 
     run_step, every = engine.Stepper(step, optimiser, device, graphs), runtime.checkpoint_every
-    draws = None
+    draws, reported = None, first
     with engine.unet_mode(bundle.unet, runtime.grad_checkpointing):
         for index in range(first, config.steps):
             t = noise = None
@@ -338,6 +340,9 @@ def compute_z(
                 t, noise = (d[(index - first) % every] for d in draws)
             run_step(t, noise)
             done = index + 1
+            if report is not None and (done % every == 0 or done == config.steps):
+                report(count * (done - reported), float(losses.mean()))
+                reported = done
             if save_progress is not None and done < config.steps and done % every == 0:
                 health.check(requests)
                 save_progress([engine.concept_state(deltas, optimiser, generators[i], i, done)

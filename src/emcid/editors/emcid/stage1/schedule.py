@@ -122,13 +122,22 @@ def compute_targets(
     missing = [i for i in range(len(requests)) if i not in results]
     size = fitting_batch(bundle, [requests[i] for i in missing], z_layer, config, image_cache, runtime) \
         if missing else 1
-    with tqdm(total=len(missing), desc="Stage I", unit="concept", disable=not progress) as bar:
+    cached = len(requests) - len(missing)
+    # Counted in concept-steps, so a batch that holds every concept (as on a GPU) still moves.
+    resumed = sum(int(saved[i]["step"]) for i in missing if i in saved)
+    with tqdm(total=len(missing) * config.steps, initial=resumed, desc="Stage I",
+              unit="concept-step", disable=not progress) as bar:
+        def report(steps: int, loss: float) -> None:
+            bar.update(steps)
+            bar.set_postfix(loss=f"{loss:.4f}", concepts=f"{len(results) - cached}/{len(missing)}",
+                            refresh=False)
+
         for group in _by_progress(missing, saved):
             while group:
                 chunk = group[:size]
                 try:
                     targets = _run_chunk(bundle, requests, keys, chunk, z_layer, config, runtime,
-                                         image_cache, progress_cache, saved)
+                                         image_cache, progress_cache, saved, report)
                 except torch.OutOfMemoryError:
                     if size == 1:
                         raise Stage1OutOfMemoryError(
@@ -144,7 +153,6 @@ def compute_targets(
                                 "destination": target.request.destination})
                     progress_cache.path(keys[index]).unlink(missing_ok=True)
                     results[index] = target
-                bar.update(len(chunk))
                 group = group[len(chunk):]
     return [results[i] for i in range(len(requests))]
 
@@ -152,7 +160,7 @@ def compute_targets(
 def _run_chunk(bundle: ModelBundle, requests: list[EditRequest], keys: list[str], chunk: list[int],
                z_layer: dict[str, int], config: Stage1Config, runtime: Runtime,
                image_cache: TensorCache, progress_cache: TensorCache,
-               saved: dict[int, dict]) -> list[ConceptTarget]:
+               saved: dict[int, dict], report) -> list[ConceptTarget]:
     """One batch of concepts, resumed from and saving to ``progress_cache``."""
 
     def save_progress(states: list[dict[str, torch.Tensor]]) -> None:
@@ -162,4 +170,4 @@ def _run_chunk(bundle: ModelBundle, requests: list[EditRequest], keys: list[str]
 
     resume = [saved[i] for i in chunk] if chunk[0] in saved else None
     return compute_z(bundle, [requests[i] for i in chunk], z_layer, config, image_cache, runtime,
-                     resume, save_progress if progress_cache.enabled else None)
+                     resume, save_progress if progress_cache.enabled else None, report)
