@@ -14,6 +14,7 @@ from emcid.editors.emcid import EMCIDConfig
 from emcid.editors.presets import PRESETS, TASKS, preset_options, resolve_layers
 from emcid.errors import OptionError
 from emcid.requests import ARTIST_PROMPTS
+from emcid.tasks.edit import edit_patch
 
 
 def _layers(family: str, depths: list[int], task: str = "object") -> dict:
@@ -96,8 +97,8 @@ def test_patch_hparams_rebuild_its_editor(sd1):
                        **{**FAST, "steps": 3})
     rebuilt = editor_from_patch(json.loads(json.dumps(patch.metadata)))
     assert rebuilt.hparams() == patch.metadata["hparams"] and rebuilt.task == "artist"
-    again = rebuilt.edit(sd1, [emcid.EditRequest(**r) for r in patch.metadata["requests"]],
-                         progress=False)
+    again = edit_patch(rebuilt, sd1, [emcid.EditRequest(**r) for r in patch.metadata["requests"]],
+                       progress=False)
     for name, delta in patch.deltas.items():
         assert (again.deltas[name].dense() - delta.dense()).abs().max() < 1e-5
 
