@@ -82,3 +82,31 @@ def test_generate_builds_no_lists_for_many_images(tmp_path, sd1_dir, monkeypatch
         seen["prompts"][10**8]
     with pytest.raises(OptionError):
         check_seeds(range(2**63 - 2, 2**63 + 1))
+
+
+def test_a_mistyped_folder_is_named_before_the_hub(tmp_path, monkeypatch):
+    from emcid.errors import ModelLoadError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for name in ("sd15", "models/sd15"):
+        with pytest.raises(ModelLoadError, match=f"no folder '{name}'") as caught:
+            emcid.load_model(name)
+        assert "cache" not in str(caught.value)
+
+
+def test_a_patch_already_applied_says_so_and_force_says_what_it_overrode(tmp_path, sd1, caplog):
+    from emcid.errors import PatchMismatchError
+    from emcid.patch import DeltaWeight, EditPatch, save_pipeline
+
+    name = sd1.slot("text_encoder").fc2_name(1)
+    out_features, in_features = sd1.module(name).weight.shape
+    patch = EditPatch({name: DeltaWeight(torch.ones(out_features, 1), torch.ones(1, in_features))},
+                      {"base_fingerprint": sd1.fingerprint(), "method": "test", "requests": []})
+    patch.apply(sd1)
+    applied = emcid.load_model(save_pipeline(sd1, tmp_path / "applied"))
+    with pytest.raises(PatchMismatchError, match="already applied to this model \\(step 1 of its chain\\)"):
+        patch.apply(applied)
+    with caplog.at_level(logging.WARNING):
+        patch.apply(applied, force=True)
+    assert "already applied" in caplog.text and "anyway (--force)" in caplog.text

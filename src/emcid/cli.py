@@ -20,6 +20,7 @@ from .cli_commands import (
 )
 from .errors import EmcidError
 
+STATS_HELP = "captions for the statistics (release: 100,000; the embedded model sets 5,000)"
 OVERWRITE_HELP = ("replace --out even if it holds a pipeline emcid did not write from this base "
                   "model (by default such a folder is refused)")
 
@@ -50,8 +51,15 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", module=module)
 
 
+DESCRIPTION = """Edit many concepts at once in a Stable Diffusion model (EMCID): `edit` computes
+a small, revertible patch from a request file; `apply` writes the edited pipeline, `revert`
+takes a patch off, `export-lora` writes it as a LoRA for diffusers, A1111, kohya and ComfyUI,
+and `generate` draws images. Without --model every command uses the embedded miniature model;
+`emcid demo` runs the whole method and benchmark on it."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emcid", description=__doc__)
+    parser = argparse.ArgumentParser(prog="emcid", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log progress details, and the libraries' own warnings and loading bars")
     parser.add_argument("--version", action="version", version=f"emcid {_version()}")
@@ -75,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--lam", type=float, help="Stage II preservation weight (release: 4000)")
     edit.add_argument("--alpha", type=float, help="Stage II editing strength (release: 0.5)")
     edit.add_argument("--residual", choices=["memit", "release"], help="Stage II residual form")
-    edit.add_argument("--stats-samples", type=int, help="captions for the statistics (100000)")
+    edit.add_argument("--stats-samples", type=int, help=STATS_HELP)
     edit.add_argument("--corpus", help="caption file (one per line) for the statistics")
     edit.add_argument("--no-cache", action="store_true", help="recompute everything")
     edit.add_argument("--classifier", help="debias requests: CLIP model (hub id or folder) that "
@@ -105,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     debias.add_argument("--layers", action="append", help="edited blocks, e.g. 0-10")
     debias.add_argument("--steps", type=int, help="Stage I optimisation steps (release: 200)")
     debias.add_argument("--lam", type=float, help="Stage II preservation weight (release: 4000)")
-    debias.add_argument("--stats-samples", type=int, help="captions for the statistics (100000)")
+    debias.add_argument("--stats-samples", type=int, help=STATS_HELP)
     debias.set_defaults(func=cmd_debias)
 
     apply = commands.add_parser("apply", help="apply a patch and save the full pipeline")

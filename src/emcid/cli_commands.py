@@ -10,6 +10,11 @@ from pathlib import Path
 from .errors import EmcidError, OptionError
 
 
+def counted(number: int, noun: str) -> str:
+    """``1 edit``, ``2 edits``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def parse_layers(values: list[str] | None) -> dict[str, list[int]] | None:
     """``--layers 0-10`` (first text encoder) or ``--layers text_encoder_2=26-30`` (repeatable)."""
     if not values:
@@ -134,9 +139,11 @@ def cmd_edit(args: argparse.Namespace) -> None:
         from .tasks.debias import format_report
 
         print(format_report(patch.metadata["debias"]))
-        print(f"wrote {args.out}: {len(requests)} concepts debiased in {len(patch.deltas)} modules")
+        print(f"wrote {args.out}: {counted(len(requests), 'concept')} debiased in "
+              f"{counted(len(patch.deltas), 'module')}")
     else:
-        print(f"wrote {args.out}: {len(patch.metadata['requests'])} edits in {len(patch.deltas)} modules")
+        print(f"wrote {args.out}: {counted(len(patch.metadata['requests']), 'edit')} in "
+              f"{counted(len(patch.deltas), 'module')}")
 
 
 def cmd_debias(args: argparse.Namespace) -> None:
@@ -155,7 +162,8 @@ def cmd_debias(args: argparse.Namespace) -> None:
     patch = debias(bundle, requests, classifier, DebiasConfig(**tuning), **options)
     patch.save(args.out)
     print(format_report(patch.metadata["debias"]))
-    print(f"wrote {args.out}: {len(requests)} concepts debiased in {len(patch.deltas)} modules")
+    print(f"wrote {args.out}: {counted(len(requests), 'concept')} debiased in "
+          f"{counted(len(patch.deltas), 'module')}")
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
@@ -168,8 +176,9 @@ def cmd_apply(args: argparse.Namespace) -> None:
     bundle = _load(args)
     patch.apply(bundle, force=args.force)
     save_pipeline(bundle, args.out, args.overwrite)
-    print(f"wrote the edited pipeline to {args.out}: {len(patch.metadata.get('requests', []))} "
-          f"edits in {len(patch.deltas)} modules, patch {len(bundle.history) + 1} of its chain")
+    print(f"wrote the edited pipeline to {args.out}: "
+          f"{counted(len(patch.metadata.get('requests', [])), 'edit')} in "
+          f"{counted(len(patch.deltas), 'module')}, patch {len(bundle.history) + 1} of its chain")
 
 
 def cmd_revert(args: argparse.Namespace) -> None:

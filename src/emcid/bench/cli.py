@@ -82,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     iceb.add_argument("--steps", type=int, help="EMCID Stage I steps (release: 200)")
     iceb.add_argument("--lam", type=float, help="EMCID preservation weight (release: 4000)")
     iceb.add_argument("--alpha", type=float, help="EMCID editing strength (AICE release: 0.6)")
-    iceb.add_argument("--stats-samples", type=int, help="captions for the statistics (100000)")
+    iceb.add_argument("--stats-samples", type=int, help="captions for the statistics (release: 100,000; "
+                                                             "the embedded model sets 5,000)")
     iceb.add_argument("--no-cache", action="store_true", help="regenerate everything")
     iceb.add_argument("--allow-pickle", action="store_true",
                       help="allow .bin/.ckpt checkpoints (they can run code when loaded)")

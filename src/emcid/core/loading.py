@@ -51,6 +51,15 @@ def _hub_problem(id_or_path: str, exc: BaseException) -> str | None:
     return None
 
 
+def _check_hub_id(name: str) -> None:
+    """A name that is neither a folder here nor shaped like a hub id (``org/name``) is a
+    mistyped folder: say so before anything mentions the hub."""
+    parent = Path(name).parent
+    if "/" not in name or (str(parent) != "." and parent.is_dir()):
+        raise ModelLoadError(f"no folder {name!r} (and it is not a hub id, which looks like "
+                             "'org/name'): give a diffusers pipeline folder or a hub id")
+
+
 def _pipeline_class_name(id_or_path: str) -> str:
     from diffusers import DiffusionPipeline
 
@@ -166,6 +175,8 @@ def load_model(
         _check_local_folder(local, allow_pickle)
         checked = load_text_encoders(local, dtype, allow_pickle, skip=tuple(components))
         components = {**checked, **components}
+    else:
+        _check_hub_id(id_or_path)
     class_name = _pipeline_class_name(id_or_path)
     kwargs = {}
     if class_name in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):

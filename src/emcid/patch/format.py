@@ -11,6 +11,7 @@ chain of patches a model carries is :mod:`emcid.core.chain`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from ..core.cache import read_metadata, save_tensors_atomic, tensors_checksum
 from ..core.chain import chain_problem
 from ..core.weights import add_weights, current_weights, load_weights
 from ..errors import PatchFileError, PatchMismatchError
+
+log = logging.getLogger(__name__)
 
 PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, torch.save's zip container
 PARTS = ("delta", "up", "down")  # tensor name suffixes of a patch file
@@ -128,15 +131,22 @@ class EditPatch:
             if tuple(weight.shape) != shape:
                 raise PatchMismatchError(
                     f"patch delta for {name} is {shape}, the model's weight is {tuple(weight.shape)}")
-        if force:
+        carried = bundle.chain.checksums()
+        if self.checksum in carried:
+            step = carried.index(self.checksum) + 1
+            problem = f"this patch is already applied to this model (step {step} of its chain)"
+        else:
+            current = bundle.fingerprint()
+            problem = chain_problem(bundle, self.metadata, current)
+            if problem is None and self.base_fingerprint != current:
+                problem = (f"this patch was made for model {self.base_fingerprint}, but the model "
+                           f"is {current} (a different checkpoint, or one already patched)")
+        if problem is None:
             return
-        current = bundle.fingerprint()
-        problem = chain_problem(bundle, self.metadata, current)
-        if problem is None and self.base_fingerprint != current:
-            problem = (f"this patch was made for model {self.base_fingerprint}, but the model is "
-                       f"{current} (a different checkpoint, or one already patched)")
-        if problem is not None:
-            raise PatchMismatchError(f"{problem}; pass force=True (--force) to apply it anyway")
+        if force:
+            log.warning("%s; applying it anyway (--force)", problem)
+            return
+        raise PatchMismatchError(f"{problem}; pass force=True (--force) to apply it anyway")
 
     @torch.no_grad()
     def apply(self, bundle: ModelBundle, force: bool = False, scale: float = 1.0) -> None:
