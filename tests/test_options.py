@@ -8,6 +8,7 @@ import math
 
 import pytest
 import yaml
+from input_helpers import alias_bomb, refused
 
 import emcid
 from emcid.cli import main
@@ -170,3 +171,12 @@ def test_iceb_refuses_more_edits_than_classes_at_once(tmp_path, sd1_dir, monkeyp
                  "--judge", "nowhere-judge"]) == 2  # refused before the judge is even loaded
     _one_line_error(capsys, "5000 edits", "1000 classes")
     assert not (tmp_path / "o").exists()
+
+
+def test_config_values_are_quoted_short(tmp_path, request_file, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"steps: {alias_bomb()}\n")
+    line = refused(capsys, ["edit", "--model", str(tmp_path / "nowhere"), "--requests", str(request_file),
+                            "--out", str(tmp_path / "p"), "--config", str(config)],
+                   [config, request_file], "option steps=[[")
+    assert len(line) < 250, line

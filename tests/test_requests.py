@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from input_helpers import alias_bomb
 
 from emcid import EditRequest, load_requests
 from emcid.errors import RequestError
@@ -197,3 +198,17 @@ def test_subject_beyond_window_refused(sd1):
     tokens = len(sd1.tokenizer(long_template.format("tench")).input_ids)
     assert f"is {tokens} tokens long" in message
     assert len(message) < 300 and "'a a a" in message
+
+
+
+def test_quoted_values_are_cut_short(tmp_path):
+    path = tmp_path / "r.yaml"
+    for row in ("{source: tench, destination: BOMB}", "BOMB", "{source: BOMB, destination: b}"):
+        path.write_text(f"- {row.replace('BOMB', alias_bomb())}\n")
+        with pytest.raises(RequestError, match=r"r.yaml:1: request 1: ") as info:
+            load_requests(path)
+        assert len(str(info.value)) < 200 + len(str(path)), str(info.value)
+    essay = "word " * 5000
+    with pytest.raises(RequestError, match="edited twice") as info:
+        validate_requests([EditRequest(essay, "b"), EditRequest(essay, "c")])
+    assert len(str(info.value)) < 400 and "..." in str(info.value)

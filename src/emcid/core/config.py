@@ -15,13 +15,13 @@ from typing import Any
 
 import yaml
 
-from ..errors import OptionError
+from ..errors import OptionError, quote
 
 
 def check_int(owner: str, name: str, value: object, minimum: int = 1) -> None:
     """``value`` is an integer (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{owner} option {name}={value!r}: give an integer >= {minimum}")
+        raise OptionError(f"{owner} option {name}={quote(value)}: give an integer >= {minimum}")
 
 
 def check_float(owner: str, name: str, value: object, low: float | None = None,
@@ -36,18 +36,18 @@ def check_float(owner: str, name: str, value: object, low: float | None = None,
         left = "(" if low_open or low is None else "["
         right = ")" if high_open or high is None else "]"
         span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise OptionError(f"{owner} option {name}={value!r}: give a finite number in {span}")
+        raise OptionError(f"{owner} option {name}={quote(value)}: give a finite number in {span}")
 
 
 def check_choice(owner: str, name: str, value: object, choices: tuple) -> None:
     if value not in choices:
-        raise OptionError(f"{owner} option {name}={value!r}: choose from {', '.join(map(str, choices))}")
+        raise OptionError(f"{owner} option {name}={quote(value)}: choose from {', '.join(map(str, choices))}")
 
 
 def check_corpus(corpus: str | None) -> None:
     """A caption file given for the statistics exists (checked before Stage I's work)."""
     if corpus is not None and not Path(corpus).is_file():
-        raise OptionError(f"corpus {corpus!r} is not a file (give a caption file, one per line)")
+        raise OptionError(f"corpus {quote(corpus)} is not a file (give a caption file, one per line)")
 
 
 def build(cls: type, data: dict, owner: str) -> Any:
@@ -55,11 +55,11 @@ def build(cls: type, data: dict, owner: str) -> Any:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise OptionError(f"unknown {owner} options: {unknown}; known: {sorted(names)}")
+        raise OptionError(f"unknown {owner} options: {quote(unknown)}; known: {sorted(names)}")
     try:
         return cls(**data)
     except TypeError as exc:  # a value of the wrong shape (e.g. a list for a number)
-        raise OptionError(f"{owner} options: {exc}") from exc
+        raise OptionError(f"{owner} options: {quote(str(exc))}") from exc
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Runtime:
     def __post_init__(self) -> None:
         for name in ("cache", "grad_checkpointing", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
-                raise OptionError(f"runtime option {name}={getattr(self, name)!r}: give true or false")
+                raise OptionError(f"runtime option {name}={quote(getattr(self, name))}: give true or false")
         if self.concept_batch is not None:
             check_int("runtime", "concept_batch", self.concept_batch)
         check_int("runtime", "cpu_concept_batch", self.cpu_concept_batch)

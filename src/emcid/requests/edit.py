@@ -16,8 +16,8 @@ from string import Formatter
 
 from ..concepts import OBJECT_PROMPTS
 from ..core.generation import MAX_SEED
-from ..core.tokens import normalise, quote_start
-from ..errors import RequestError
+from ..core.tokens import normalise
+from ..errors import RequestError, quote
 
 LIST_SEPARATOR = "|"  # separates several prompts / images inside one CSV cell
 ERASE = ""  # the destination that asks for an erase (emcid.tasks.erase)
@@ -32,7 +32,7 @@ def text_field(value: object, name: str) -> str:
                            "as booleans): quote the word")
     if value is None:
         raise RequestError(f"{name} is missing or empty (null)")
-    raise RequestError(f"{name} must be text, not the {type(value).__name__} {value!r}: quote it")
+    raise RequestError(f"{name} must be text, not the {type(value).__name__} {quote(value)}: quote it")
 
 
 def seed_field(value: object) -> int:
@@ -43,7 +43,7 @@ def seed_field(value: object) -> int:
     elif text and text.lstrip("+-").isdigit():
         seed = int(text)
     else:
-        raise RequestError(f"seed must be a whole number, not {value!r}")
+        raise RequestError(f"seed must be a whole number, not {quote(value)}")
     if not 0 <= seed <= MAX_SEED:
         raise RequestError(f"seed {seed} is outside 0..2**63-1")
     return seed
@@ -61,7 +61,7 @@ def list_field(value: object) -> list:
 def check_cells(data: dict) -> None:
     """A CSV row with more cells than the header (csv.DictReader files them under the key None)."""
     if None in data:
-        raise RequestError(f"more cells than the header has columns: {data[None]!r}")
+        raise RequestError(f"more cells than the header has columns: {quote(data[None])}")
 
 
 def check_template(template: str, source: str) -> None:
@@ -76,7 +76,7 @@ def check_template(template: str, source: str) -> None:
     if fields is not None:
         problem = "no '{}'" if not fields else "braces other than one '{}'"
     raise RequestError(
-        f"prompt {quote_start(template)} of {source!r}: {problem}; a prompt holds '{{}}' exactly "
+        f"prompt {quote(template)} of {quote(source)}: {problem}; a prompt holds '{{}}' exactly "
         "once (where the concept goes) and writes a literal brace as '{{' or '}}'"
     )
 
@@ -99,7 +99,7 @@ class EditRequest:
         object.__setattr__(self, "source", text_field(self.source, "source").strip())
         object.__setattr__(self, "destination", text_field(self.destination, "destination").strip())
         if isinstance(self.prompts, str) or isinstance(self.reference_images, str):
-            raise RequestError(f"prompts and reference_images of {self.source!r} are lists")
+            raise RequestError(f"prompts and reference_images of {quote(self.source)} are lists")
         object.__setattr__(self, "prompts", tuple(text_field(p, "a prompt") for p in self.prompts))
         object.__setattr__(self, "reference_images", tuple(
             os.fspath(p) if isinstance(p, os.PathLike) else text_field(p, "a reference image")
@@ -108,9 +108,9 @@ class EditRequest:
         if not self.source:
             raise RequestError("an edit request has an empty source")
         if normalise(self.source) == normalise(self.destination):
-            raise RequestError(f"source and destination are both {self.source!r}: nothing to edit")
+            raise RequestError(f"source and destination are both {quote(self.source)}: nothing to edit")
         if not self.prompts:
-            raise RequestError(f"the request for {self.source!r} has no prompts")
+            raise RequestError(f"the request for {quote(self.source)} has no prompts")
         for template in self.prompts:
             check_template(template, self.source)
 
@@ -136,7 +136,7 @@ class EditRequest:
         check_cells(data)
         unknown = set(data) - {"source", "destination", "prompts", "reference_images", "seed"}
         if unknown:
-            raise RequestError(f"unknown request fields {sorted(unknown)}")
+            raise RequestError(f"unknown request fields {quote(sorted(unknown, key=str))}")
         for key in ("source", "destination"):
             if data.get(key) is None:
                 hint = (' (an erase is an explicit empty destination: destination: "", or an '
@@ -148,7 +148,7 @@ class EditRequest:
             if isinstance(value, str):
                 kwargs[key] = list_field(value)
             elif value is not None and not isinstance(value, list):
-                raise RequestError(f"{key} must be a list, not {value!r}")
+                raise RequestError(f"{key} must be a list, not {quote(value)}")
             if key in kwargs and not kwargs[key]:
                 kwargs.pop(key)
         if base is not None and "reference_images" in kwargs:
@@ -182,11 +182,11 @@ def validate_requests(requests: Sequence[EditRequest],
                 continue
             if normalise(previous.destination) != normalise(request.destination):
                 raise RequestError(
-                    f"{request.source!r} is edited twice, to {previous.destination!r} ({where}) "
-                    f"and to {request.destination!r} ({label}): keep one"
+                    f"{quote(request.source)} is edited twice, to {quote(previous.destination)} "
+                    f"({where}) and to {quote(request.destination)} ({label}): keep one"
                 )
             raise RequestError(
-                f"{where} and {label} both edit {previous.source!r} (differing in case, seed, "
+                f"{where} and {label} both edit {quote(previous.source)} (differing in case, seed, "
                 "prompts or reference images): a source appears once; merge them into one request"
             )
         by_source[key] = (request, label)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core.tokens import quote_start
-from ..errors import RequestError
+from ..errors import RequestError, quote
 from .debias import DebiasRequest, validate_debias_requests
 from .edit import EditRequest, validate_requests
 
@@ -79,7 +78,7 @@ def _read_rows(path: Path) -> tuple[list, list[str]]:
                 rows.append(row)
                 labels.append(f"{path}:{reader.line_num}: request {number}")
         except csv.Error as exc:
-            raise RequestError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
+            raise RequestError(f"{path}:{reader.line_num}: malformed CSV: {quote(str(exc))}") from None
         return rows, labels
     rows = _parse_mapping_file(path, text)
     if isinstance(rows, dict):
@@ -163,7 +162,7 @@ def _parse_one(item: object, debiasing: bool, base: Path | None) -> EditRequest 
     if isinstance(item, (EditRequest, DebiasRequest)):
         return item
     if not isinstance(item, dict):
-        raise RequestError(f"not a mapping of fields: {quote_start(repr(item))}")
+        raise RequestError(f"not a mapping of fields: {quote(item)}")
     if not debiasing:
         return EditRequest.from_dict(item, base=base)
     try:
