@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from input_helpers import alias_bomb
@@ -212,3 +213,16 @@ def test_quoted_values_are_cut_short(tmp_path):
     with pytest.raises(RequestError, match="edited twice") as info:
         validate_requests([EditRequest(essay, "b"), EditRequest(essay, "c")])
     assert len(str(info.value)) < 400 and "..." in str(info.value)
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("r.yaml", "- source: tench\n  destination: goldfish\n  source: zebra\n",
+     "r.yaml:3: duplicate key 'source' (first on line 1)"),
+    ("r.yaml", "requests: []\nrequests:\n- {source: a, destination: b}\n",
+     "r.yaml:2: duplicate key 'requests' (first on line 1)"),
+    ("r.json", '[{"source": "a", "destination": "b", "destination": "c"}]', "r.json: duplicate key"),
+])
+def test_a_request_key_given_twice_is_refused(name, text, expected, tmp_path):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(RequestError, match=re.escape(expected)):
+        load_requests(tmp_path / name)

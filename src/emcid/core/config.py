@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import OptionError, quote
+from .textfiles import load_data, read_utf8
 
 
 def check_int(owner: str, name: str, value: object, minimum: int = 1) -> None:
@@ -112,14 +111,10 @@ def read_config_file(path: str | Path) -> dict:
     """Options from a YAML or JSON file (a mapping; nested ``stage1``/``stage2`` allowed)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_utf8(path, OptionError)
+    except OSError as exc:
         raise OptionError(f"cannot read the config file {path}: {exc}") from exc
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise OptionError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                          f"{exc}".replace("\n", " ")) from exc
+    data = load_data(path, text, OptionError)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise OptionError(f"{path}: expected a mapping of option names to values, "

@@ -15,20 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from ..core.textfiles import load_data, read_utf8
 from ..errors import RequestError, quote
 from .debias import DebiasRequest, validate_debias_requests
 from .edit import EditRequest, validate_requests
-
-
-def _read_text(path: Path) -> str:
-    """The file as UTF-8 (a byte-order mark is allowed); other encodings name the line."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise RequestError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
-                           "save the file as UTF-8") from None
 
 
 def _item_lines(text: str) -> list[int] | None:
@@ -44,25 +34,9 @@ def _item_lines(text: str) -> list[int] | None:
     return [item.start_mark.line + 1 for item in node.value]
 
 
-def _parse_mapping_file(path: Path, text: str) -> object:
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RequestError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} "
-                               f"(column {exc.colno})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RequestError(f"{where}: malformed YAML: {problem}") from None
-
-
 def _read_rows(path: Path) -> tuple[list, list[str]]:
     """The rows of a request file and a label naming each (file, line and request number)."""
-    text = _read_text(path)
+    text = read_utf8(path, RequestError)
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = set(reader.fieldnames or ())
@@ -80,7 +54,7 @@ def _read_rows(path: Path) -> tuple[list, list[str]]:
         except csv.Error as exc:
             raise RequestError(f"{path}:{reader.line_num}: malformed CSV: {quote(str(exc))}") from None
         return rows, labels
-    rows = _parse_mapping_file(path, text)
+    rows = load_data(path, text, RequestError)
     if isinstance(rows, dict):
         rows = rows.get("requests")
     if not isinstance(rows, list):

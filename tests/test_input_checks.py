@@ -1,0 +1,23 @@
+"""Bad inputs refused when they load, by the command line: exit status 2, one error line naming
+the file, the line and the request, the input files unchanged, the model never loaded."""
+
+import pytest
+from input_helpers import refused
+
+BAD_REQUEST_FILES = {
+    "a key twice": ("r.yaml", "- source: tench\n  destination: goldfish\n  destination: carp\n",
+                    "r.yaml:3: duplicate key 'destination' (first on line 2)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUEST_FILES))
+def test_bad_request_file_is_refused_before_the_model_loads(case, tmp_path, capsys, monkeypatch):
+    import emcid.cli_commands
+
+    monkeypatch.setattr(emcid.cli_commands, "_load", lambda args: pytest.fail("the model was loaded"))
+    name, text, expected = BAD_REQUEST_FILES[case]
+    path = tmp_path / name
+    path.write_bytes(text.encode())
+    out = tmp_path / "p.safetensors"
+    refused(capsys, ["edit", "--requests", str(path), "--out", str(out)], [path], expected)
+    assert not out.exists()
