@@ -7,6 +7,16 @@ from input_helpers import refused
 BAD_REQUEST_FILES = {
     "a key twice": ("r.yaml", "- source: tench\n  destination: goldfish\n  destination: carp\n",
                     "r.yaml:3: duplicate key 'destination' (first on line 2)"),
+    "a zero-width source": ("r.yaml", '- {source: tench, destination: goldfish}\n- {source: "\\u200b", '
+                            "destination: carp}\n", r"r.yaml:2: request 2: source '\u200b' is only "
+                            "invisible or control characters (U+200B)"),
+    "a NUL source": ("r.json", '[{"source": "\\u0000", "destination": "b"}]',
+                     r"r.json:1: request 1: source '\x00' is only invisible"),
+    "a spaces destination": ("r.csv", "source,destination\ntench,goldfish\nzebra,   \n",
+                             "r.csv:3: request 2: the destination of 'zebra' is only white space (3 "
+                             'characters: U+0020): an erase is written as an empty destination, ""'),
+    "an invisible debias value": ("r.yaml", '- {source: doctor, debias: [male, "\\u2060"]}\n',
+                                  r"r.yaml:1: request 1: a debias value '\u2060' is only invisible"),
 }
 
 

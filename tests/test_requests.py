@@ -40,9 +40,24 @@ def test_bad_requests_are_refused(kwargs, message):
 
 
 def test_empty_destination_is_an_erase():
-    erase = EditRequest("tench", " ")
+    erase = EditRequest("tench", "")
     assert erase.is_erase and erase.destination == ""
     assert not EditRequest("tench", "goldfish").is_erase
+
+
+@pytest.mark.parametrize("source, destination, message", [
+    ("\x00", "goldfish", r"source '\\x00' is only invisible or control characters \(U\+0000\)"),
+    (" \u200b ", "goldfish", r"source '\\u200b' is only invisible .*\(U\+200B\)"),
+    ("\u200b\u2060\x7f", "goldfish", r"\(U\+007F, U\+200B, U\+2060\)"),
+    ("tench", "\u200b", r"the destination of 'tench' '\\u200b' is only invisible"),
+    ("tench", "   ", r"the destination of 'tench' is only white space \(3 characters: U\+0020\): an "
+                     r'erase is written as an empty destination, ""'),
+    ("tench", "\t\u3000", "the destination of 'tench' is only white space"),
+])
+def test_text_with_nothing_visible_is_refused(source, destination, message):
+    with pytest.raises(RequestError, match=message):
+        EditRequest(source, destination)
+    assert EditRequest("tench\u200bfish", "goldfish").source == "tench\u200bfish"  # visible text: kept
 
 
 def test_literal_braces_locate_the_subject(sd1):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..concepts import OBJECT_PROMPTS
 from ..core.tokens import normalise
 from ..errors import RequestError, quote
-from .edit import EditRequest, check_cells, list_field, seed_field, text_field
+from .edit import EditRequest, check_cells, list_field, seed_field, text_field, visible_text
 
 ARTICLES = ("a", "an", "the")
 
@@ -34,8 +34,9 @@ class DebiasRequest:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "source", text_field(self.source, "source").strip())
-        object.__setattr__(self, "values", tuple(_value_text(v).strip() for v in self.values))
+        object.__setattr__(self, "source", visible_text(text_field(self.source, "source"), "source"))
+        object.__setattr__(self, "values", tuple(visible_text(_value_text(v), "a debias value")
+                                                 for v in self.values))
         object.__setattr__(self, "prompts", tuple(self.prompts))
         if not self.noun:
             raise RequestError(f"a debias request has an empty source: {quote(self.to_dict())}")

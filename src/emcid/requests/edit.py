@@ -9,6 +9,7 @@ The subject token of a prompt is the last token of the source text inside it
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..errors import RequestError, quote
 
 LIST_SEPARATOR = "|"  # separates several prompts / images inside one CSV cell
 ERASE = ""  # the destination that asks for an erase (emcid.tasks.erase)
+# Unicode categories with nothing to see: control, format (zero-width), surrogate, separators.
+INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
 
 
 def text_field(value: object, name: str) -> str:
@@ -33,6 +36,33 @@ def text_field(value: object, name: str) -> str:
     if value is None:
         raise RequestError(f"{name} is missing or empty (null)")
     raise RequestError(f"{name} must be text, not the {type(value).__name__} {quote(value)}: quote it")
+
+
+def _code_points(text: str) -> str:
+    """The distinct characters of ``text`` as U+XXXX: readable where they are invisible."""
+    return ", ".join(sorted({f"U+{ord(c):04X}" for c in text}))
+
+
+def visible_text(text: str, name: str) -> str:
+    """``text`` without surrounding white space; refused if all that is left is invisible (a
+    NUL, a zero-width space): the tokenizer reads no concept there, or junk."""
+    text = text.strip()
+    if text and all(unicodedata.category(c) in INVISIBLE for c in text):
+        raise RequestError(f"{name} {quote(text)} is only invisible or control characters "
+                           f"({_code_points(text)}): write the concept in visible text")
+    return text
+
+
+def destination_field(value: object, source: str) -> str:
+    """The destination: ``""`` (written so) is an erase; white space alone is refused, since a
+    stray space is no way to ask for one."""
+    text = text_field(value, "destination")
+    if text and not text.strip():
+        raise RequestError(f"the destination of {quote(source)} is only white space "
+                           f"({len(text)} characters: {_code_points(text)}): "
+                           'an erase is written as an empty destination, "" (destination: "" in '
+                           "YAML or JSON, an empty CSV cell)")
+    return visible_text(text, f"the destination of {quote(source)}")
 
 
 def seed_field(value: object) -> int:
@@ -96,8 +126,10 @@ class EditRequest:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "source", text_field(self.source, "source").strip())
-        object.__setattr__(self, "destination", text_field(self.destination, "destination").strip())
+        object.__setattr__(self, "source", visible_text(text_field(self.source, "source"), "source"))
+        if not self.source:
+            raise RequestError("an edit request has an empty source")
+        object.__setattr__(self, "destination", destination_field(self.destination, self.source))
         if isinstance(self.prompts, str) or isinstance(self.reference_images, str):
             raise RequestError(f"prompts and reference_images of {quote(self.source)} are lists")
         object.__setattr__(self, "prompts", tuple(text_field(p, "a prompt") for p in self.prompts))
@@ -105,8 +137,6 @@ class EditRequest:
             os.fspath(p) if isinstance(p, os.PathLike) else text_field(p, "a reference image")
             for p in self.reference_images))
         object.__setattr__(self, "seed", seed_field(self.seed))
-        if not self.source:
-            raise RequestError("an edit request has an empty source")
         if normalise(self.source) == normalise(self.destination):
             raise RequestError(f"source and destination are both {quote(self.source)}: nothing to edit")
         if not self.prompts:
