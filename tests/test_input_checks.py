@@ -17,6 +17,8 @@ BAD_REQUEST_FILES = {
                              'characters: U+0020): an erase is written as an empty destination, ""'),
     "an invisible debias value": ("r.yaml", '- {source: doctor, debias: [male, "\\u2060"]}\n',
                                   r"r.yaml:1: request 1: a debias value '\u2060' is only invisible"),
+    "a swap": ("r.csv", "source,destination\ntench,goldfish\ngoldfish,tench\n",
+               "cycle 'tench' -> 'goldfish' -> 'tench' ({path}:2: request 1; {path}:3: request 2)"),
 }
 
 
@@ -29,5 +31,6 @@ def test_bad_request_file_is_refused_before_the_model_loads(case, tmp_path, caps
     path = tmp_path / name
     path.write_bytes(text.encode())
     out = tmp_path / "p.safetensors"
-    refused(capsys, ["edit", "--requests", str(path), "--out", str(out)], [path], expected)
+    refused(capsys, ["edit", "--requests", str(path), "--out", str(out)], [path],
+            expected.format(path=path))
     assert not out.exists()

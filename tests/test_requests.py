@@ -84,8 +84,20 @@ def test_conflicting_destinations_refused():
 
 
 def test_chain_refused():
-    with pytest.raises(RequestError, match="chain"):
-        validate_requests([EditRequest("a", "b"), EditRequest("b", "c")])
+    with pytest.raises(RequestError, match="chain: 'a' -> 'b' -> 'c' -> 'd' .*write 'a' -> 'd'"):
+        validate_requests([EditRequest("a", "b"), EditRequest("c", "d"), EditRequest("b", "c")])
+
+
+@pytest.mark.parametrize("pairs, cycle, where", [
+    ([("tench", "goldfish"), ("Goldfish", "tench")], "'tench' -> 'Goldfish' -> 'tench'",
+     "request 1; request 2"),
+    ([("a", "b"), ("b", "c"), ("c", "a")], "'a' -> 'b' -> 'c' -> 'a'", "request 1; request 2; request 3"),
+    ([("x", "b"), ("b", "c"), ("c", "b")], "'b' -> 'c' -> 'b'", "request 2; request 3"),
+])
+def test_cycles_are_refused_naming_the_cycle(pairs, cycle, where):
+    with pytest.raises(RequestError, match=re.escape(f"cycle {cycle} ({where})")) as info:
+        validate_requests([EditRequest(s, d) for s, d in pairs])
+    assert "write" not in str(info.value)
 
 
 def test_exact_duplicates_dropped():

@@ -189,6 +189,9 @@ class EditRequest:
         return cls(**kwargs)
 
 
+Labelled = tuple[EditRequest, str]  # a request and the label that names it in errors
+
+
 def validate_requests(requests: Sequence[EditRequest],
                       labels: Sequence[str] | None = None) -> list[EditRequest]:
     """Check a batch for contradictions; return it with exact duplicates dropped.
@@ -198,11 +201,12 @@ def validate_requests(requests: Sequence[EditRequest],
     (``labels``, default "request N"). Chains (a destination that is itself edited, A -> B
     with B -> C) are refused too: EMCID's teacher is the *unedited* model on the
     destination, so A would become the old B, not C. Write A -> C if that is what you mean.
+    Cycles (a swap: A -> B with B -> A) are refused, naming the whole cycle.
     """
     if not requests:
         raise RequestError("no edit requests given")
     labels = list(labels) if labels is not None else [f"request {i}" for i in range(1, len(requests) + 1)]
-    by_source: dict[str, tuple[EditRequest, str]] = {}
+    by_source: dict[str, Labelled] = {}
     unique: list[EditRequest] = []
     for request, label in zip(requests, labels, strict=True):
         key = normalise(request.source)
@@ -221,13 +225,38 @@ def validate_requests(requests: Sequence[EditRequest],
             )
         by_source[key] = (request, label)
         unique.append(request)
-    for request in unique:
-        chained = by_source.get(normalise(request.destination))
-        if chained is not None:
-            chained = chained[0]
-            raise RequestError(
-                f"chain: {request.source!r} -> {request.destination!r}, but "
-                f"{chained.source!r} is itself edited to {chained.destination!r}. Chains are "
-                f"refused; write {request.source!r} -> {chained.destination!r} if you mean it"
-            )
+    _refuse_chains(unique, by_source)
     return unique
+
+
+def _path(request: EditRequest, by_source: dict[str, Labelled]) -> list[Labelled]:
+    """The requests ``request``'s destination leads through (each destination edited by the
+    next), up to one whose destination is not edited or is already on the path."""
+    path = [by_source[normalise(request.source)]]
+    seen = {normalise(request.source)}
+    while (key := normalise(path[-1][0].destination)) in by_source and key not in seen:
+        seen.add(key)
+        path.append(by_source[key])
+    return path
+
+
+def _refuse_chains(unique: list[EditRequest], by_source: dict[str, Labelled]) -> None:
+    """Cycles first (a swap is one), naming every concept on them, then chains."""
+    paths = [_path(r, by_source) for r in unique]
+    for path in paths:
+        first, last = path[0][0], path[-1][0]
+        if len(path) > 1 and normalise(last.destination) == normalise(first.source):
+            concepts = " -> ".join(quote(r.source) for r, _ in path)
+            raise RequestError(
+                f"cycle {concepts} -> {quote(first.source)} ({'; '.join(w for _, w in path)}): each "
+                "destination is itself edited, and EMCID's teacher is the unedited model, so these "
+                "are refused like chains; edit each concept to one that is not itself a source")
+    for path in paths:
+        if len(path) > 1:
+            first, last = path[0][0], path[-1][0]
+            concepts = " -> ".join(quote(r.source) for r, _ in path)
+            raise RequestError(
+                f"chain: {concepts} -> {quote(last.destination)} ({'; '.join(w for _, w in path)}): "
+                f"{quote(first.source)} would become the unedited {quote(first.destination)}, not "
+                f"{quote(last.destination)}. Chains are refused; write {quote(first.source)} -> "
+                f"{quote(last.destination)} if you mean it")
