@@ -5,6 +5,9 @@ edit_helpers)."""
 from __future__ import annotations
 
 import hashlib
+import io
+import struct
+import zlib
 from pathlib import Path
 
 from emcid.cli import main
@@ -35,3 +38,24 @@ def refused(capsys, argv: list[str], inputs: list[Path], *expected: str) -> str:
         assert text in line, line
     assert [digest(p) for p in inputs] == before
     return line
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(side: int = 100_000) -> bytes:
+    """A PNG of a few dozen bytes whose header says ``side`` x ``side`` pixels (10**10 by
+    default: far over PIL's decompression-bomb limit)."""
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + _chunk(b"IEND", b""))
+
+
+def png(size: int = 8) -> bytes:
+    """A small valid grey PNG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -2,7 +2,7 @@
 the file, the line and the request, the input files unchanged, the model never loaded."""
 
 import pytest
-from input_helpers import refused
+from input_helpers import png_bomb, refused
 
 BAD_REQUEST_FILES = {
     "a key twice": ("r.yaml", "- source: tench\n  destination: goldfish\n  destination: carp\n",
@@ -34,3 +34,23 @@ def test_bad_request_file_is_refused_before_the_model_loads(case, tmp_path, caps
     refused(capsys, ["edit", "--requests", str(path), "--out", str(out)], [path],
             expected.format(path=path))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "does not exist"), (b"", "is empty (0 bytes)"), (b"GIF89a, not really", "is not an image"),
+    (png_bomb(), "is over PIL's decompression-bomb limit"),
+])
+def test_bad_reference_image_is_refused_before_the_model_loads(content, expected, tmp_path, capsys,
+                                                                monkeypatch):
+    import emcid.cli_commands
+
+    monkeypatch.setattr(emcid.cli_commands, "_load", lambda args: pytest.fail("the model was loaded"))
+    image = tmp_path / "ref.png"
+    if content is not None:
+        image.write_bytes(content)
+    path = tmp_path / "r.yaml"
+    path.write_text("- {source: tench, destination: goldfish}\n"
+                    "- {source: owl, destination: heron, reference_images: [ref.png]}\n")
+    refused(capsys, ["edit", "--requests", str(path), "--out", str(tmp_path / "p.safetensors")],
+            [path, *([image] if content is not None else [])],
+            f"r.yaml:2: request 2: reference image '{image}' of 'owl' {expected}")

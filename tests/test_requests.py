@@ -2,11 +2,11 @@ import json
 import re
 
 import pytest
-from input_helpers import alias_bomb
+from input_helpers import alias_bomb, png, png_bomb
 
 from emcid import EditRequest, load_requests
 from emcid.errors import RequestError
-from emcid.requests import save_requests, subject_positions, validate_requests
+from emcid.requests import parse_requests, save_requests, subject_positions, validate_requests
 
 
 def test_defaults_and_prompts():
@@ -200,9 +200,52 @@ def test_reference_images_may_be_paths(tmp_path):
 
 
 def test_reference_images_relative_to_file(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "x.png").write_bytes(png())
     (tmp_path / "r.yaml").write_text("- {source: a, destination: b, reference_images: [img/x.png]}\n")
     (request,) = load_requests(tmp_path / "r.yaml")
     assert request.reference_images == (str(tmp_path / "img/x.png"),)
+
+
+def _damaged_png() -> bytes:
+    data = bytearray(png())
+    data[data.index(b"IDAT") + 6] ^= 0xFF  # the chunk's checksum no longer matches
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("missing.png", None, "does not exist"),
+    ("folder.png", "folder", "is a folder, not an image file"),
+    ("empty.png", b"", r"is empty \(0 bytes\)"),
+    ("notes.png", b"not an image at all\n", r"is not an image \(PIL reads no image format in it\)"),
+    ("damaged.png", _damaged_png(), r"is a damaged image: .broken PNG file \(bad header checksum"),
+    ("bomb.png", png_bomb(), r"is over PIL's decompression-bomb limit \(Image.MAX_IMAGE_PIXELS = \d+\): "
+                             r"Image size \(10000000000 pixels\)"),
+])
+def test_bad_reference_images_are_refused_at_load(tmp_path, name, make, message):
+    image = tmp_path / name
+    if make == "folder":
+        image.mkdir()
+    elif make is not None:
+        image.write_bytes(make)
+    (tmp_path / "r.yaml").write_text(f"- {{source: a, destination: b}}\n- {{source: owl, destination: "
+                                     f"heron, reference_images: [{name}]}}\n")
+    with pytest.raises(RequestError, match=f"r.yaml:2: request 2: reference image '.*{name}' of 'owl' "
+                                           f"{message}"):
+        load_requests(tmp_path / "r.yaml")
+    with pytest.raises(RequestError, match=f"request 1: reference image .*{message}"):  # objects too
+        parse_requests([EditRequest("owl", "heron", reference_images=[image])])
+
+
+def test_images_just_over_the_pixel_limit_are_refused(tmp_path, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "x.png").write_bytes(png(10))
+    request = EditRequest("owl", "heron", reference_images=[tmp_path / "x.png"])
+    assert parse_requests([request]) == [request]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 99)  # PIL only warns below twice the limit
+    with pytest.raises(RequestError, match="decompression-bomb limit"):
+        parse_requests([request])
 
 
 def test_subject_positions_multi_token(sd1):

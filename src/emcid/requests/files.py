@@ -19,6 +19,7 @@ from ..core.textfiles import load_data, read_utf8
 from ..errors import RequestError, quote
 from .debias import DebiasRequest, validate_debias_requests
 from .edit import EditRequest, validate_requests
+from .images import check_image
 
 
 def _item_lines(text: str) -> list[int] | None:
@@ -111,7 +112,8 @@ def parse_requests(items: Sequence, labels: Sequence[str] | None = None, base: P
     Rows with a ``debias`` field are debias requests, the others edits; a batch mixing the
     two is refused (they are two tasks, each with its own patch). ``labels`` name the items
     in errors (default "request N"); ``base`` is the folder relative image paths start from.
-    ``debias`` fixes the kind instead (every row is then read as that kind).
+    ``debias`` fixes the kind instead (every row is then read as that kind). Reference images
+    are checked here (they exist and PIL reads them), since Stage I reads them only late.
     """
     items = list(items)
     labels = list(labels) if labels is not None else [f"request {i}" for i in range(1, len(items) + 1)]
@@ -124,9 +126,12 @@ def parse_requests(items: Sequence, labels: Sequence[str] | None = None, base: P
     requests = []
     for item, label in zip(items, labels, strict=True):
         try:
-            requests.append(_parse_one(item, debiasing, base))
+            request = _parse_one(item, debiasing, base)
+            for path in getattr(request, "reference_images", ()):  # read only in Stage I
+                check_image(path, request.source)
         except RequestError as exc:
             raise RequestError(f"{label}: {exc}") from None
+        requests.append(request)
     if not debiasing:
         return validate_requests(requests, labels)
     return validate_debias_requests(requests)
