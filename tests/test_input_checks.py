@@ -54,3 +54,29 @@ def test_bad_reference_image_is_refused_before_the_model_loads(content, expected
     refused(capsys, ["edit", "--requests", str(path), "--out", str(tmp_path / "p.safetensors")],
             [path, *([image] if content is not None else [])],
             f"r.yaml:2: request 2: reference image '{image}' of 'owl' {expected}")
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "is not a file"), (b"", "captions.txt is empty"), (b"  \n\t\n\n", "captions.txt is blank"),
+    (b"a photo of a cat\ncaf\xe9 au lait\n", "captions.txt:2: not UTF-8 text (byte 0xe9)"),
+    (b"a cat\n\x00\x00\x00\n", "captions.txt:2: a NUL character"),
+])
+def test_bad_corpus_is_refused_before_the_model_loads(content, expected, tmp_path, capsys, monkeypatch):
+    import emcid.cli_commands
+
+    monkeypatch.setattr(emcid.cli_commands, "_load", lambda args: pytest.fail("the model was loaded"))
+    corpus = tmp_path / "captions.txt"
+    if content is not None:
+        corpus.write_bytes(content)
+    path = tmp_path / "r.yaml"
+    path.write_text("- {source: tench, destination: goldfish}\n")
+    refused(capsys, ["edit", "--requests", str(path), "--out", str(tmp_path / "p.safetensors"),
+                     "--corpus", str(corpus)], [path, *([corpus] if content is not None else [])],
+            "emcid: error: corpus ", expected)
+
+
+def test_a_corpus_gives_its_non_blank_lines(tmp_path):
+    from emcid.core.config import read_corpus
+
+    (tmp_path / "c.txt").write_bytes("\ufeffa cat\n\n  caf\u00e9 au lait \n".encode("utf-8"))
+    assert read_corpus(tmp_path / "c.txt") == ["a cat", "caf\u00e9 au lait"]
