@@ -80,3 +80,35 @@ def test_a_corpus_gives_its_non_blank_lines(tmp_path):
 
     (tmp_path / "c.txt").write_bytes("\ufeffa cat\n\n  caf\u00e9 au lait \n".encode("utf-8"))
     assert read_corpus(tmp_path / "c.txt") == ["a cat", "caf\u00e9 au lait"]
+
+
+LONG = " ".join(["very"] * 90)
+
+
+@pytest.mark.parametrize("row, expected", [
+    (f"{{source: tench, destination: '{LONG} goldfish'}}",
+     ("the request 'tench' -> 'very very", "(text_encoder), destination: prompt 'An image of very")),
+    (f"{{source: tench, destination: goldfish, prompts: ['{{}} {LONG}']}}",
+     ("the request 'tench' -> 'goldfish' (text_encoder), source: prompt 'tench very very",)),
+])
+def test_a_prompt_over_the_token_window_is_refused_before_stage1(row, expected, tmp_path, sd1_dir, capsys,
+                                                                 monkeypatch):
+    from emcid.editors import emcid as emcid_editor
+
+    monkeypatch.setattr(emcid_editor, "compute_targets", lambda *a, **k: pytest.fail("Stage I ran"))
+    path = tmp_path / "r.yaml"
+    path.write_text(f"- {{source: zebra, destination: horse}}\n- {row}\n")
+    line = refused(capsys, ["edit", "--model", str(sd1_dir), "--requests", str(path), "--out",
+                            str(tmp_path / "p.safetensors")], [path], *expected, "tokens long",
+                   "over the 77-token window")
+    assert len(line) < 400, line
+
+
+def test_a_debias_prompt_over_the_token_window_is_refused_before_any_work(sd1, monkeypatch):
+    import emcid
+    from emcid.tasks import debias
+
+    monkeypatch.setattr(debias, "ClipZeroShot", lambda *a, **k: pytest.fail("the classifier loaded"))
+    with pytest.raises(emcid.EmcidError, match="the request 'a doctor' -> 'a male doctor' .*tokens long"):
+        emcid.edit(sd1, [{"source": "doctor", "debias": ["male", "female"], "prompts": [f"{{}} {LONG}"]}],
+                   progress=False)

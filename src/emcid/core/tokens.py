@@ -54,3 +54,16 @@ def subject_positions(tokenizer, templates: Sequence[str], subject: str) -> torc
             )
         positions.append(last)
     return torch.tensor(positions, dtype=torch.long)
+
+
+def check_window(tokenizer, prompts: Sequence[str], what: str) -> None:
+    """Refuse a prompt longer than the tokenizer's window (77 tokens for CLIP): the pipelines
+    cut it there without a word, so the edit would be made on another prompt than the one
+    written. ``what`` names the prompts' request and encoder in the message."""
+    limit = tokenizer.model_max_length
+    for prompt, ids in zip(prompts, tokenizer(list(prompts), truncation=False).input_ids):
+        if len(ids) > limit:
+            raise RequestError(
+                f"{what}: prompt {quote(prompt)} is {len(ids)} tokens long (with its start and end "
+                f"tokens), over the {limit}-token window, past which the encoder reads nothing: "
+                "shorten it")
