@@ -8,6 +8,7 @@ import math
 
 import pytest
 import yaml
+from input_helpers import alias_bomb, refused
 
 import emcid
 from emcid.cli import main
@@ -96,7 +97,7 @@ def test_bad_config_file_is_one_line(tmp_path, request_file, capsys):
     config.write_text("steps: [1, 2\n")
     assert main(["edit", "--model", str(tmp_path / "nowhere"), "--requests", str(request_file),
                  "--out", str(tmp_path / "p"), "--config", str(config)]) == 2
-    _one_line_error(capsys, "not valid YAML")
+    _one_line_error(capsys, "c.yaml:2: malformed YAML")
     config.write_text(yaml.safe_dump({"stage2": {"alpha": 2.0}}))
     assert main(["edit", "--model", str(tmp_path / "nowhere"), "--requests", str(request_file),
                  "--out", str(tmp_path / "p"), "--config", str(config)]) == 2
@@ -170,3 +171,33 @@ def test_iceb_refuses_more_edits_than_classes_at_once(tmp_path, sd1_dir, monkeyp
                  "--judge", "nowhere-judge"]) == 2  # refused before the judge is even loaded
     _one_line_error(capsys, "5000 edits", "1000 classes")
     assert not (tmp_path / "o").exists()
+
+
+def test_config_values_are_quoted_short(tmp_path, request_file, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"steps: {alias_bomb()}\n")
+    line = refused(capsys, ["edit", "--model", str(tmp_path / "nowhere"), "--requests", str(request_file),
+                            "--out", str(tmp_path / "p"), "--config", str(config)],
+                   [config, request_file], "option steps=[[")
+    assert len(line) < 250, line
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("c.yaml", "steps: 3\nlam: 1.0\nsteps: 4\n", "c.yaml:3: duplicate key 'steps' (first on line 1)"),
+    ("c.yaml", "stage1:\n  steps: 3\n  steps: 4\n", "c.yaml:3: duplicate key 'steps' (first on line 2)"),
+    ("c.json", '{"steps": 3,\n "steps": 4}', "c.json: duplicate key 'steps'"),
+])
+def test_a_config_key_given_twice_is_refused(name, text, expected, tmp_path, request_file, capsys):
+    config = tmp_path / name
+    config.write_text(text)
+    refused(capsys, ["edit", "--model", str(tmp_path / "nowhere"), "--requests", str(request_file),
+                     "--out", str(tmp_path / "p"), "--config", str(config)], [config, request_file],
+            expected)
+
+
+def test_a_yaml_merge_may_override_its_keys(tmp_path):
+    from emcid.core.config import read_config_file
+
+    config = tmp_path / "c.yaml"
+    config.write_text("base: &base {steps: 3, lam: 1.0}\nstage1: {<<: *base, steps: 4}\n")
+    assert read_config_file(config)["stage1"] == {"steps": 4, "lam": 1.0}

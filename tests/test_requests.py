@@ -1,10 +1,12 @@
 import json
+import re
 
 import pytest
+from input_helpers import alias_bomb, png, png_bomb
 
 from emcid import EditRequest, load_requests
 from emcid.errors import RequestError
-from emcid.requests import save_requests, subject_positions, validate_requests
+from emcid.requests import parse_requests, save_requests, subject_positions, validate_requests
 
 
 def test_defaults_and_prompts():
@@ -38,9 +40,24 @@ def test_bad_requests_are_refused(kwargs, message):
 
 
 def test_empty_destination_is_an_erase():
-    erase = EditRequest("tench", " ")
+    erase = EditRequest("tench", "")
     assert erase.is_erase and erase.destination == ""
     assert not EditRequest("tench", "goldfish").is_erase
+
+
+@pytest.mark.parametrize("source, destination, message", [
+    ("\x00", "goldfish", r"source '\\x00' is only invisible or control characters \(U\+0000\)"),
+    (" \u200b ", "goldfish", r"source '\\u200b' is only invisible .*\(U\+200B\)"),
+    ("\u200b\u2060\x7f", "goldfish", r"\(U\+007F, U\+200B, U\+2060\)"),
+    ("tench", "\u200b", r"the destination of 'tench' '\\u200b' is only invisible"),
+    ("tench", "   ", r"the destination of 'tench' is only white space \(3 characters: U\+0020\): an "
+                     r'erase is written as an empty destination, ""'),
+    ("tench", "\t\u3000", "the destination of 'tench' is only white space"),
+])
+def test_text_with_nothing_visible_is_refused(source, destination, message):
+    with pytest.raises(RequestError, match=message):
+        EditRequest(source, destination)
+    assert EditRequest("tench\u200bfish", "goldfish").source == "tench\u200bfish"  # visible text: kept
 
 
 def test_literal_braces_locate_the_subject(sd1):
@@ -67,8 +84,20 @@ def test_conflicting_destinations_refused():
 
 
 def test_chain_refused():
-    with pytest.raises(RequestError, match="chain"):
-        validate_requests([EditRequest("a", "b"), EditRequest("b", "c")])
+    with pytest.raises(RequestError, match="chain: 'a' -> 'b' -> 'c' -> 'd' .*write 'a' -> 'd'"):
+        validate_requests([EditRequest("a", "b"), EditRequest("c", "d"), EditRequest("b", "c")])
+
+
+@pytest.mark.parametrize("pairs, cycle, where", [
+    ([("tench", "goldfish"), ("Goldfish", "tench")], "'tench' -> 'Goldfish' -> 'tench'",
+     "request 1; request 2"),
+    ([("a", "b"), ("b", "c"), ("c", "a")], "'a' -> 'b' -> 'c' -> 'a'", "request 1; request 2; request 3"),
+    ([("x", "b"), ("b", "c"), ("c", "b")], "'b' -> 'c' -> 'b'", "request 2; request 3"),
+])
+def test_cycles_are_refused_naming_the_cycle(pairs, cycle, where):
+    with pytest.raises(RequestError, match=re.escape(f"cycle {cycle} ({where})")) as info:
+        validate_requests([EditRequest(s, d) for s, d in pairs])
+    assert "write" not in str(info.value)
 
 
 def test_exact_duplicates_dropped():
@@ -171,9 +200,52 @@ def test_reference_images_may_be_paths(tmp_path):
 
 
 def test_reference_images_relative_to_file(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "x.png").write_bytes(png())
     (tmp_path / "r.yaml").write_text("- {source: a, destination: b, reference_images: [img/x.png]}\n")
     (request,) = load_requests(tmp_path / "r.yaml")
     assert request.reference_images == (str(tmp_path / "img/x.png"),)
+
+
+def _damaged_png() -> bytes:
+    data = bytearray(png())
+    data[data.index(b"IDAT") + 6] ^= 0xFF  # the chunk's checksum no longer matches
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("missing.png", None, "does not exist"),
+    ("folder.png", "folder", "is a folder, not an image file"),
+    ("empty.png", b"", r"is empty \(0 bytes\)"),
+    ("notes.png", b"not an image at all\n", r"is not an image \(PIL reads no image format in it\)"),
+    ("damaged.png", _damaged_png(), r"is a damaged image: .broken PNG file \(bad header checksum"),
+    ("bomb.png", png_bomb(), r"is over PIL's decompression-bomb limit \(Image.MAX_IMAGE_PIXELS = \d+\): "
+                             r"Image size \(10000000000 pixels\)"),
+])
+def test_bad_reference_images_are_refused_at_load(tmp_path, name, make, message):
+    image = tmp_path / name
+    if make == "folder":
+        image.mkdir()
+    elif make is not None:
+        image.write_bytes(make)
+    (tmp_path / "r.yaml").write_text(f"- {{source: a, destination: b}}\n- {{source: owl, destination: "
+                                     f"heron, reference_images: [{name}]}}\n")
+    with pytest.raises(RequestError, match=f"r.yaml:2: request 2: reference image '.*{name}' of 'owl' "
+                                           f"{message}"):
+        load_requests(tmp_path / "r.yaml")
+    with pytest.raises(RequestError, match=f"request 1: reference image .*{message}"):  # objects too
+        parse_requests([EditRequest("owl", "heron", reference_images=[image])])
+
+
+def test_images_just_over_the_pixel_limit_are_refused(tmp_path, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "x.png").write_bytes(png(10))
+    request = EditRequest("owl", "heron", reference_images=[tmp_path / "x.png"])
+    assert parse_requests([request]) == [request]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 99)  # PIL only warns below twice the limit
+    with pytest.raises(RequestError, match="decompression-bomb limit"):
+        parse_requests([request])
 
 
 def test_subject_positions_multi_token(sd1):
@@ -197,3 +269,30 @@ def test_subject_beyond_window_refused(sd1):
     tokens = len(sd1.tokenizer(long_template.format("tench")).input_ids)
     assert f"is {tokens} tokens long" in message
     assert len(message) < 300 and "'a a a" in message
+
+
+
+def test_quoted_values_are_cut_short(tmp_path):
+    path = tmp_path / "r.yaml"
+    for row in ("{source: tench, destination: BOMB}", "BOMB", "{source: BOMB, destination: b}"):
+        path.write_text(f"- {row.replace('BOMB', alias_bomb())}\n")
+        with pytest.raises(RequestError, match=r"r.yaml:1: request 1: ") as info:
+            load_requests(path)
+        assert len(str(info.value)) < 200 + len(str(path)), str(info.value)
+    essay = "word " * 5000
+    with pytest.raises(RequestError, match="edited twice") as info:
+        validate_requests([EditRequest(essay, "b"), EditRequest(essay, "c")])
+    assert len(str(info.value)) < 400 and "..." in str(info.value)
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("r.yaml", "- source: tench\n  destination: goldfish\n  source: zebra\n",
+     "r.yaml:3: duplicate key 'source' (first on line 1)"),
+    ("r.yaml", "requests: []\nrequests:\n- {source: a, destination: b}\n",
+     "r.yaml:2: duplicate key 'requests' (first on line 1)"),
+    ("r.json", '[{"source": "a", "destination": "b", "destination": "c"}]', "r.json: duplicate key"),
+])
+def test_a_request_key_given_twice_is_refused(name, text, expected, tmp_path):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(RequestError, match=re.escape(expected)):
+        load_requests(tmp_path / name)

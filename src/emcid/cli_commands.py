@@ -99,16 +99,18 @@ DEBIAS_FLAGS = ("classifier", "images", "rounds")  # `emcid edit` flags for debi
 
 def check_edit_options(method: str, debiasing: bool, options: dict) -> None:
     """Every option of `emcid edit`, checked for the requests' kind before the model loads."""
+    from .core.config import check_corpus
     from .editors.registry import get_editor
     from .tasks.debias import debias_options
 
     if debiasing:
         debias_options(method, options)
-        return
-    given = [f"--{name}" for name in DEBIAS_FLAGS if name in options]
-    if given:
-        raise OptionError(f"{', '.join(given)}: for debias requests only, and these requests are edits")
-    get_editor(method, **options)
+    else:
+        given = [f"--{name}" for name in DEBIAS_FLAGS if name in options]
+        if given:
+            raise OptionError(f"{', '.join(given)}: for debias requests only, and these requests are edits")
+        get_editor(method, **options)
+    check_corpus(options.get("corpus"))  # the editor reads it only after the model has loaded
 
 
 def cmd_edit(args: argparse.Namespace) -> None:

@@ -1,4 +1,21 @@
-"""Exceptions with messages meant for the person at the keyboard."""
+"""Exceptions with messages meant for the person at the keyboard, and how they quote input."""
+
+import reprlib
+
+QUOTE_LIMIT = 80  # characters of a user's value quoted in an error message
+
+_SHORT_REPR = reprlib.Repr()  # bounded: never walks a whole YAML alias bomb
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, QUOTE_LIMIT, QUOTE_LIMIT
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 8
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``value`` as an error message quotes it, cut at ``limit`` characters with "...": a
+    pasted essay or a YAML alias bomb must still make one short line."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= limit else value[:limit] + "...")
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class EmcidError(Exception):

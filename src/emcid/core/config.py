@@ -13,15 +13,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..errors import OptionError
+from ..errors import OptionError, quote
+from .textfiles import load_data, read_utf8
 
 
 def check_int(owner: str, name: str, value: object, minimum: int = 1) -> None:
     """``value`` is an integer (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{owner} option {name}={value!r}: give an integer >= {minimum}")
+        raise OptionError(f"{owner} option {name}={quote(value)}: give an integer >= {minimum}")
 
 
 def check_float(owner: str, name: str, value: object, low: float | None = None,
@@ -36,18 +35,39 @@ def check_float(owner: str, name: str, value: object, low: float | None = None,
         left = "(" if low_open or low is None else "["
         right = ")" if high_open or high is None else "]"
         span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise OptionError(f"{owner} option {name}={value!r}: give a finite number in {span}")
+        raise OptionError(f"{owner} option {name}={quote(value)}: give a finite number in {span}")
 
 
 def check_choice(owner: str, name: str, value: object, choices: tuple) -> None:
     if value not in choices:
-        raise OptionError(f"{owner} option {name}={value!r}: choose from {', '.join(map(str, choices))}")
+        raise OptionError(f"{owner} option {name}={quote(value)}: choose from {', '.join(map(str, choices))}")
+
+
+def read_corpus(corpus: str | Path) -> list[str]:
+    """The captions of a caption file, one per non-blank line: a file that would give no
+    statistics (missing, not UTF-8 text, empty or blank) is an :class:`OptionError`."""
+    path = Path(corpus)
+    if not path.is_file():
+        raise OptionError(f"corpus {quote(str(corpus))} is not a file (give a caption file, one per line)")
+    try:
+        text = read_utf8(path, OptionError)
+    except OptionError as exc:
+        raise OptionError(f"corpus {exc}") from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise OptionError(f"corpus {path}:{line}: a NUL character: not a text file of captions")
+    captions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not captions:
+        raise OptionError(f"corpus {path} is {'blank' if text else 'empty'}: give a caption file, "
+                          "one caption per line")
+    return captions
 
 
 def check_corpus(corpus: str | None) -> None:
-    """A caption file given for the statistics exists (checked before Stage I's work)."""
-    if corpus is not None and not Path(corpus).is_file():
-        raise OptionError(f"corpus {corpus!r} is not a file (give a caption file, one per line)")
+    """A caption file given for the statistics gives captions: checked before the model loads
+    (the command line) and before Stage I's work (the editors), not at the statistics."""
+    if corpus is not None:
+        read_corpus(corpus)
 
 
 def build(cls: type, data: dict, owner: str) -> Any:
@@ -55,11 +75,11 @@ def build(cls: type, data: dict, owner: str) -> Any:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise OptionError(f"unknown {owner} options: {unknown}; known: {sorted(names)}")
+        raise OptionError(f"unknown {owner} options: {quote(unknown)}; known: {sorted(names)}")
     try:
         return cls(**data)
     except TypeError as exc:  # a value of the wrong shape (e.g. a list for a number)
-        raise OptionError(f"{owner} options: {exc}") from exc
+        raise OptionError(f"{owner} options: {quote(str(exc))}") from exc
 
 
 @dataclass
@@ -88,7 +108,7 @@ class Runtime:
     def __post_init__(self) -> None:
         for name in ("cache", "grad_checkpointing", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
-                raise OptionError(f"runtime option {name}={getattr(self, name)!r}: give true or false")
+                raise OptionError(f"runtime option {name}={quote(getattr(self, name))}: give true or false")
         if self.concept_batch is not None:
             check_int("runtime", "concept_batch", self.concept_batch)
         check_int("runtime", "cpu_concept_batch", self.cpu_concept_batch)
@@ -112,14 +132,10 @@ def read_config_file(path: str | Path) -> dict:
     """Options from a YAML or JSON file (a mapping; nested ``stage1``/``stage2`` allowed)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_utf8(path, OptionError)
+    except OSError as exc:
         raise OptionError(f"cannot read the config file {path}: {exc}") from exc
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise OptionError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                          f"{exc}".replace("\n", " ")) from exc
+    data = load_data(path, text, OptionError)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise OptionError(f"{path}: expected a mapping of option names to values, "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 from ..errors import StatsMismatchError
 from .bundle import ModelBundle
 from .cache import TensorCache, content_key
+from .config import read_corpus as read_corpus  # a caption file's captions, checked (its import path)
 from .hooks import capture
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,6 @@ def default_corpus(bundle: ModelBundle, count: int) -> list[str]:
     from ..concepts import builtin_caption_corpus
 
     return builtin_caption_corpus(count)
-
-
-def read_corpus(path: str | Path) -> list[str]:
-    lines = [line.strip() for line in Path(path).read_text().splitlines()]
-    captions = [line for line in lines if line]
-    if not captions:
-        raise ValueError(f"caption corpus {path} is empty")
-    return captions
 
 
 def corpus_hash(captions: Sequence[str]) -> str:

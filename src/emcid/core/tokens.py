@@ -7,19 +7,12 @@ from string import Formatter
 
 import torch
 
-from ..errors import RequestError
-
-PROMPT_QUOTE = 60  # characters of a prompt quoted in an error message
+from ..errors import RequestError, quote
 
 
 def normalise(text: str) -> str:
     """Case and runs of white space folded: how concepts are compared."""
     return " ".join(text.lower().split())
-
-
-def quote_start(text: str) -> str:
-    """The start of a long text, for error messages that must stay one readable line."""
-    return repr(text if len(text) <= PROMPT_QUOTE else text[:PROMPT_QUOTE] + "...")
 
 
 def subject_start(template: str) -> int:
@@ -29,7 +22,7 @@ def subject_start(template: str) -> int:
         offset += len(literal)
         if name is not None:
             return offset
-    raise RequestError(f"prompt {quote_start(template)} has no '{{}}'")
+    raise RequestError(f"prompt {quote(template)} has no '{{}}'")
 
 
 def subject_positions(tokenizer, templates: Sequence[str], subject: str) -> torch.Tensor:
@@ -51,13 +44,26 @@ def subject_positions(tokenizer, templates: Sequence[str], subject: str) -> torc
         ]
         if not inside:
             raise RequestError(
-                f"subject {subject!r} not found among the tokens of {quote_start(prompt)}")
+                f"subject {quote(subject)} not found among the tokens of {quote(prompt)}")
         last = inside[-1]
         if last >= tokenizer.model_max_length - 1:
             raise RequestError(
-                f"prompt {quote_start(prompt)} is {len(encoded['input_ids'])} tokens long and "
-                f"its subject {quote_start(subject)} ends at token {last}, beyond the "
+                f"prompt {quote(prompt)} is {len(encoded['input_ids'])} tokens long and "
+                f"its subject {quote(subject)} ends at token {last}, beyond the "
                 f"{tokenizer.model_max_length}-token window: shorten the prompt"
             )
         positions.append(last)
     return torch.tensor(positions, dtype=torch.long)
+
+
+def check_window(tokenizer, prompts: Sequence[str], what: str) -> None:
+    """Refuse a prompt longer than the tokenizer's window (77 tokens for CLIP): the pipelines
+    cut it there without a word, so the edit would be made on another prompt than the one
+    written. ``what`` names the prompts' request and encoder in the message."""
+    limit = tokenizer.model_max_length
+    for prompt, ids in zip(prompts, tokenizer(list(prompts), truncation=False).input_ids):
+        if len(ids) > limit:
+            raise RequestError(
+                f"{what}: prompt {quote(prompt)} is {len(ids)} tokens long (with its start and end "
+                f"tokens), over the {limit}-token window, past which the encoder reads nothing: "
+                "shorten it")

@@ -3,7 +3,8 @@ and lists, one loader for both kinds (:mod:`.files`)."""
 
 from ..concepts import ARTIST_PROMPTS, OBJECT_PROMPTS
 from ..core.generation import MAX_SEED
-from ..core.tokens import PROMPT_QUOTE, subject_positions
+from ..core.tokens import subject_positions
+from ..errors import QUOTE_LIMIT as PROMPT_QUOTE
 from .debias import DebiasRequest, validate_debias_requests
 from .edit import ERASE, LIST_SEPARATOR, EditRequest, validate_requests
 from .files import (

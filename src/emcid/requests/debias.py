@@ -7,14 +7,21 @@ from dataclasses import dataclass
 
 from ..concepts import OBJECT_PROMPTS
 from ..core.tokens import normalise
-from ..errors import RequestError
-from .edit import EditRequest, check_cells, list_field
+from ..errors import RequestError, quote
+from .edit import EditRequest, check_cells, list_field, seed_field, text_field, visible_text
 
 ARTICLES = ("a", "an", "the")
 
 
 def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _value_text(value: object) -> str:
+    """An attribute value as text: numbers (an age) are taken as written, containers refused."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return text_field(value, "a debias value")
 
 
 @dataclass(frozen=True)
@@ -27,20 +34,21 @@ class DebiasRequest:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "source", str(self.source).strip())
-        object.__setattr__(self, "values", tuple(str(v).strip() for v in self.values))
+        object.__setattr__(self, "source", visible_text(text_field(self.source, "source"), "source"))
+        object.__setattr__(self, "values", tuple(visible_text(_value_text(v), "a debias value")
+                                                 for v in self.values))
         object.__setattr__(self, "prompts", tuple(self.prompts))
         if not self.noun:
-            raise RequestError(f"a debias request has an empty source: {self.to_dict()}")
+            raise RequestError(f"a debias request has an empty source: {quote(self.to_dict())}")
         normalised = [normalise(v) for v in self.values]
         if len(self.values) < 2 or "" in normalised:
             raise RequestError(
-                f"the debias request for {self.source!r} needs at least two attribute values "
-                f"(e.g. debias: [male, female]); it has {list(self.values)}"
+                f"the debias request for {quote(self.source)} needs at least two attribute values "
+                f"(e.g. debias: [male, female]); it has {quote(list(self.values))}"
             )
         if len(set(normalised)) < len(normalised):
-            raise RequestError(f"the debias request for {self.source!r} repeats a value: "
-                               f"{list(self.values)}")
+            raise RequestError(f"the debias request for {quote(self.source)} repeats a value: "
+                               f"{quote(list(self.values))}")
         self.stage1_requests()  # checks the prompt templates as for any edit
 
     @property
@@ -69,14 +77,15 @@ class DebiasRequest:
         check_cells(data)
         unknown = set(data) - {"source", "debias", "prompts", "seed"}
         if unknown:
-            raise RequestError(f"unknown debias request fields {sorted(unknown)} in {data}")
+            raise RequestError(f"unknown debias request fields {quote(sorted(unknown, key=str))} "
+                               f"in {quote(data)}")
         if "source" not in data or "debias" not in data:
-            raise RequestError(f"a debias request needs 'source' and 'debias' (the values): {data}")
+            raise RequestError(f"a debias request needs 'source' and 'debias' (the values): {quote(data)}")
         kwargs: dict = {"source": data["source"], "values": list_field(data["debias"])}
         if list_field(data.get("prompts")):
             kwargs["prompts"] = list_field(data["prompts"])
         if data.get("seed") not in (None, ""):
-            kwargs["seed"] = int(data["seed"])
+            kwargs["seed"] = seed_field(data["seed"])
         return cls(**kwargs)
 
 
@@ -88,7 +97,7 @@ def validate_debias_requests(requests: Sequence[DebiasRequest]) -> list[DebiasRe
     for request in requests:
         key = normalise(request.noun)
         if key in seen:
-            raise RequestError(f"{request.source!r} is debiased twice ({list(seen[key].values)} and "
-                               f"{list(request.values)}): keep one")
+            raise RequestError(f"{quote(request.source)} is debiased twice ({quote(list(seen[key].values))} "
+                               f"and {quote(list(request.values))}): keep one")
         seen[key] = request
     return list(requests)

@@ -9,6 +9,7 @@ The subject token of a prompt is the last token of the source text inside it
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,11 +17,13 @@ from string import Formatter
 
 from ..concepts import OBJECT_PROMPTS
 from ..core.generation import MAX_SEED
-from ..core.tokens import normalise, quote_start
-from ..errors import RequestError
+from ..core.tokens import normalise
+from ..errors import RequestError, quote
 
 LIST_SEPARATOR = "|"  # separates several prompts / images inside one CSV cell
 ERASE = ""  # the destination that asks for an erase (emcid.tasks.erase)
+# Unicode categories with nothing to see: control, format (zero-width), surrogate, separators.
+INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
 
 
 def text_field(value: object, name: str) -> str:
@@ -32,7 +35,34 @@ def text_field(value: object, name: str) -> str:
                            "as booleans): quote the word")
     if value is None:
         raise RequestError(f"{name} is missing or empty (null)")
-    raise RequestError(f"{name} must be text, not the {type(value).__name__} {value!r}: quote it")
+    raise RequestError(f"{name} must be text, not the {type(value).__name__} {quote(value)}: quote it")
+
+
+def _code_points(text: str) -> str:
+    """The distinct characters of ``text`` as U+XXXX: readable where they are invisible."""
+    return ", ".join(sorted({f"U+{ord(c):04X}" for c in text}))
+
+
+def visible_text(text: str, name: str) -> str:
+    """``text`` without surrounding white space; refused if all that is left is invisible (a
+    NUL, a zero-width space): the tokenizer reads no concept there, or junk."""
+    text = text.strip()
+    if text and all(unicodedata.category(c) in INVISIBLE for c in text):
+        raise RequestError(f"{name} {quote(text)} is only invisible or control characters "
+                           f"({_code_points(text)}): write the concept in visible text")
+    return text
+
+
+def destination_field(value: object, source: str) -> str:
+    """The destination: ``""`` (written so) is an erase; white space alone is refused, since a
+    stray space is no way to ask for one."""
+    text = text_field(value, "destination")
+    if text and not text.strip():
+        raise RequestError(f"the destination of {quote(source)} is only white space "
+                           f"({len(text)} characters: {_code_points(text)}): "
+                           'an erase is written as an empty destination, "" (destination: "" in '
+                           "YAML or JSON, an empty CSV cell)")
+    return visible_text(text, f"the destination of {quote(source)}")
 
 
 def seed_field(value: object) -> int:
@@ -43,7 +73,7 @@ def seed_field(value: object) -> int:
     elif text and text.lstrip("+-").isdigit():
         seed = int(text)
     else:
-        raise RequestError(f"seed must be a whole number, not {value!r}")
+        raise RequestError(f"seed must be a whole number, not {quote(value)}")
     if not 0 <= seed <= MAX_SEED:
         raise RequestError(f"seed {seed} is outside 0..2**63-1")
     return seed
@@ -61,7 +91,7 @@ def list_field(value: object) -> list:
 def check_cells(data: dict) -> None:
     """A CSV row with more cells than the header (csv.DictReader files them under the key None)."""
     if None in data:
-        raise RequestError(f"more cells than the header has columns: {data[None]!r}")
+        raise RequestError(f"more cells than the header has columns: {quote(data[None])}")
 
 
 def check_template(template: str, source: str) -> None:
@@ -76,7 +106,7 @@ def check_template(template: str, source: str) -> None:
     if fields is not None:
         problem = "no '{}'" if not fields else "braces other than one '{}'"
     raise RequestError(
-        f"prompt {quote_start(template)} of {source!r}: {problem}; a prompt holds '{{}}' exactly "
+        f"prompt {quote(template)} of {quote(source)}: {problem}; a prompt holds '{{}}' exactly "
         "once (where the concept goes) and writes a literal brace as '{{' or '}}'"
     )
 
@@ -96,21 +126,21 @@ class EditRequest:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "source", text_field(self.source, "source").strip())
-        object.__setattr__(self, "destination", text_field(self.destination, "destination").strip())
+        object.__setattr__(self, "source", visible_text(text_field(self.source, "source"), "source"))
+        if not self.source:
+            raise RequestError("an edit request has an empty source")
+        object.__setattr__(self, "destination", destination_field(self.destination, self.source))
         if isinstance(self.prompts, str) or isinstance(self.reference_images, str):
-            raise RequestError(f"prompts and reference_images of {self.source!r} are lists")
+            raise RequestError(f"prompts and reference_images of {quote(self.source)} are lists")
         object.__setattr__(self, "prompts", tuple(text_field(p, "a prompt") for p in self.prompts))
         object.__setattr__(self, "reference_images", tuple(
             os.fspath(p) if isinstance(p, os.PathLike) else text_field(p, "a reference image")
             for p in self.reference_images))
         object.__setattr__(self, "seed", seed_field(self.seed))
-        if not self.source:
-            raise RequestError("an edit request has an empty source")
         if normalise(self.source) == normalise(self.destination):
-            raise RequestError(f"source and destination are both {self.source!r}: nothing to edit")
+            raise RequestError(f"source and destination are both {quote(self.source)}: nothing to edit")
         if not self.prompts:
-            raise RequestError(f"the request for {self.source!r} has no prompts")
+            raise RequestError(f"the request for {quote(self.source)} has no prompts")
         for template in self.prompts:
             check_template(template, self.source)
 
@@ -136,7 +166,7 @@ class EditRequest:
         check_cells(data)
         unknown = set(data) - {"source", "destination", "prompts", "reference_images", "seed"}
         if unknown:
-            raise RequestError(f"unknown request fields {sorted(unknown)}")
+            raise RequestError(f"unknown request fields {quote(sorted(unknown, key=str))}")
         for key in ("source", "destination"):
             if data.get(key) is None:
                 hint = (' (an erase is an explicit empty destination: destination: "", or an '
@@ -148,7 +178,7 @@ class EditRequest:
             if isinstance(value, str):
                 kwargs[key] = list_field(value)
             elif value is not None and not isinstance(value, list):
-                raise RequestError(f"{key} must be a list, not {value!r}")
+                raise RequestError(f"{key} must be a list, not {quote(value)}")
             if key in kwargs and not kwargs[key]:
                 kwargs.pop(key)
         if base is not None and "reference_images" in kwargs:
@@ -157,6 +187,9 @@ class EditRequest:
         if kwargs.get("seed") in (None, ""):
             kwargs.pop("seed", None)
         return cls(**kwargs)
+
+
+Labelled = tuple[EditRequest, str]  # a request and the label that names it in errors
 
 
 def validate_requests(requests: Sequence[EditRequest],
@@ -168,11 +201,12 @@ def validate_requests(requests: Sequence[EditRequest],
     (``labels``, default "request N"). Chains (a destination that is itself edited, A -> B
     with B -> C) are refused too: EMCID's teacher is the *unedited* model on the
     destination, so A would become the old B, not C. Write A -> C if that is what you mean.
+    Cycles (a swap: A -> B with B -> A) are refused, naming the whole cycle.
     """
     if not requests:
         raise RequestError("no edit requests given")
     labels = list(labels) if labels is not None else [f"request {i}" for i in range(1, len(requests) + 1)]
-    by_source: dict[str, tuple[EditRequest, str]] = {}
+    by_source: dict[str, Labelled] = {}
     unique: list[EditRequest] = []
     for request, label in zip(requests, labels, strict=True):
         key = normalise(request.source)
@@ -182,22 +216,47 @@ def validate_requests(requests: Sequence[EditRequest],
                 continue
             if normalise(previous.destination) != normalise(request.destination):
                 raise RequestError(
-                    f"{request.source!r} is edited twice, to {previous.destination!r} ({where}) "
-                    f"and to {request.destination!r} ({label}): keep one"
+                    f"{quote(request.source)} is edited twice, to {quote(previous.destination)} "
+                    f"({where}) and to {quote(request.destination)} ({label}): keep one"
                 )
             raise RequestError(
-                f"{where} and {label} both edit {previous.source!r} (differing in case, seed, "
+                f"{where} and {label} both edit {quote(previous.source)} (differing in case, seed, "
                 "prompts or reference images): a source appears once; merge them into one request"
             )
         by_source[key] = (request, label)
         unique.append(request)
-    for request in unique:
-        chained = by_source.get(normalise(request.destination))
-        if chained is not None:
-            chained = chained[0]
-            raise RequestError(
-                f"chain: {request.source!r} -> {request.destination!r}, but "
-                f"{chained.source!r} is itself edited to {chained.destination!r}. Chains are "
-                f"refused; write {request.source!r} -> {chained.destination!r} if you mean it"
-            )
+    _refuse_chains(unique, by_source)
     return unique
+
+
+def _path(request: EditRequest, by_source: dict[str, Labelled]) -> list[Labelled]:
+    """The requests ``request``'s destination leads through (each destination edited by the
+    next), up to one whose destination is not edited or is already on the path."""
+    path = [by_source[normalise(request.source)]]
+    seen = {normalise(request.source)}
+    while (key := normalise(path[-1][0].destination)) in by_source and key not in seen:
+        seen.add(key)
+        path.append(by_source[key])
+    return path
+
+
+def _refuse_chains(unique: list[EditRequest], by_source: dict[str, Labelled]) -> None:
+    """Cycles first (a swap is one), naming every concept on them, then chains."""
+    paths = [_path(r, by_source) for r in unique]
+    for path in paths:
+        first, last = path[0][0], path[-1][0]
+        if len(path) > 1 and normalise(last.destination) == normalise(first.source):
+            concepts = " -> ".join(quote(r.source) for r, _ in path)
+            raise RequestError(
+                f"cycle {concepts} -> {quote(first.source)} ({'; '.join(w for _, w in path)}): each "
+                "destination is itself edited, and EMCID's teacher is the unedited model, so these "
+                "are refused like chains; edit each concept to one that is not itself a source")
+    for path in paths:
+        if len(path) > 1:
+            first, last = path[0][0], path[-1][0]
+            concepts = " -> ".join(quote(r.source) for r, _ in path)
+            raise RequestError(
+                f"chain: {concepts} -> {quote(last.destination)} ({'; '.join(w for _, w in path)}): "
+                f"{quote(first.source)} would become the unedited {quote(first.destination)}, not "
+                f"{quote(last.destination)}. Chains are refused; write {quote(first.source)} -> "
+                f"{quote(last.destination)} if you mean it")

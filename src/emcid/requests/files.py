@@ -15,21 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from ..core.tokens import quote_start
-from ..errors import RequestError
+from ..core.textfiles import load_data, read_utf8
+from ..errors import RequestError, quote
 from .debias import DebiasRequest, validate_debias_requests
 from .edit import EditRequest, validate_requests
-
-
-def _read_text(path: Path) -> str:
-    """The file as UTF-8 (a byte-order mark is allowed); other encodings name the line."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise RequestError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
-                           "save the file as UTF-8") from None
+from .images import check_image
 
 
 def _item_lines(text: str) -> list[int] | None:
@@ -45,25 +35,9 @@ def _item_lines(text: str) -> list[int] | None:
     return [item.start_mark.line + 1 for item in node.value]
 
 
-def _parse_mapping_file(path: Path, text: str) -> object:
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RequestError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} "
-                               f"(column {exc.colno})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RequestError(f"{where}: malformed YAML: {problem}") from None
-
-
 def _read_rows(path: Path) -> tuple[list, list[str]]:
     """The rows of a request file and a label naming each (file, line and request number)."""
-    text = _read_text(path)
+    text = read_utf8(path, RequestError)
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = set(reader.fieldnames or ())
@@ -79,9 +53,9 @@ def _read_rows(path: Path) -> tuple[list, list[str]]:
                 rows.append(row)
                 labels.append(f"{path}:{reader.line_num}: request {number}")
         except csv.Error as exc:
-            raise RequestError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
+            raise RequestError(f"{path}:{reader.line_num}: malformed CSV: {quote(str(exc))}") from None
         return rows, labels
-    rows = _parse_mapping_file(path, text)
+    rows = load_data(path, text, RequestError)
     if isinstance(rows, dict):
         rows = rows.get("requests")
     if not isinstance(rows, list):
@@ -138,7 +112,8 @@ def parse_requests(items: Sequence, labels: Sequence[str] | None = None, base: P
     Rows with a ``debias`` field are debias requests, the others edits; a batch mixing the
     two is refused (they are two tasks, each with its own patch). ``labels`` name the items
     in errors (default "request N"); ``base`` is the folder relative image paths start from.
-    ``debias`` fixes the kind instead (every row is then read as that kind).
+    ``debias`` fixes the kind instead (every row is then read as that kind). Reference images
+    are checked here (they exist and PIL reads them), since Stage I reads them only late.
     """
     items = list(items)
     labels = list(labels) if labels is not None else [f"request {i}" for i in range(1, len(items) + 1)]
@@ -151,9 +126,12 @@ def parse_requests(items: Sequence, labels: Sequence[str] | None = None, base: P
     requests = []
     for item, label in zip(items, labels, strict=True):
         try:
-            requests.append(_parse_one(item, debiasing, base))
+            request = _parse_one(item, debiasing, base)
+            for path in getattr(request, "reference_images", ()):  # read only in Stage I
+                check_image(path, request.source)
         except RequestError as exc:
             raise RequestError(f"{label}: {exc}") from None
+        requests.append(request)
     if not debiasing:
         return validate_requests(requests, labels)
     return validate_debias_requests(requests)
@@ -163,7 +141,7 @@ def _parse_one(item: object, debiasing: bool, base: Path | None) -> EditRequest 
     if isinstance(item, (EditRequest, DebiasRequest)):
         return item
     if not isinstance(item, dict):
-        raise RequestError(f"not a mapping of fields: {quote_start(repr(item))}")
+        raise RequestError(f"not a mapping of fields: {quote(item)}")
     if not debiasing:
         return EditRequest.from_dict(item, base=base)
     try:

@@ -34,7 +34,7 @@ from ..editors.emcid.targets import ConceptTarget
 from ..errors import ModelLoadError, OptionError, RequestError
 from ..patch.format import EditPatch
 from ..requests.debias import DebiasRequest, validate_debias_requests
-from .edit import patch_metadata
+from .edit import check_prompts, patch_metadata
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,8 @@ def debias(bundle: ModelBundle, requests: Sequence[DebiasRequest], classifier: C
     from ..editors.registry import get_editor
 
     requests = validate_debias_requests(list(requests))
+    stage1 = [r for request in requests for r in request.stage1_requests()]
+    check_prompts(bundle, stage1)  # before the classifier loads
     if bundle.is_embedded:
         classifier = classifier or embedded_classifier(bundle, requests)
     editor = get_editor("emcid", bundle, **options)
@@ -199,7 +201,6 @@ def debias(bundle: ModelBundle, requests: Sequence[DebiasRequest], classifier: C
     classifier = classifier or ClipZeroShot(device=bundle.device)
     base = bundle.fingerprint()
     layers = editor.layers_for(bundle)
-    stage1 = [r for request in requests for r in request.stage1_requests()]
     found = iter(editor.stage1_targets(bundle, stage1, layers, progress))
     moments = editor.second_moments(bundle, layers, progress)
     stage2 = editor.config.stage2

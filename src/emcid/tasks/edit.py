@@ -8,7 +8,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ..core.bundle import ModelBundle
 from ..core.chain import chain_record
-from ..core.tokens import subject_positions
+from ..core.tokens import check_window, subject_positions
+from ..errors import quote
 from ..patch.format import EditPatch
 from ..requests.edit import EditRequest, validate_requests
 from .erase import generic_destination, resolve_erase
@@ -41,16 +42,28 @@ def patch_metadata(bundle: ModelBundle, method: str, task: str, base: str, reque
     }
 
 
+def check_prompts(bundle: ModelBundle, requests: Sequence[EditRequest],
+                  named: Sequence[EditRequest] | None = None) -> None:
+    """Before any work, with each encoder's tokenizer: every source and destination prompt fits
+    the token window, and the subject lies inside it. ``named``: the requests as the user
+    wrote them, for the messages (an erase's destination is resolved in ``requests``)."""
+    for slot in bundle.slots():
+        for request, shown in zip(requests, named or requests, strict=True):
+            what = f"the request {quote(shown.source)} -> {quote(shown.destination)} ({slot.name})"
+            check_window(slot.tokenizer, request.source_prompts(), f"{what}, source")
+            check_window(slot.tokenizer, request.destination_prompts(), f"{what}, destination")
+            subject_positions(slot.tokenizer, request.prompts, request.source)
+
+
 def edit_patch(editor, bundle: ModelBundle, requests: Sequence[EditRequest],
                progress: bool = True) -> EditPatch:
     """Check ``editor``'s options and the requests, compute the deltas, and wrap them in a patch."""
     editor.check(bundle)
     checked = validate_requests(editor.prepare(list(requests)))
-    for slot in bundle.slots():  # fail before any work if a subject cannot be located
-        for request in checked:
-            subject_positions(slot.tokenizer, request.prompts, request.source)
+    resolved = resolve_erase(bundle, checked)
+    check_prompts(bundle, resolved, named=checked)
     base = bundle.fingerprint()
-    deltas = editor.compute(bundle, resolve_erase(bundle, checked), progress)
+    deltas = editor.compute(bundle, resolved, progress)
     metadata = patch_metadata(bundle, editor.name, editor.task, base, checked, editor.hparams())
     if any(r.is_erase for r in checked):
         metadata["erase_destination"] = generic_destination(bundle)
