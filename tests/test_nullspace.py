@@ -9,7 +9,7 @@ from edit_helpers import FAST
 import emcid
 from emcid.core.hooks import capture
 from emcid.core.stats import second_moments
-from emcid.editors.emcid.nullspace import eigen_decomposition, free_basis, projected_update
+from emcid.editors.emcid.nullspace import eigen_decomposition, free_space, projected_update
 from emcid.errors import OptionError
 from emcid.requests import subject_positions
 
@@ -45,11 +45,11 @@ def _half_threshold(values):
 def test_closed_form_equals_a_direct_constrained_solve(statistics):
     name, c = statistics
     values, vectors = eigen_decomposition(c, None)
-    basis = free_basis(name, values, vectors, _half_threshold(values))
+    basis, reduced = free_space(name, values, vectors, _half_threshold(values))
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(c.shape[0], 6, generator=generator, dtype=torch.float64)
     residuals = torch.randn(32, 6, generator=generator, dtype=torch.float64)
-    closed = projected_update(keys, residuals, c, basis, LAM, ALPHA)
+    closed = projected_update(keys, residuals, basis, reduced, LAM, ALPHA)
     direct = _direct(keys, residuals, c, basis)
     assert torch.allclose(closed, direct, rtol=1e-7, atol=1e-9 * direct.abs().max())
     preserved = vectors[:, values >= _half_threshold(values) * values.max()]
@@ -63,12 +63,15 @@ def test_protected_keys_are_left_alone(statistics):
     generator = torch.Generator().manual_seed(1)
     protected = torch.randn(c.shape[0], 3, generator=generator, dtype=torch.float64)
     threshold = _half_threshold(values)
-    basis = free_basis(name, values, vectors, threshold, protected)
-    assert basis.shape[1] == free_basis(name, values, vectors, threshold).shape[1] - 3
+    basis, reduced = free_space(name, values, vectors, threshold, protected)
+    assert basis.shape[1] == free_space(name, values, vectors, threshold)[0].shape[1] - 3
     assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(reduced, basis.T @ c @ basis, atol=1e-9 * float(c.abs().max()))
     keys = torch.randn(c.shape[0], 4, generator=generator, dtype=torch.float64)
-    delta = projected_update(keys, torch.randn(32, 4, generator=generator, dtype=torch.float64), c,
-                             basis, LAM, ALPHA)
+    residuals = torch.randn(32, 4, generator=generator, dtype=torch.float64)
+    delta = projected_update(keys, residuals, basis, reduced, LAM, ALPHA)
+    assert torch.allclose(delta, _direct(keys, residuals, c, basis), rtol=1e-7,
+                          atol=1e-9 * delta.abs().max())
     assert (delta @ protected).abs().max() < 1e-9 * delta.abs().max() * protected.abs().max()
 
 
@@ -76,7 +79,7 @@ def test_no_free_space_is_refused(statistics):
     name, c = statistics
     values, vectors = eigen_decomposition(c, None)
     with pytest.raises(OptionError, match="leave no free space"):
-        free_basis(name, values, vectors, float(values.min() / values.max()) * 0.5)
+        free_space(name, values, vectors, float(values.min() / values.max()) * 0.5)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0, -0.1, float("nan")])

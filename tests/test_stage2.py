@@ -88,3 +88,14 @@ def test_closed_form_without_a_positive_definite_system_falls_back_to_lu():
     system = 3.0 * 0.5 * second + 0.5 * keys @ keys.T
     expected = (0.5 * torch.linalg.solve(system, keys @ residuals.T)).T
     assert torch.allclose(closed_form_update(keys, residuals, second, 3.0, 0.5), expected)
+
+
+def test_a_singular_system_gets_the_minimum_norm_update():
+    """C = 0 (no statistics in any direction): the edit equations alone, solved exactly and
+    writing nothing outside the keys' span (the null-space projection relies on it)."""
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(16, 3, generator=generator, dtype=torch.float64)
+    residuals = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    delta = closed_form_update(keys, residuals, torch.zeros(16, 16), lam=2.0, alpha=0.5)
+    assert torch.allclose(delta @ keys, residuals, atol=1e-8)
+    assert torch.allclose(delta, residuals @ torch.linalg.pinv(keys), atol=1e-8)

@@ -10,8 +10,8 @@ Within that space, ``G`` minimises Stage II's own objective,
     lam (1-a) tr(G U^T C U G^T) + a ||G U^T K - R||^2,
     G = a R K^T U (lam (1-a) U^T C U + a U^T K K^T U)^+,
 
-solved by an eigendecomposition with the minimum-norm solution where the system is singular
-(docs/method.md, "Stage II in the null space").
+solved as today's closed form is, in the free space's coordinates (docs/method.md, "Stage II
+in the null space").
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import torch
 
 from ...core.cache import TensorCache, tensors_checksum
 from ...errors import OptionError
-
-SOLVE_RTOL = 1e-10  # eigenvalues of the system below this fraction of its largest count as zero
+from .solve import closed_form_update
 
 
 def eigen_decomposition(second_moment: torch.Tensor, cache: TensorCache | None
@@ -38,33 +37,33 @@ def eigen_decomposition(second_moment: torch.Tensor, cache: TensorCache | None
     return values, vectors
 
 
-def free_basis(name: str, values: torch.Tensor, vectors: torch.Tensor, threshold: float,
-               protected: torch.Tensor | None = None) -> torch.Tensor:
-    """Orthonormal columns spanning the directions the update may use: eigenvectors of C below
-    ``threshold`` of its largest eigenvalue, less the span of ``protected`` keys (d_in, p)."""
-    free = vectors[:, values < threshold * values.max()]
+def free_space(name: str, values: torch.Tensor, vectors: torch.Tensor, threshold: float,
+               protected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The directions the update may use, as orthonormal columns ``U`` (d_in, f), and
+    ``U^T C U`` (f, f): eigenvectors of C below ``threshold`` of its largest eigenvalue, less
+    the span of the ``protected`` keys (d_in, p). Without protected keys ``U^T C U`` is the
+    diagonal of their eigenvalues, so the system costs one Cholesky, as today's does."""
+    chosen = values < threshold * values.max()
+    free, reduced = vectors[:, chosen], torch.diag(values[chosen])
     if protected is not None and protected.numel() and free.shape[1]:
-        # Directions of the free space that no protected key reaches: the left null space of
-        # U^T K_protected, mapped back by U.
-        left, singular, _ = torch.linalg.svd(free.T @ protected.double(), full_matrices=True)
-        rank = int((singular > SOLVE_RTOL ** 0.5 * singular.max()).sum()) if singular.numel() else 0
-        free = free @ left[:, rank:]
+        # The free directions no protected key reaches: the last columns of a complete QR of
+        # U^T K_protected (a Householder product: O(f^2 p), not the O(f^3) of an SVD).
+        reach = free.T @ protected.double()
+        q, _ = torch.linalg.qr(reach, mode="complete")
+        kept = q[:, min(reach.shape):]
+        free, reduced = free @ kept, (kept.T * values[chosen]) @ kept
     if free.shape[1] == 0:
         smallest = float(values.min() / values.max())
         raise OptionError(f"projection=nullspace: the statistics of {name} leave no free space at "
                           f"nullspace_threshold={threshold:g} (its smallest eigenvalue is "
                           f"{smallest:.2e} of its largest): raise the threshold")
-    return free
+    return free, reduced
 
 
-def projected_update(keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor,
-                     basis: torch.Tensor, lam: float, alpha: float) -> torch.Tensor:
-    """``D = G U^T`` of the module doc, (d_out, d_in) float64. keys (d_in, e), residuals
-    (d_out, e), basis ``U`` (d_in, f)."""
-    k = basis.T @ keys.double()  # the keys' coordinates in the free space, (f, e)
-    reduced = basis.T @ second_moment.double() @ basis
-    system = lam * (1 - alpha) * reduced + alpha * k @ k.T
-    values, vectors = torch.linalg.eigh(system)
-    inverse = torch.where(values > SOLVE_RTOL * values.max(), 1 / values, torch.zeros_like(values))
-    g = alpha * residuals.double() @ k.T @ (vectors * inverse) @ vectors.T
+def projected_update(keys: torch.Tensor, residuals: torch.Tensor, basis: torch.Tensor,
+                     reduced: torch.Tensor, lam: float, alpha: float) -> torch.Tensor:
+    """``D = G U^T`` of the module doc, (d_out, d_in) float64: Stage II's closed form on the
+    keys' coordinates in the free space (keys (d_in, e), residuals (d_out, e), basis ``U``
+    (d_in, f), ``reduced = U^T C U``)."""
+    g = closed_form_update(basis.T @ keys.double(), residuals, reduced, lam, alpha)
     return g @ basis.T

@@ -29,28 +29,11 @@ from ...core.tokens import subject_positions
 from ...core.weights import add_weights, restored
 from ...requests.edit import EditRequest
 from .config import Stage2Config
-from .nullspace import eigen_decomposition, free_basis, projected_update
+from .nullspace import eigen_decomposition, free_space, projected_update
+from .solve import closed_form_update
 from .targets import ConceptTarget
 
 __all__ = ["Stage2Config", "closed_form_update", "compute_deltas"]
-
-
-def closed_form_update(
-    keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor, lam: float,
-    alpha: float,
-) -> torch.Tensor:
-    """``a R K^T (lam (1-a) C + a K K^T)^{-1}`` by a float64 linear solve (Cholesky).
-
-    keys: (d_in, e); residuals: (d_out, e); second_moment: (d_in, d_in). Returns (d_out, d_in).
-    """
-    k = keys.double()
-    system = lam * (1 - alpha) * second_moment.double() + alpha * k @ k.T
-    rhs = k @ residuals.double().T
-    # The system is symmetric, so Delta^T = a * system^{-1} K R^T. It is positive definite
-    # unless lam = 0 or C is singular: Cholesky (half the work of LU) where it succeeds.
-    factor, info = torch.linalg.cholesky_ex(system)
-    solution = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(system, rhs)
-    return (alpha * solution).T
 
 
 def _prompt_batch(targets: list[ConceptTarget], slot_name: str, bundle: ModelBundle):
@@ -176,8 +159,8 @@ def _layer_update(name: str, keys: torch.Tensor, residual: torch.Tensor, second_
     if config.projection == "none":
         return closed_form_update(keys, residual, second_moment, config.lam, config.alpha)
     values, vectors = eigen_decomposition(second_moment, cache)
-    basis = free_basis(name, values, vectors, config.nullspace_threshold, protected)
-    return projected_update(keys, residual, second_moment, basis, config.lam, config.alpha)
+    basis, reduced = free_space(name, values, vectors, config.nullspace_threshold, protected)
+    return projected_update(keys, residual, basis, reduced, config.lam, config.alpha)
 
 
 def compute_deltas(
