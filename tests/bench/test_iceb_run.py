@@ -76,9 +76,9 @@ def test_pre_edit_images_are_generated_once(tiny_bundle, fake_judge, fast_emcid,
 
 def test_a_failed_sweep_keeps_the_scales_it_measured(tiny_bundle, fake_judge, fast_emcid, tmp_path,
                                                      monkeypatch):
-    from emcid.editors.base import Editor
+    from emcid.bench import iceb
 
-    original, calls = Editor.edit, []
+    original, calls = iceb.edit_patch, []
 
     def failing_second(*args, **kwargs):
         calls.append(1)
@@ -86,7 +86,7 @@ def test_a_failed_sweep_keeps_the_scales_it_measured(tiny_bundle, fake_judge, fa
             raise RuntimeError("simulated crash in the second edit")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(Editor, "edit", failing_second)
+    monkeypatch.setattr(iceb, "edit_patch", failing_second)
     with pytest.raises(RuntimeError, match="simulated"):
         run_iceb(tiny_bundle, edits=(1, 2), out=tmp_path, judge=fake_judge, options=fast_emcid,
                  classes=CLASSES, subtasks=("aice",), progress=False)
