@@ -1,4 +1,4 @@
-"""Command-line entry points of the benchmarks: ``emcid bench iceb`` and ``emcid demo``.
+"""Command-line entry points of the benchmarks: ``emcid bench iceb|timed|road`` and ``emcid demo``.
 
 Argument parsing only; each command is one library call. The main CLI calls
 :func:`register` with its subparsers.
@@ -43,6 +43,65 @@ def cmd_iceb(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/results.json and {args.out}/report.html")
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not {text!r}") from exc
+
+
+def cmd_single(args: argparse.Namespace) -> None:
+    """``emcid bench timed`` and ``emcid bench road``: single edits scored row by row."""
+    from ..core.config import parse_option
+    from ..errors import BenchmarkError
+    from .timed_run import format_summary, run_timed
+    from .timed_world import DEFAULT_ROWS
+
+    rows = getattr(args, "rows", None)
+    if rows is not None and args.data is not None:
+        raise BenchmarkError("--rows sets how many rows are built from the embedded world; with "
+                             "--data every row of the file runs")
+    results = run_timed(args.model, args.data, args.benchmark, args.method, args.out, judge=args.judge,
+                        options=dict(parse_option(text) for text in args.option),
+                        world_size=rows or DEFAULT_ROWS, device=args.device, dtype=args.dtype,
+                        allow_pickle=args.allow_pickle, images=args.images, seed=args.seed,
+                        thresholds=args.thresholds, unedited=not args.no_unedited)
+    print(format_summary(results))
+    print(f"wrote {args.out}/results.json")
+
+
+def _add_single_edit(commands: argparse._SubParsersAction, name: str,
+                     help_text: str) -> argparse.ArgumentParser:
+    """The arguments ``timed`` and ``road`` share."""
+    from .timed import DEFAULT_THRESHOLDS
+
+    parser = commands.add_parser(name, help=help_text)
+    parser.add_argument("--model", help="diffusers folder or hub id (with --data; default without it: "
+                                        "embedded:tasks)")
+    parser.add_argument("--method", default="emcid", help="editing method (default: emcid)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an editor option, e.g. steps=100 (repeatable)")
+    parser.add_argument("--images", type=int, default=4,
+                        help="images per prompt, seeds --seed .. --seed + N - 1 (default 4; TIMED: 24)")
+    parser.add_argument("--out", required=True, help="folder for results.json")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="first image seed; also the requests' and the world rows' seed")
+    parser.add_argument("--judge", help="CLIP folder or cached hub id (default: "
+                                        "openai/clip-vit-large-patch14; never downloaded)")
+    parser.add_argument("--thresholds", type=_floats, default=DEFAULT_THRESHOLDS,
+                        help="extra generality figures: share of positive images with P(destination) "
+                             "above each, in [0, 1] (default: 0.75,0.9, as ReFACT)")
+    parser.add_argument("--no-unedited", action="store_true",
+                        help="skip the unedited model's figures on the same prompts and seeds")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="model weights' dtype (default: float32)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow .bin/.ckpt checkpoints (they can run code when loaded)")
+    parser.set_defaults(func=cmd_single)
+    return parser
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
     from .report import summary_table
@@ -54,7 +113,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bench`` (with ``iceb``) and ``demo`` to the main parser's subcommands."""
+    """Add ``bench`` (with ``iceb``, ``timed`` and ``road``) and ``demo`` to the main parser's
+    subcommands."""
     from .iceb import DEFAULT_SCALES, SUBTASKS
 
     bench = subparsers.add_parser("bench", help="run a benchmark")
@@ -88,6 +148,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     iceb.add_argument("--allow-pickle", action="store_true",
                       help="allow .bin/.ckpt checkpoints (they can run code when loaded)")
     iceb.set_defaults(func=cmd_iceb)
+
+    timed = _add_single_edit(commands, "timed", "TIMED single edits (a TIMED CSV file), or without "
+                                                "--data their analogue on the embedded world")
+    timed.add_argument("--data", help="TIMED CSV file (old, new, positive<k>, gt<k>, negative<k>, gn<k>); "
+                                      "without it: colour-word edits built from the embedded world")
+    timed.add_argument("--rows", type=int, help="rows built from the embedded world (default 10)")
+    road = _add_single_edit(commands, "road", "RoAD single edits (a RoAD CSV file, as ReFACT's)")
+    road.add_argument("--data", required=True,
+                      help="RoAD CSV file (prompt, old, new, positive<k>, positive_old<k>, "
+                           "positive_new<k>, negative<k>, negative_new<k>)")
 
     demo = subparsers.add_parser("demo", help="edit a few dozen classes of the embedded model and report")
     demo.add_argument("--out", default="emcid-demo", help="report folder (default: ./emcid-demo)")

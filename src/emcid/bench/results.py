@@ -78,12 +78,17 @@ class ResultsWriter:
     def write(self, complete: bool, merged: dict | None = None) -> dict:
         """Write results.json atomically; returns what was written."""
         data = {**(merged if merged is not None else self.merged()), "complete": complete}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle, indent=2)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(self.path, data)
         return data
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    """``data`` as JSON at ``path``, swapped in whole (a reader never sees half a file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
