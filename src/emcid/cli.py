@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--alpha", type=float, help="Stage II editing strength (release: 0.5)")
     edit.add_argument("--residual", choices=["memit", "release"], help="Stage II residual form")
     edit.add_argument("--stats-samples", type=int, help=STATS_HELP)
-    edit.add_argument("--corpus", help="caption file (one per line) for the statistics")
+    edit.add_argument("--corpus", help="caption file for the statistics: COCO captions JSON, a "
+                                       "JSON list or JSON lines, a CSV/TSV caption column, or one "
+                                       "caption per line")
     edit.add_argument("--no-cache", action="store_true", help="recompute everything")
     edit.add_argument("--classifier", help="debias requests: CLIP model (hub id or folder) that "
                                            "classifies the images (default: CLIP ViT-L/14; on the "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError, quote
+from .corpus import read_corpus
 from .textfiles import load_data, read_utf8
 
 
@@ -41,26 +42,6 @@ def check_float(owner: str, name: str, value: object, low: float | None = None,
 def check_choice(owner: str, name: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise OptionError(f"{owner} option {name}={quote(value)}: choose from {', '.join(map(str, choices))}")
-
-
-def read_corpus(corpus: str | Path) -> list[str]:
-    """The captions of a caption file, one per non-blank line: a file that would give no
-    statistics (missing, not UTF-8 text, empty or blank) is an :class:`OptionError`."""
-    path = Path(corpus)
-    if not path.is_file():
-        raise OptionError(f"corpus {quote(str(corpus))} is not a file (give a caption file, one per line)")
-    try:
-        text = read_utf8(path, OptionError)
-    except OptionError as exc:
-        raise OptionError(f"corpus {exc}") from None
-    if "\0" in text:
-        line = text[: text.index("\0")].count("\n") + 1
-        raise OptionError(f"corpus {path}:{line}: a NUL character: not a text file of captions")
-    captions = [line.strip() for line in text.splitlines() if line.strip()]
-    if not captions:
-        raise OptionError(f"corpus {path} is {'blank' if text else 'empty'}: give a caption file, "
-                          "one caption per line")
-    return captions
 
 
 def check_corpus(corpus: str | None) -> None:
