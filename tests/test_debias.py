@@ -299,7 +299,7 @@ def test_edit_cli_debiases_a_debias_request_file(tmp_path, sd1_dir, tiny_clip, c
                  "--classifier", str(tiny_clip), "--images", "4", "--rounds", "2", "--steps", "2",
                  "--stats-samples", "50", "--lam", "1.0"]) == 0
     printed = capsys.readouterr().out
-    assert "before" in printed and "after" in printed and "1 concepts debiased" in printed
+    assert "before" in printed and "after" in printed and "1 concept debiased in 3 modules" in printed
     patch = emcid.EditPatch.load(out)
     assert patch.metadata["task"] == "debias"
     (report,) = patch.metadata["debias"]
