@@ -37,6 +37,14 @@ class Stage1Config:
     # their subject tokens (far edits otherwise settle on a third concept, docs/method.md);
     # "zero": the release's start.
     init: Literal["text", "zero"] = "text"
+    # How the UNet is conditioned. "pipeline" (emcid): 77 tokens, no mask, as the SD pipelines
+    # do in use; "release": each concept's prompts padded to the longest of them and encoded
+    # with the attention mask, source and destination apart (conditioning.py).
+    conditioning: Literal["pipeline", "release"] = "pipeline"
+    # The source images' latents. "mean" (emcid): the VAE posterior mean, deterministic;
+    # "release": each image flipped left-right with probability 1/2 once, then a fresh draw
+    # from the posterior at every step (latents.py).
+    latents: Literal["mean", "release"] = "mean"
 
     def __post_init__(self) -> None:
         check_int("Stage I", "steps", self.steps)
@@ -46,6 +54,8 @@ class Stage1Config:
         check_float("Stage I", "clamp_factor", self.clamp_factor, low=0, low_open=True)
         check_choice("Stage I", "target", self.target, ("teacher", "noise"))
         check_choice("Stage I", "init", self.init, ("text", "zero"))
+        check_choice("Stage I", "conditioning", self.conditioning, ("pipeline", "release"))
+        check_choice("Stage I", "latents", self.latents, ("mean", "release"))
         if self.image_guidance_scale is not None:
             check_float("Stage I", "image_guidance_scale", self.image_guidance_scale, low=0)
         if self.image_steps is not None:
