@@ -148,7 +148,7 @@ def _emcid(bundle, requests, steps: int, **options) -> list:
 
 @pytest.fixture
 def request_with_images(tmp_path):
-    return emcid.EditRequest("tench", "goldfish", PROMPTS, _images(tmp_path, 3, 0), seed=3)
+    return emcid.EditRequest("tench", "goldfish", PROMPTS, _images(tmp_path, 3, 0), seed=1)
 
 
 @pytest.mark.parametrize("release", [True, False], ids=["release", "pipeline"])
@@ -161,7 +161,7 @@ def test_stage1_loss_and_steps_follow_the_equations(sd1, request_with_images, re
     third, = _emcid(sd1, [request_with_images], 3, **options)
     assert first.final_loss == pytest.approx(losses[0], rel=1e-5)
     assert third.final_loss == pytest.approx(losses[2], rel=1e-5)
-    assert torch.allclose(third.deltas["text_encoder"], delta, atol=1e-4)
+    assert torch.allclose(third.deltas["text_encoder"], delta, atol=2e-5)
     assert delta.norm() > 0.1
 
 
@@ -229,3 +229,51 @@ def test_default_options_keep_the_cache_keys_made_before_them():
 def test_stage1_refuses_an_unknown_form(option):
     with pytest.raises(OptionError, match=f"{option}='bogus': choose from"):
         Stage1Config(**{option: "bogus"})
+
+
+def test_the_release_profile_sets_the_release_options_and_the_patch_records_it(tmp_path, sd1_dir):
+    import yaml
+
+    from emcid.cli import main
+    from emcid.editors import editor_from_patch
+
+    requests = tmp_path / "r.yaml"
+    requests.write_text(yaml.safe_dump([{"source": "tench", "destination": "goldfish"}]))
+    out = tmp_path / "release.safetensors"
+    assert main(["edit", "--model", str(sd1_dir), "--requests", str(requests), "--out", str(out),
+                 "--steps", "1", "--stats-samples", "20", "--lam", "1.0", "--layers", "1-2",
+                 "--profile", "release"]) == 0
+    metadata = emcid.EditPatch.load(out).metadata
+    hparams = metadata["hparams"]
+    assert hparams["profile"] == "release"
+    assert {k: hparams["stage1"][k] for k in RELEASE} == RELEASE
+    assert hparams["stage2"]["residual"] == "release"
+    assert hparams["stage1"]["steps"] == 1  # options beside the profile still apply
+    rebuilt = editor_from_patch(metadata).config
+    assert rebuilt.profile == "release" and rebuilt.stage1.conditioning == "release"
+
+
+def test_profiles_are_checked(sd1, sdxl, tmp_path, sd1_dir, capsys):
+    import yaml
+
+    from emcid.cli import main
+    from emcid.editors import editor_from_patch, get_editor
+
+    with pytest.raises(OptionError, match="unknown EMCID profile 'bogus'; choose from release"):
+        get_editor("emcid", sd1, profile="bogus")
+    with pytest.raises(OptionError, match="profile 'release' sets init='zero'; drop init='text'"):
+        get_editor("emcid", sd1, profile="release", init="text")
+    with pytest.raises(OptionError, match="is exact for sd1, sd2 models, not sdxl"):
+        get_editor("emcid", sdxl, profile="release")
+    requests = tmp_path / "r.yaml"
+    requests.write_text(yaml.safe_dump([{"source": "tench", "destination": "goldfish"}]))
+    assert main(["edit", "--model", str(sd1_dir), "--requests", str(requests),
+                 "--out", str(tmp_path / "p.safetensors"), "--profile", "bogus"]) != 0
+    assert "choose from release" in capsys.readouterr().err
+    # Patches made before the options rebuild with emcid's conditioning and latents, no profile.
+    metadata = {"method": "emcid", "hparams": get_editor("emcid", sd1).hparams()}
+    for key in ("conditioning", "latents"):
+        del metadata["hparams"]["stage1"][key]
+    del metadata["hparams"]["profile"]
+    config = editor_from_patch(metadata).config
+    assert (config.profile, config.stage1.conditioning, config.stage1.latents) == (None, "pipeline", "mean")
