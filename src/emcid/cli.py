@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--lam", type=float, help="Stage II preservation weight (release: 4000)")
     edit.add_argument("--alpha", type=float, help="Stage II editing strength (release: 0.5)")
     edit.add_argument("--residual", choices=["memit", "release"], help="Stage II residual form")
+    edit.add_argument("--profile", help="a named set of options: release (the EMCID release's Stage I "
+                                        "start, conditioning and latents and its Stage II residual)")
     edit.add_argument("--stats-samples", type=int, help=STATS_HELP)
     edit.add_argument("--corpus", help="caption file for the statistics: COCO captions JSON, a "
                                        "JSON list or JSON lines, a CSV/TSV caption column, or one "

@@ -120,7 +120,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     options = editor_options(args, {
         "steps": args.steps, "lr": args.lr, "init": args.init, "lam": args.lam, "alpha": args.alpha,
         "residual": args.residual, "layers": parse_layers(args.layers), "task": args.task,
-        "stats_samples": args.stats_samples, "corpus": args.corpus,
+        "profile": args.profile, "stats_samples": args.stats_samples, "corpus": args.corpus,
         "concept_batch": args.concept_batch, "precision": args.precision,
         "grad_checkpointing": args.grad_checkpointing or None,
         "cuda_graphs": False if args.no_cuda_graphs else None,

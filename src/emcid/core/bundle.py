@@ -144,15 +144,18 @@ class ModelBundle:
         """Encode prompts exactly as the family's diffusers pipeline does (gradients kept)."""
         return self.encode_ids(self.tokenize(prompts))
 
-    def encode_ids(self, ids: list[torch.Tensor]) -> PromptEncoding:
+    def encode_ids(self, ids: list[torch.Tensor],
+                   masks: list[torch.Tensor] | None = None) -> PromptEncoding:
         """``encode`` from ``tokenize``'s ids: a loop that encodes the same prompts many times
-        (Stage I) tokenises them once."""
+        (Stage I) tokenises them once. ``masks``: attention masks per encoder (None: none, as
+        the pipelines encode; the EMCID release's Stage I gives them)."""
+        masks = masks or [None] * len(ids)
         if self.family != "sdxl":
-            out = self.text_encoder(ids[0])
+            out = self.text_encoder(ids[0], attention_mask=masks[0])
             return PromptEncoding(out.last_hidden_state, [out.pooler_output])
         states, pooled = [], []
-        for slot, slot_ids in zip(self.slots(), ids, strict=True):
-            out = slot.encoder(slot_ids, output_hidden_states=True)
+        for slot, slot_ids, mask in zip(self.slots(), ids, masks, strict=True):
+            out = slot.encoder(slot_ids, attention_mask=mask, output_hidden_states=True)
             states.append(out.hidden_states[-2])
             # CLIPTextModelWithProjection returns its projected pooled state as text_embeds.
             projected = getattr(out, "text_embeds", None)

@@ -1,4 +1,5 @@
-"""Every method's family and task presets, in one table (docs/method.md sections 2-6).
+"""Every method's family and task presets, in one table (docs/method.md sections 2-6), and
+EMCID's profiles (named sets of options, :data:`PROFILES`).
 
 Options are resolved, later winning: the rows of this table that match the method, the
 model's family and the task (in table order), then the model folder's own
@@ -55,6 +56,27 @@ PRESETS: tuple[Preset, ...] = (
            why="MEMIT-style: pooled-text targets only (reference images play no part), found "
                "from zero as MEMIT's compute_z does, and MEMIT's own update (a = 0.5) on every task"),
 )
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named set of options (EMCID's ``profile``) that computes another form of the method;
+    ``families``: the models it is exact for."""
+
+    options: dict
+    families: tuple[str, ...]
+    why: str = field(default="", compare=False)
+
+
+PROFILES: dict[str, Profile] = {
+    "release": Profile(
+        {"init": "zero", "residual": "release", "conditioning": "release", "latents": "release"},
+        families=("sd1", "sd2"),
+        why="the EMCID release's Stage I and Stage II where emcid departs from them (docs/method.md "
+            "section 9); its other values are the defaults and the rows above already. Its SDXL "
+            "Stage I noises latents with the sampler's own add_noise and encodes the destination "
+            "for encoder 2 with the first tokenizer's ids, which emcid does not reproduce"),
+}
 
 
 def check_task(task: str) -> None:

@@ -15,7 +15,7 @@ from ...core.stats import read_corpus, second_moments
 from ...errors import OptionError
 from ...requests.edit import EditRequest
 from ..base import ConfiguredEditor
-from ..presets import preset_options, resolve_layers
+from ..presets import PROFILES, preset_options, resolve_layers
 from .config import STAGE1_KEYS, STAGE2_KEYS, EMCIDConfig, Stage1Config, Stage2Config
 from .stage1 import compute_targets
 from .stage2 import compute_deltas
@@ -50,6 +50,10 @@ class EMCIDEditor(ConfiguredEditor):
     def check(self, bundle: ModelBundle) -> None:
         self.layers_for(bundle)
         check_corpus(self.config.corpus)
+        profile = PROFILES.get(self.config.profile)
+        if profile is not None and bundle.family not in profile.families:
+            raise OptionError(f"profile {self.config.profile!r} is exact for {', '.join(profile.families)} "
+                              f"models, not {bundle.family}: {profile.why}")
 
     def prepare(self, requests: list[EditRequest]) -> list[EditRequest]:
         prompts = self.config.default_prompts

@@ -12,6 +12,7 @@ from ...core.config import build, check_choice, check_float, check_int
 from ...core.stats import DEFAULT_SAMPLES
 from ...errors import OptionError
 from ...requests.edit import EditRequest
+from ..presets import PROFILES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 FP16_LOSS_SCALE = 1024.0  # fp16 gradients of a small MSE would underflow unscaled
@@ -37,6 +38,14 @@ class Stage1Config:
     # their subject tokens (far edits otherwise settle on a third concept, docs/method.md);
     # "zero": the release's start.
     init: Literal["text", "zero"] = "text"
+    # How the UNet is conditioned. "pipeline" (emcid): 77 tokens, no mask, as the SD pipelines
+    # do in use; "release": each concept's prompts padded to the longest of them and encoded
+    # with the attention mask, source and destination apart (conditioning.py).
+    conditioning: Literal["pipeline", "release"] = "pipeline"
+    # The source images' latents. "mean" (emcid): the VAE posterior mean, deterministic;
+    # "release": each image flipped left-right with probability 1/2 once, then a fresh draw
+    # from the posterior at every step (latents.py).
+    latents: Literal["mean", "release"] = "mean"
 
     def __post_init__(self) -> None:
         check_int("Stage I", "steps", self.steps)
@@ -46,6 +55,8 @@ class Stage1Config:
         check_float("Stage I", "clamp_factor", self.clamp_factor, low=0, low_open=True)
         check_choice("Stage I", "target", self.target, ("teacher", "noise"))
         check_choice("Stage I", "init", self.init, ("text", "zero"))
+        check_choice("Stage I", "conditioning", self.conditioning, ("pipeline", "release"))
+        check_choice("Stage I", "latents", self.latents, ("mean", "release"))
         if self.image_guidance_scale is not None:
             check_float("Stage I", "image_guidance_scale", self.image_guidance_scale, low=0)
         if self.image_steps is not None:
@@ -107,9 +118,13 @@ class EMCIDConfig:
     reference_stage1: dict = field(default_factory=dict)
     # Prompt templates for requests that kept the object default (the artist task's own).
     default_prompts: list[str] | None = None
+    # A named set of options (emcid.editors.presets.PROFILES), which every option must agree
+    # with: "release", the EMCID release's. None: none.
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         check_int("EMCID", "stats_samples", self.stats_samples)
+        self._check_profile()
         build(Stage1Config, self.reference_stage1, "reference_stage1 (Stage I)")
         if self.layers is not None and (not isinstance(self.layers, dict) or not all(
                 isinstance(v, str) or (isinstance(v, list | tuple) and all(
@@ -120,6 +135,18 @@ class EMCIDConfig:
         if self.default_prompts is not None:
             # EditRequest checks each template; one probe request is enough.
             EditRequest("probe", "check", tuple(self.default_prompts))
+
+    def _check_profile(self) -> None:
+        """The profile exists and the options hold its values (a patch records both)."""
+        if self.profile is None:
+            return
+        if self.profile not in PROFILES:
+            raise OptionError(f"unknown EMCID profile {self.profile!r}; choose from {', '.join(PROFILES)}")
+        for key, value in PROFILES[self.profile].options.items():
+            given = getattr(self.stage1 if key in STAGE1_KEYS else self.stage2, key)
+            if given != value:
+                raise OptionError(f"profile {self.profile!r} sets {key}={value!r}; drop {key}={given!r} "
+                                  "or the profile")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,14 +165,14 @@ class EMCIDConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> EMCIDConfig:
-        """From :meth:`to_dict`'s nested form or flat options (``steps``, ``lam``, ...)."""
+        """From :meth:`to_dict`'s nested form or flat options (``steps``, ``lam``, ...); a
+        ``profile``'s options fill in those not given."""
         flat = cls.flatten(data)
+        flat = {**PROFILES[flat["profile"]].options, **flat} if flat.get("profile") in PROFILES else flat
         stage1 = {k: flat.pop(k) for k in list(flat) if k in STAGE1_KEYS}
         stage2 = {k: flat.pop(k) for k in list(flat) if k in STAGE2_KEYS}
-        config = build(cls, flat, "EMCID")
-        config.stage1 = build(Stage1Config, stage1, "EMCID Stage I")
-        config.stage2 = build(Stage2Config, stage2, "EMCID Stage II")
-        return config
+        return build(cls, {**flat, "stage1": build(Stage1Config, stage1, "EMCID Stage I"),
+                           "stage2": build(Stage2Config, stage2, "EMCID Stage II")}, "EMCID")
 
     def stage1_for(self, request: EditRequest) -> Stage1Config:
         if request.reference_images and self.reference_stage1:

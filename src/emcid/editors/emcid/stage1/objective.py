@@ -8,8 +8,10 @@ images, and (2) the pooled text output match the unedited encoder's on the desti
 No weight changes here; the result is the target ``z = h + delta`` at ``l*`` per prompt.
 
 This module holds the maths: the rows a batch of concepts is laid out in, the loss terms
-(:class:`Objective`) and :func:`compute_z`, the optimisation. How steps run (CUDA graphs,
-health flags, resume) is :mod:`.engine`; which concepts run when is :mod:`.schedule`.
+(:class:`Objective`) and :func:`compute_z`, the optimisation. How prompts are tokenised for
+the UNet is :mod:`.conditioning`, which image latents are noised :mod:`.latents` (each the
+pipeline's way or the release's); how steps run (CUDA graphs, health flags, resume) is
+:mod:`.engine`; which concepts run when is :mod:`.schedule`.
 """
 
 from __future__ import annotations
@@ -20,53 +22,20 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
-from PIL import Image
 
 from ....core.bundle import ModelBundle, PromptEncoding
 from ....core.cache import TensorCache
 from ....core.config import Runtime
-from ....core.generation import encode_images, generate_cached, pil_to_tensor, resolve_settings
+from ....core.generation import resolve_settings
 from ....core.hooks import add_at_positions, gather_positions, replay_prefix
 from ....core.tokens import subject_positions
 from ....requests.edit import EditRequest
 from ..config import FP16_LOSS_SCALE, Stage1Config, resolve_precision
 from ..targets import ConceptTarget
 from . import engine
-from .start import initial_deltas, read_block_outputs
-
-
-def _reference_images(request: EditRequest, height: int, width: int) -> torch.Tensor:
-    images = []
-    for path in request.reference_images:
-        with Image.open(path) as img:
-            images.append(img.convert("RGB"))
-    count = len(request.prompts)
-    # Pair images with prompts round-robin, so every prompt sees an image.
-    chosen = [images[i % len(images)] for i in range(max(count, len(images)))]
-    return pil_to_tensor(chosen, height, width)
-
-
-def source_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
-                   image_cache: TensorCache) -> list[torch.Tensor]:
-    """VAE latents of each request's source images: the user's references, or generated once
-    and cached (one cache lookup for all requests, so the model is fingerprinted once)."""
-    settings = resolve_settings(bundle, guidance_scale=config.image_guidance_scale,
-                                num_inference_steps=config.image_steps)
-    drawn = [r for r in requests if not r.reference_images]
-    prompts = [p for r in drawn for p in r.source_prompts()]
-    seeds = [r.seed + i for r in drawn for i in range(len(r.prompts))]
-    arrays = generate_cached(bundle, prompts, seeds, image_cache, progress=False, **settings) \
-        if drawn else None
-    latents, start = [], 0
-    for request in requests:
-        if request.reference_images:
-            pixels = _reference_images(request, settings["height"], settings["width"])
-        else:
-            count = len(request.prompts)
-            pixels = arrays[start:start + count].permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            start += count
-        latents.append(encode_images(bundle, pixels))
-    return latents
+from .conditioning import Tokens, prompt_tokens
+from .latents import release_latents, sampled, source_latents, step_draws
+from .start import initial_deltas, record_block_outputs
 
 
 @dataclass
@@ -81,16 +50,32 @@ class Batch:
     latents: torch.Tensor | None  # None when the noise-prediction loss is off
     prefix: dict[str, torch.Tensor]  # unedited output of block l* at every token of every row
     hidden: dict[str, list[torch.Tensor]]  # per concept: unedited h at l*, (n_prompts, width)
+    source: Tokens  # the source prompts' tokens, as the conditioning option makes them
+    spread: torch.Tensor | None = None  # the posterior's std where latents are drawn from it
+
+
+def _latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+             image_cache: TensorCache, generators: list[torch.Generator] | None
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per request, its images' latents (posterior means) and, for drawn latents, their spread."""
+    if not config.noise_weight:
+        return [], None
+    if config.latents == "mean":
+        return source_latents(bundle, requests, config, image_cache), None
+    generators = generators or [torch.Generator().manual_seed(r.seed) for r in requests]
+    return release_latents(bundle, requests, config, image_cache, generators)
 
 
 def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
-            config: Stage1Config, image_cache: TensorCache) -> Batch:
+            config: Stage1Config, image_cache: TensorCache,
+            generators: list[torch.Generator] | None = None) -> Batch:
     """Rows of every concept, with the unedited states of block l* read in one pass.
 
     A concept's rows cycle through its prompts and there are at least as many rows as
     prompts, so its first rows hold the states at the subject of each prompt in turn.
+    ``generators``: each concept's, for the release's flips (None: fresh from its seed).
     """
-    latents = source_latents(bundle, requests, config, image_cache) if config.noise_weight else []
+    latents, spreads = _latents(bundle, requests, config, image_cache, generators)
     owner, src, dst, firsts = [], [], [], []
     positions: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
     for index, request in enumerate(requests):
@@ -105,26 +90,31 @@ def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, 
             tokens = subject_positions(bundle.slot(name).tokenizer, request.prompts, request.source)
             positions[name].append(tokens[rows])
     row_positions = {n: torch.cat(p) for n, p in positions.items()}
-    prefix = read_block_outputs(bundle, src, z_layer)
+    # Tokenised once: it costs more than a small model's step.
+    rows_owner = torch.tensor(owner)
+    source = prompt_tokens(bundle, config.conditioning, src, rows_owner)
+    prefix = record_block_outputs(bundle, z_layer, lambda: source.encode(bundle))
     hidden = {}
     for name, states in prefix.items():
         at_subject = gather_positions(states, row_positions[name])
         hidden[name] = [at_subject[rows] for rows in firsts]
-    return Batch(requests, torch.tensor(owner), src, dst, row_positions,
-                  torch.cat(latents) if latents else None, prefix, hidden)
+    return Batch(requests, rows_owner, src, dst, row_positions,
+                  torch.cat(latents) if latents else None, prefix, hidden, source,
+                  torch.cat(spreads) if spreads else None)
 
 
 def draw_noise(batch: Batch, generators: list[torch.Generator], train_steps: int,
                 count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps (count, rows) and noise (count, rows, ...) for the next ``count`` steps, each
-    concept from its own generator in step order (so independent of batch and of ``count``),
-    moved to the device in one copy rather than once per step."""
+    """Timesteps (count, rows) and noise (count, rows, ...; with drawn latents the posterior's
+    draw beside it, :func:`.latents.step_draws`) for the next ``count`` steps, each concept from
+    its own generator in step order (so independent of batch and of ``count``), moved to the
+    device in one copy rather than once per step."""
     shape = batch.latents.shape[1:]
     timesteps, noise = [], []
     for index, generator in enumerate(generators):
         rows = int((batch.owner == index).sum())
         draws = [(torch.randint(0, train_steps, (rows,), generator=generator),
-                  torch.randn((rows, *shape), generator=generator)) for _ in range(count)]
+                  step_draws(rows, shape, generator, batch.spread is not None)) for _ in range(count)]
         timesteps.append(torch.stack([t for t, _ in draws]))
         noise.append(torch.stack([n for _, n in draws]))
     device = batch.latents.device
@@ -150,15 +140,17 @@ class Noising:
 
 def encode_edited(bundle: ModelBundle, ids: list[torch.Tensor], z_layer: dict[str, int],
                    prefix: dict[str, torch.Tensor], positions: dict[str, torch.Tensor],
-                   vectors: dict[str, torch.Tensor]) -> PromptEncoding:
-    """Stage I's text pass: ``ids`` encoded with block l*'s recorded output replayed (nothing
-    before it depends on delta) and ``vectors`` added there at each row's subject token."""
+                   vectors: dict[str, torch.Tensor],
+                   masks: list[torch.Tensor] | None = None) -> PromptEncoding:
+    """Stage I's text pass: ``ids`` encoded (with the attention ``masks``, where given) with
+    block l*'s recorded output replayed (nothing before it depends on delta) and ``vectors``
+    added there at each row's subject token."""
     with ExitStack() as stack:
         for name, layer in z_layer.items():
             slot = bundle.slot(name)
             stack.enter_context(replay_prefix([slot.block(i) for i in range(layer + 1)], prefix[name]))
             stack.enter_context(add_at_positions(slot.block(layer), positions[name], vectors[name]))
-        return bundle.encode_ids(ids)
+        return bundle.encode_ids(ids, masks)
 
 
 def _edited_unet_kwargs(teacher_kwargs: dict, edited: PromptEncoding) -> dict:
@@ -173,12 +165,14 @@ def _edited_unet_kwargs(teacher_kwargs: dict, edited: PromptEncoding) -> dict:
 def noise_loss(bundle: ModelBundle, noising: Noising, latents: torch.Tensor, noise: torch.Tensor,
                 t: torch.Tensor, edited: PromptEncoding, teacher: PromptEncoding,
                 teacher_kwargs: dict, target: str, precision: str,
-                autocast_cache: bool = True) -> torch.Tensor:
+                autocast_cache: bool = True,
+                keys: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
     """Per-row MSE between the UNet's prediction under the edited conditioning and the
     unedited model's prediction under the destination's (or the true noise / velocity).
 
     The UNet runs under autocast at ``precision`` (its cache of cast weights off where a CUDA
-    graph is captured, as capture requires); the loss is float32.
+    graph is captured, as capture requires); the loss is float32. ``keys``: the tokens the
+    UNet may attend to under the edited and the teacher's conditioning (None: all).
     """
     signal, sigma = noising.scales(t)
     noisy = signal * latents + sigma * noise
@@ -186,20 +180,21 @@ def noise_loss(bundle: ModelBundle, noising: Noising, latents: torch.Tensor, noi
     with torch.autocast(bundle.device.type, dtype=dtype, enabled=dtype is not None,
                         cache_enabled=autocast_cache):
         prediction = bundle.unet(noisy, t, encoder_hidden_states=edited.embeds,
+                                 encoder_attention_mask=keys[0],
                                  **_edited_unet_kwargs(teacher_kwargs, edited)).sample
         with torch.no_grad():  # the teacher: once per (concept, timestep draw), no graph
             if target == "noise":
                 goal = signal * noise - sigma * latents if noising.velocity else noise
             else:
                 goal = bundle.unet(noisy, t, encoder_hidden_states=teacher.embeds,
-                                   **teacher_kwargs).sample
+                                   encoder_attention_mask=keys[1], **teacher_kwargs).sample
     return (prediction.float() - goal.float()).pow(2).flatten(1).mean(1)
 
 
 @dataclass
 class Objective:
     """Stage I's loss for a batch of concepts, term by term; everything fixed before the steps
-    (the teacher's encoding, the source token ids, the noising tables) is made once here."""
+    (the teacher's encoding and key mask, the noising tables) is made once here."""
 
     bundle: ModelBundle
     batch: Batch
@@ -209,8 +204,8 @@ class Objective:
     positions: dict[str, torch.Tensor]
     rows_per_concept: torch.Tensor
     v_norm: dict[str, torch.Tensor]  # per concept: ||h|| at the subject of its first prompt
-    source_ids: list[torch.Tensor]
     teacher: PromptEncoding
+    keys: tuple[torch.Tensor | None, torch.Tensor | None]  # the UNet's key masks: edited, teacher
     teacher_pooled: list[torch.Tensor]
     teacher_kwargs: dict
     noising: Noising | None
@@ -224,12 +219,12 @@ class Objective:
         device = bundle.device
         v_norm = {name: torch.stack([h[0].norm() for h in rows]).to(device)  # release: 1st prompt
                   for name, rows in batch.hidden.items()}
+        destination = prompt_tokens(bundle, config.conditioning, batch.dst_prompts, batch.owner)
         with torch.no_grad():
-            teacher = bundle.encode(batch.dst_prompts)
+            teacher = destination.encode(bundle)
             teacher_pooled = [p.float() for p in teacher.pooled]
         settings = resolve_settings(bundle)
         teacher_kwargs = bundle.unet_kwargs(teacher, settings["height"], settings["width"])
-        source_ids = bundle.tokenize(batch.src_prompts)  # once: it costs more than a small model's step
         # Training-time noising is DDPM's whatever the sampler (Euler's add_noise only accepts
         # timesteps of an inference schedule and skips the alpha scaling the UNet expects).
         scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
@@ -237,22 +232,24 @@ class Objective:
         return cls(bundle, batch, config, z_layer, batch.owner.to(device),
                    {name: p.to(device) for name, p in batch.positions.items()},
                    torch.bincount(batch.owner, minlength=len(batch.requests)).to(device), v_norm,
-                   source_ids, teacher, teacher_pooled, teacher_kwargs, noising,
-                   scheduler.config.num_train_timesteps, precision, autocast_cache=not graphs)
+                   teacher, (batch.source.keys, destination.keys), teacher_pooled, teacher_kwargs,
+                   noising, scheduler.config.num_train_timesteps, precision, autocast_cache=not graphs)
 
     def edited(self, deltas: dict[str, torch.Tensor]) -> PromptEncoding:
         """The source prompts encoded with each concept's delta added at its subject tokens."""
-        return encode_edited(self.bundle, self.source_ids, self.z_layer, self.batch.prefix, self.positions,
-                             {name: delta[self.owner] for name, delta in deltas.items()})
+        return encode_edited(self.bundle, self.batch.source.ids, self.z_layer, self.batch.prefix,
+                             self.positions, {name: delta[self.owner] for name, delta in deltas.items()},
+                             self.batch.source.masks)
 
     def noise_term(self, edited: PromptEncoding, t: torch.Tensor | None,
                    noise: torch.Tensor | None) -> torch.Tensor:
         """Per row: the UNet's noise prediction against the teacher's (zeros when it is off)."""
         if self.noising is None:
             return torch.zeros(len(self.batch.src_prompts), device=self.bundle.device)
+        latents, noise = sampled(self.batch.latents, self.batch.spread, noise)
         return self.config.noise_weight * noise_loss(
-            self.bundle, self.noising, self.batch.latents, noise, t, edited, self.teacher,
-            self.teacher_kwargs, self.config.target, self.precision, self.autocast_cache)
+            self.bundle, self.noising, latents, noise, t, edited, self.teacher,
+            self.teacher_kwargs, self.config.target, self.precision, self.autocast_cache, self.keys)
 
     def align_terms(self, edited: PromptEncoding) -> Iterator[torch.Tensor]:
         """Per row and text encoder: the pooled output against the teacher's on the destination."""
@@ -295,7 +292,8 @@ def compute_z(
     call and the mean loss, as often. The step loop never waits for the device except there.
     """
     runtime = runtime or Runtime()
-    batch = layout(bundle, requests, z_layer, config, image_cache)
+    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+    batch = layout(bundle, requests, z_layer, config, image_cache, generators)
     device, count = bundle.device, len(requests)
     precision = resolve_precision(runtime.precision, device)
     graphs = runtime.cuda_graphs and device.type == "cuda"
@@ -305,7 +303,6 @@ def compute_z(
     starts = {name: delta.detach().clone() for name, delta in deltas.items()}
     # capturable: Adam keeps its step count on the device, so a CUDA graph can replay it.
     optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr, capturable=graphs)
-    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
     first = engine.restore(resume, deltas, optimiser, generators) if resume else 0
     loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
     health, losses = engine.Health(count, first, device), torch.zeros(count, device=device)

@@ -26,6 +26,9 @@ from .objective import compute_z
 
 log = logging.getLogger(__name__)
 
+# Stage I options added after keys were first made, with the value every earlier key had.
+BEFORE_OPTIONS = {"conditioning": "pipeline", "latents": "mean"}
+
 
 def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[str, int],
                   config: Stage1Config, image_settings: dict, device: torch.device,
@@ -36,6 +39,9 @@ def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[s
     hyper = asdict(config)
     if hyper["init"] == "zero":
         del hyper["init"]  # the release's start, as every key made before the option had it
+    for name, before in BEFORE_OPTIONS.items():
+        if hyper[name] == before:
+            del hyper[name]  # as every key made before the option had it
     precision = resolve_precision(precision, device)
     if precision != "fp32":
         hyper["precision"] = precision

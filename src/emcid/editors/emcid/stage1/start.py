@@ -10,6 +10,7 @@ where from zero a far edit settles on one that draws a third concept (docs/metho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import torch
@@ -20,15 +21,21 @@ from ....core.tokens import subject_positions
 from ....requests.edit import EditRequest
 
 
-def read_block_outputs(bundle: ModelBundle, prompts: list[str],
-                       z_layer: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Unedited outputs of every edited encoder's block l* at every token (what Stage I
-    replays, and where it reads the states at the subject)."""
+def record_block_outputs(bundle: ModelBundle, z_layer: dict[str, int],
+                         encode: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """Unedited outputs of every edited encoder's block l* at every token of what ``encode``
+    encodes (what Stage I replays, and where it reads the states at the subject)."""
     with torch.no_grad(), ExitStack() as stack:
         records = {name: stack.enter_context(capture({name: bundle.slot(name).block(layer)}))
                    for name, layer in z_layer.items()}
-        bundle.encode(prompts)
+        encode()
     return {name: records[name][name][0].float() for name in z_layer}
+
+
+def read_block_outputs(bundle: ModelBundle, prompts: list[str],
+                       z_layer: dict[str, int]) -> dict[str, torch.Tensor]:
+    """:func:`record_block_outputs` of ``prompts`` encoded as the pipeline encodes them."""
+    return record_block_outputs(bundle, z_layer, lambda: bundle.encode(prompts))
 
 
 def text_estimate(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
