@@ -32,3 +32,23 @@ def model_state(bundle) -> dict[str, torch.Tensor]:
 def assert_same_state(first: dict, second: dict) -> None:
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def interrupt_at_the_end(bundle, requests, z_layer, config, cache, runtime, monkeypatch) -> None:
+    """Run Stage I and kill it after its last step, before the results are saved (its
+    progress checkpoints stay in the cache)."""
+    import pytest
+
+    from emcid.editors.emcid.stage1 import compute_targets, engine
+
+    original = engine.check_health
+
+    def interrupted_before_the_end(requests, first_bad, overflow, deltas=None):
+        if deltas is not None:  # the last step is done; the results are not saved yet
+            raise KeyboardInterrupt
+        original(requests, first_bad, overflow, deltas)
+
+    monkeypatch.setattr(engine, "check_health", interrupted_before_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        compute_targets(bundle, requests, z_layer, config, cache, progress=False, runtime=runtime)
+    monkeypatch.setattr(engine, "check_health", original)

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from edit_helpers import interrupt_at_the_end
 from PIL import Image
 
 import emcid
@@ -187,24 +188,12 @@ def test_release_stage1_does_not_depend_on_the_batch(sd1, tmp_path):
 
 def test_release_stage1_resumes_bit_identically(sd1, monkeypatch):
     """The coins come before the steps' draws, so a resumed run flips the same images."""
-    from emcid.editors.emcid.stage1 import engine
-
     requests = [emcid.EditRequest("tench", "goldfish", seed=3), emcid.EditRequest("zebra", "horse")]
     config, runtime = Stage1Config(steps=5, **RELEASE), Runtime(checkpoint_every=2)
     expected = compute_targets(sd1, requests, Z_LAYER, config, TensorCache("rp-reference"),
                                progress=False, runtime=runtime)
-    original = engine.check_health
-
-    def interrupted_before_the_end(requests, first_bad, overflow, deltas=None):
-        if deltas is not None:  # the last step is done; the results are not saved yet
-            raise KeyboardInterrupt
-        original(requests, first_bad, overflow, deltas)
-
-    monkeypatch.setattr(engine, "check_health", interrupted_before_the_end)
     cache = TensorCache("rp-resume")
-    with pytest.raises(KeyboardInterrupt):
-        compute_targets(sd1, requests, Z_LAYER, config, cache, progress=False, runtime=runtime)
-    monkeypatch.setattr(engine, "check_health", original)
+    interrupt_at_the_end(sd1, requests, Z_LAYER, config, cache, runtime, monkeypatch)
     found = compute_targets(sd1, requests, Z_LAYER, config, cache, progress=False, runtime=runtime)
     for a, b in zip(expected, found, strict=True):
         assert torch.equal(a.deltas["text_encoder"], b.deltas["text_encoder"])

@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+from edit_helpers import interrupt_at_the_end
 
 import emcid
 from emcid.cache import TensorCache
@@ -56,18 +57,8 @@ def test_interrupted_stage1_resumes_bit_identically(sd1, monkeypatch):
     config, runtime = Stage1Config(steps=7), Runtime(concept_batch=4, checkpoint_every=3)
     expected = compute_targets(sd1, REQUESTS, LAYER, config, TensorCache("resume-reference"),
                                progress=False, runtime=runtime)
-    original = engine.check_health
-
-    def interrupted_before_the_end(requests, first_bad, overflow, deltas=None):
-        if deltas is not None:  # the last step is done; the results are not saved yet
-            raise KeyboardInterrupt
-        original(requests, first_bad, overflow, deltas)
-
-    monkeypatch.setattr(engine, "check_health", interrupted_before_the_end)
     cache = TensorCache("resume")
-    with pytest.raises(KeyboardInterrupt):
-        compute_targets(sd1, REQUESTS, LAYER, config, cache, progress=False, runtime=runtime)
-    monkeypatch.setattr(engine, "check_health", original)
+    interrupt_at_the_end(sd1, REQUESTS, LAYER, config, cache, runtime, monkeypatch)
     resumed_from = []
     compute_z = schedule.compute_z
 
