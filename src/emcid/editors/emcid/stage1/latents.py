@@ -32,17 +32,33 @@ def _reference_images(request: EditRequest, height: int, width: int) -> torch.Te
     return pil_to_tensor(chosen, height, width)
 
 
+def _drawn_images(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+                  image_cache: TensorCache, progress: bool) -> torch.Tensor | None:
+    """The generated source images of the requests without reference images, uint8, cached."""
+    settings = resolve_settings(bundle, guidance_scale=config.image_guidance_scale,
+                                num_inference_steps=config.image_steps)
+    drawn = [r for r in requests if not r.reference_images]
+    prompts = [p for r in drawn for p in r.source_prompts()]
+    seeds = [r.seed + i for r in drawn for i in range(len(r.prompts))]
+    return generate_cached(bundle, prompts, seeds, image_cache, progress=progress, **settings) \
+        if drawn else None
+
+
+def draw_source_images(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+                       image_cache: TensorCache) -> None:
+    """Generate (and cache) the requests' source images with a progress bar, before the batch
+    that needs them: drawing thousands of them is Stage I's first silent stretch otherwise."""
+    if config.noise_weight:
+        _drawn_images(bundle, requests, config, image_cache, progress=True)
+
+
 def source_pixels(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
                   image_cache: TensorCache) -> list[torch.Tensor]:
     """Each request's source images in [-1, 1]: the user's references, or generated once and
     cached (one cache lookup for all requests, so the model is fingerprinted once)."""
     settings = resolve_settings(bundle, guidance_scale=config.image_guidance_scale,
                                 num_inference_steps=config.image_steps)
-    drawn = [r for r in requests if not r.reference_images]
-    prompts = [p for r in drawn for p in r.source_prompts()]
-    seeds = [r.seed + i for r in drawn for i in range(len(r.prompts))]
-    arrays = generate_cached(bundle, prompts, seeds, image_cache, progress=False, **settings) \
-        if drawn else None
+    arrays = _drawn_images(bundle, requests, config, image_cache, progress=False)
     pixels, start = [], 0
     for request in requests:
         if request.reference_images:

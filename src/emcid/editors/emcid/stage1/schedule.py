@@ -22,6 +22,7 @@ from ....errors import Stage1OutOfMemoryError
 from ....requests.edit import EditRequest
 from ..config import Precision, Stage1Config, resolve_precision
 from ..targets import ConceptTarget
+from .latents import draw_source_images
 from .objective import compute_z
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ def compute_targets(
         for group in _by_progress(missing, saved):
             while group:
                 chunk = group[:size]
+                if progress:
+                    draw_source_images(bundle, [requests[i] for i in chunk], config, image_cache)
                 try:
                     targets = _run_chunk(bundle, requests, keys, chunk, z_layer, config, runtime,
                                          image_cache, progress_cache, saved, report)
