@@ -134,10 +134,15 @@ def compute_targets(
     resumed = sum(int(saved[i]["step"]) for i in missing if i in saved)
     with tqdm(total=len(missing) * config.steps, initial=resumed, desc="Stage I",
               unit="concept-step", disable=not progress) as bar:
+        shown = {"loss": "-"}
+
+        def show() -> None:
+            bar.set_postfix(loss=shown["loss"], concepts=f"{len(results) - cached}/{len(missing)}")
+
         def report(steps: int, loss: float) -> None:
+            shown["loss"] = f"{loss:.4f}"
             bar.update(steps)
-            bar.set_postfix(loss=f"{loss:.4f}", concepts=f"{len(results) - cached}/{len(missing)}",
-                            refresh=False)
+            show()
 
         for group in _by_progress(missing, saved):
             while group:
@@ -162,6 +167,7 @@ def compute_targets(
                                 "destination": target.request.destination})
                     progress_cache.path(keys[index]).unlink(missing_ok=True)
                     results[index] = target
+                show()
                 group = group[len(chunk):]
     return [results[i] for i in range(len(requests))]
 
