@@ -153,6 +153,8 @@ def test_coco_end_to_end_records_settings_and_repeats(sd1_dir, tiny_clip, fast_e
 @pytest.mark.parametrize("settings, message", [
     ({"captions": 0}, "captions=0"),
     ({"captions_file": "missing.json"}, "not a file"),
+    ({"captions": 7}, "only 6 are available"),
+    ({"options": {"stepz": 3}}, "stepz"),
 ])
 def test_coco_bad_settings_are_refused_before_work(sd1_dir, tmp_path, settings, message, monkeypatch):
     captions, requests = _coco_files(tmp_path)
@@ -183,3 +185,4 @@ def test_world_captions_are_held_out_prompts_of_untouched_concepts():
     assert {index for _, index in chosen}.isdisjoint({0, 1500}) and len(set(chosen)) == 30
     for prompt, index in chosen:
         assert prompt in [p for p, _ in world.free_form_prompts(concepts[index])]
+

@@ -158,14 +158,15 @@ def run_coco(model: str | Path | None = None, captions_file: str | Path | None =
     options = dict(options or {})
     _check(model, captions_file, requests_file, out, judge, config, method, options)
     corpus = read_corpus(captions_file) if captions_file is not None else None
+    chosen = choose(corpus, config.captions, config.seed) if corpus is not None else None
     requests = list(load_requests(requests_file)) if requests_file is not None else None
     scorer = ClipScorer(judge or DEFAULT_CLIP, device) if corpus is not None else WorldScorer(device)
     bundle = load_model(model, device=device)
-    if corpus is None and requests is None:
-        requests = world_edits(bundle, config.edits, config.seed)
-        options.setdefault("task", "aice")
-    chosen = choose(corpus, config.captions, config.seed) if corpus is not None else \
-        world_captions(requests, config.captions, config.seed)
+    if corpus is None:
+        if requests is None:
+            requests = world_edits(bundle, config.edits, config.seed)
+            options.setdefault("task", "aice")
+        chosen = world_captions(requests, config.captions, config.seed)
     prompts = [c if isinstance(c, str) else c[0] for c in chosen]
     truth = prompts if corpus is not None else [c[1] for c in chosen]
     editor = get_editor(method, bundle, **options)
@@ -199,7 +200,7 @@ def format_summary(results: dict) -> str:
     """The run's figures in a few lines."""
     rows = [f"{results['benchmark']}, {results['method']}: {len(results['requests'])} edits, "
             f"{results['settings']['captions']} captions",
-            f"FID (unedited vs edited, {results['metrics']['fid_features']}): {results['fid']:.3f}"]
+            f"FID (unedited vs edited, {results['metrics']['fid_features']}): {results['fid']:.4g}"]
     for name, value in results["unedited"].items():
         rows.append(f"{name}: unedited {value:.3f}, edited {results['edited'][name]:.3f}")
     return "\n".join(rows)
