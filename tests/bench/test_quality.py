@@ -186,3 +186,17 @@ def test_world_captions_are_held_out_prompts_of_untouched_concepts():
     for prompt, index in chosen:
         assert prompt in [p for p, _ in world.free_form_prompts(concepts[index])]
 
+
+def test_style_distance_figures_leave_grey_styles_out():
+    from emcid.bench.styles import StyleProbe, distance_figures
+    from emcid.mini import styles, world
+
+    grey = styles.colour_index(world.NEUTRAL_COLOUR)
+    probes = [StyleProbe("a", 3, ("p", "q"), (0, 1)), StyleProbe("b", grey, ("p", "q"), (0, 1))]
+    before, after = [[1, 2], [3, 4]], [[2, 2], [9, 9]]
+
+    def distance(x, y):  # stands in for an image distance on numbers
+        return torch.tensor([abs(a - b) for a, b in zip(x, y)], dtype=torch.float)
+
+    figures = distance_figures(distance, (before, after), (before, after), probes, probes[1:])
+    assert figures == {"erased_distance": 0.5, "held_distance": None}
