@@ -200,3 +200,16 @@ def test_style_distance_figures_leave_grey_styles_out():
 
     figures = distance_figures(distance, (before, after), (before, after), probes, probes[1:])
     assert figures == {"erased_distance": 0.5, "held_distance": None}
+
+
+def test_coco_refuses_debias_requests_and_captions_on_the_embedded_model(tiny_clip, tmp_path):
+    from emcid.mini import default_model_dir
+
+    captions, _ = _coco_files(tmp_path)
+    debias = tmp_path / "debias.yaml"
+    debias.write_text("- source: doctor\n  debias: [male, female]\n")
+    with pytest.raises(EmcidError, match="debias requests"):
+        run_coco("tiny-sd", captions, debias, out=tmp_path / "out", captions=4, progress=False)
+    with pytest.raises(EmcidError, match="is the embedded model: drop --captions"):
+        run_coco(default_model_dir(), captions, tmp_path / "requests.yaml", out=tmp_path / "out",
+                 judge=str(tiny_clip), captions=4, progress=False)

@@ -144,6 +144,14 @@ def _check(model, captions_file, requests_file, out, judge, config: QualityConfi
     get_editor(method, None, **options)
 
 
+def _edit_requests(path: str | Path) -> list[EditRequest]:
+    """The edit requests of a request file (a debias file is refused: it is no edit to measure)."""
+    requests = list(load_requests(path))
+    if not all(isinstance(r, EditRequest) for r in requests):
+        raise BenchmarkError(f"{path} holds debias requests; bench coco measures edit requests")
+    return requests
+
+
 def run_coco(model: str | Path | None = None, captions_file: str | Path | None = None,
              requests_file: str | Path | None = None, method: str = "emcid", out: str | Path = "coco",
              judge: str | None = None, options: dict | None = None, device: str = "cpu",
@@ -159,9 +167,12 @@ def run_coco(model: str | Path | None = None, captions_file: str | Path | None =
     _check(model, captions_file, requests_file, out, judge, config, method, options)
     corpus = read_corpus(captions_file) if captions_file is not None else None
     chosen = choose(corpus, config.captions, config.seed) if corpus is not None else None
-    requests = list(load_requests(requests_file)) if requests_file is not None else None
+    requests = _edit_requests(requests_file) if requests_file is not None else None
     scorer = ClipScorer(judge or DEFAULT_CLIP, device) if corpus is not None else WorldScorer(device)
     bundle = load_model(model, device=device)
+    if bundle.is_embedded == (corpus is not None):
+        raise BenchmarkError(f"{bundle.source} is {'' if bundle.is_embedded else 'not '}the embedded model: "
+                             f"{'drop' if bundle.is_embedded else 'give'} --captions")
     if corpus is None:
         if requests is None:
             requests = world_edits(bundle, config.edits, config.seed)
