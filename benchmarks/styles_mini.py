@@ -69,9 +69,12 @@ def main() -> None:
                "methods": {}}
     for method in args.methods.split(","):
         started = time.perf_counter()
-        sweep = run_style_sweep(bundle, judge, scales, method, args.seed, args.held_styles,
-                                args.held_objects, args.singles, progress=not args.quiet,
-                                distance=args.distance, **options)
+        try:
+            sweep = run_style_sweep(bundle, judge, scales, method, args.seed, args.held_styles,
+                                    args.held_objects, args.singles, progress=not args.quiet,
+                                    distance=args.distance, **options)
+        except emcid.errors.EmcidError as exc:  # a bad setting: one line, before any edit
+            raise SystemExit(f"error: {exc}") from None
         seconds = time.perf_counter() - started
         results["methods"][method] = {"scales": sweep, "seconds": seconds}
         print(f"\n{method} ({seconds:.0f} s)\n{format_table(sweep)}")
