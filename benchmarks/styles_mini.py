@@ -8,7 +8,10 @@ of the first ``--singles`` styles alone, averaged; grey styles, whose erasure ca
 are left out of the figures), and prints
 for each N: the share of the erased styles' images that still show the style's colour before
 and after, efficacy (the drop), the share drawn on the neutral grey, and the change in the
-held-out styles' share and in the judge's top-1 on held-out objects. Runs on
+held-out styles' share and in the judge's top-1 on held-out objects, and the mean image
+distance between each image before and after the edit on erased and on held styles
+(``--distance judge``, LPIPS's analogue on the world judge's features, or ``lpips`` where
+lpips, torchvision and its AlexNet weights are on this machine; docs/quality.md). Runs on
 ``embedded:tasks`` (the embedded model that draws styles); ``--methods emcid,uce``
 compares editors on the same prompts and seeds.
 """
@@ -36,6 +39,8 @@ def main() -> None:
     parser.add_argument("--held-objects", type=int, default=100)
     parser.add_argument("--singles", type=int, default=8,
                         help="scale 1 is the mean of this many styles, each erased alone")
+    parser.add_argument("--distance", default="judge", choices=["judge", "lpips"],
+                        help="image distance before vs after the edit (default: judge)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="an editor option, e.g. steps=50 (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,11 +65,16 @@ def main() -> None:
                          "`emcid mini train --task-rate ...` (docs/mini.md) and pass its folder")
     judge = load_judge(str(bundle.device))
     options = dict(parse_option(text) for text in args.option)
-    results = {"model_fingerprint": bundle.fingerprint(), "options": options, "methods": {}}
+    results = {"model_fingerprint": bundle.fingerprint(), "options": options, "distance": args.distance,
+               "methods": {}}
     for method in args.methods.split(","):
         started = time.perf_counter()
-        sweep = run_style_sweep(bundle, judge, scales, method, args.seed, args.held_styles,
-                                args.held_objects, args.singles, progress=not args.quiet, **options)
+        try:
+            sweep = run_style_sweep(bundle, judge, scales, method, args.seed, args.held_styles,
+                                    args.held_objects, args.singles, progress=not args.quiet,
+                                    distance=args.distance, **options)
+        except emcid.errors.EmcidError as exc:  # a bad setting: one line, before any edit
+            raise SystemExit(f"error: {exc}") from None
         seconds = time.perf_counter() - started
         results["methods"][method] = {"scales": sweep, "seconds": seconds}
         print(f"\n{method} ({seconds:.0f} s)\n{format_table(sweep)}")

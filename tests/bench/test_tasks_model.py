@@ -95,6 +95,7 @@ def test_a_style_sweep_edits_each_scale_from_the_unedited_model_and_restores_it(
     assert sorted(results) == [1, 2] and tasks_bundle.fingerprint() == base
     for figures in results.values():  # the artist presets leave the rest of the world alone
         assert figures["other_styles_delta"] > -0.15 and figures["objects_delta"] > -0.15
+        assert figures["erased_distance"] > figures["held_distance"] >= 0  # erased styles change most
     singles = results[1]["singles"]  # scale 1: each of the first two artists alone, averaged
     assert [s["style"] for s in singles] == bench.style_split().artists[:2]
     assert results[1]["efficacy"] == pytest.approx(sum(s["efficacy"] for s in singles) / 2)

@@ -1,4 +1,4 @@
-"""Command-line entry points of the benchmarks: ``emcid bench iceb|timed|road`` and ``emcid demo``.
+"""Command-line entry points of the benchmarks: ``emcid bench iceb|timed|road|coco`` and ``emcid demo``.
 
 Argument parsing only; each command is one library call. The main CLI calls
 :func:`register` with its subparsers.
@@ -102,6 +102,41 @@ def _add_single_edit(commands: argparse._SubParsersAction, name: str,
     return parser
 
 
+def cmd_coco(args: argparse.Namespace) -> None:
+    """``emcid bench coco``: FID and CLIP score (the world: FID and judge top-1) after an edit."""
+    from ..core.config import parse_option
+    from .coco import format_summary, run_coco
+
+    results = run_coco(args.model, args.captions, args.requests, args.method, args.out, judge=args.judge,
+                       options=dict(parse_option(text) for text in args.option), device=args.device,
+                       captions=args.images, edits=args.edits, seed=args.seed)
+    print(format_summary(results))
+    print(f"wrote {args.out}/results.json")
+
+
+def _add_coco(commands: argparse._SubParsersAction) -> None:
+    coco = commands.add_parser("coco", help="general quality after an edit: FID and CLIP score on COCO "
+                                            "captions (the embedded world: FID and judge top-1)")
+    coco.add_argument("--model", help="diffusers folder or hub id (default: the embedded model)")
+    coco.add_argument("--captions", help="COCO captions file (captions_val2017.json) or another caption "
+                                         "file; not on the embedded model, which draws its own")
+    coco.add_argument("--requests", help="request file of the edit (default on the embedded model: "
+                                         "the first --edits ICEB AICE edits)")
+    coco.add_argument("--edits", type=int, default=10,
+                      help="ICEB AICE edits on the embedded model (default 10)")
+    coco.add_argument("--method", default="emcid", help="editing method (default: emcid)")
+    coco.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="an editor option, e.g. steps=100 (repeatable)")
+    coco.add_argument("--images", type=int, default=100,
+                      help="captions drawn, one image each per model, seeds --seed + k (default 100)")
+    coco.add_argument("--seed", type=int, default=0, help="caption choice, first image seed, world edits")
+    coco.add_argument("--judge", help="CLIP folder or cached hub id (default: openai/clip-vit-large-patch14; "
+                                      "never downloaded)")
+    coco.add_argument("--out", required=True, help="folder for results.json")
+    coco.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
+    coco.set_defaults(func=cmd_coco)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
     from .report import summary_table
@@ -113,7 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bench`` (with ``iceb``, ``timed`` and ``road``) and ``demo`` to the main parser's
+    """Add ``bench`` (with ``iceb``, ``timed``, ``road`` and ``coco``) and ``demo`` to the main parser's
     subcommands."""
     from .iceb import DEFAULT_SCALES, SUBTASKS
 
@@ -158,6 +193,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     road.add_argument("--data", required=True,
                       help="RoAD CSV file (prompt, old, new, positive<k>, positive_old<k>, "
                            "positive_new<k>, negative<k>, negative_new<k>)")
+
+    _add_coco(commands)
 
     demo = subparsers.add_parser("demo", help="edit a few dozen classes of the embedded model and report")
     demo.add_argument("--out", default="emcid-demo", help="report folder (default: ./emcid-demo)")

@@ -11,7 +11,10 @@ Every figure is measured on the same prompts and seeds before and after the edit
   (the release's three artist prompts alone, and two objects "in the style of" it);
   *efficacy* is before minus after, and *to neutral* the share drawn on grey after the edit;
 - **other styles**: the same share for held-out styles; *delta* is after minus before;
-- **objects**: the judge's top-1 on "An image of Y" for held-out objects; *delta* likewise.
+- **objects**: the judge's top-1 on "An image of Y" for held-out objects; *delta* likewise;
+- **image distance**: between each erased and held style's image before and after the edit
+  (same prompt and seed): LPIPS where it runs offline, else its analogue on the judge's
+  features (emcid/bench/quality.py).
 
 Styles whose colour is the neutral grey are erased with the others but left out of the style
 figures: erasing them to grey changes nothing a judge can see. One style is a sample of five
@@ -24,6 +27,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 
 import torch
@@ -87,15 +91,26 @@ def _images(bundle: ModelBundle, prompts: Sequence[str], seeds: Sequence[int], p
     return to_pil(generate_arrays(bundle, list(prompts), list(seeds), progress=progress))
 
 
+def probe_images(bundle: ModelBundle, probes: Sequence[StyleProbe], progress: bool = False) -> list[list]:
+    """Each probe's images, one per prompt with its seed."""
+    prompts = [p for probe in probes for p in probe.prompts]
+    seeds = [s for probe in probes for s in probe.seeds]
+    images = iter(_images(bundle, prompts, seeds, progress)) if prompts else iter(())
+    return [list(islice(images, len(probe.prompts))) for probe in probes]
+
+
+def colours_in(judge, images: Sequence[Sequence]) -> torch.Tensor:
+    """The background colour the judge sees in each probe's images, [probes, prompts]."""
+    if not images:
+        return torch.zeros(0, 0, dtype=torch.long)
+    found = judge.background_proba([i for row in images for i in row]).argmax(1)
+    return found.view(len(images), -1)
+
+
 def found_colours(bundle: ModelBundle, judge, probes: Sequence[StyleProbe],
                   progress: bool = False) -> torch.Tensor:
     """The background colour the judge sees in each probe's images, [probes, prompts]."""
-    if not probes:
-        return torch.zeros(0, 0, dtype=torch.long)
-    prompts = [p for probe in probes for p in probe.prompts]
-    seeds = [s for probe in probes for s in probe.seeds]
-    found = judge.background_proba(_images(bundle, prompts, seeds, progress)).argmax(1)
-    return found.view(len(probes), -1)
+    return colours_in(judge, probe_images(bundle, probes, progress))
 
 
 def is_visible(probe: StyleProbe) -> bool:
@@ -142,13 +157,28 @@ def erase_requests(styles: Sequence[str]) -> list[EditRequest]:
     return [EditRequest(style, "", ARTIST_PROMPTS) for style in styles]
 
 
+def image_distance(name: str, judge):
+    """The before/after image distance ``name``: "lpips" (lpips' AlexNet LPIPS, where it runs
+    offline) or "judge" (its analogue on the world judge's features)."""
+    from ..errors import OptionError
+    from . import quality
+
+    if name == "judge":
+        return partial(quality.judge_distance, judge)
+    if name == "lpips":
+        return partial(quality.lpips_distance, quality.lpips_model())
+    raise OptionError(f"unknown image distance {name!r}; choose from judge, lpips")
+
+
 def run_style_sweep(bundle: ModelBundle, judge, scales: Sequence[int], method: str = "emcid",
                     seed: int = 0, held_styles: int = 100, held_objects: int = 100,
-                    singles: int = 8, progress: bool = True, **options) -> dict[int, dict]:
+                    singles: int = 8, progress: bool = True, distance: str = "judge",
+                    **options) -> dict[int, dict]:
     """Erase the first N artists for every N in ``scales`` (each from the unedited model) and
     return each scale's figures; the model is restored after every scale. Scale 1 is the
     mean over the first ``singles`` artists whose erasure shows, each erased alone (its
-    ``"singles"`` entry lists them)."""
+    ``"singles"`` entry lists them). ``distance`` (:func:`image_distance`) compares each
+    image before and after the edit."""
     from ..errors import OptionError
 
     split = style_split(seed, held_styles, held_objects)
@@ -156,6 +186,7 @@ def run_style_sweep(bundle: ModelBundle, judge, scales: Sequence[int], method: s
         raise OptionError(f"style scales must be between 1 and {len(split.artists)}, got {list(scales)}")
     if singles < 1:
         raise OptionError(f"singles must be at least 1, got {singles}")
+    measure = image_distance(distance, judge)
     erased = [style_probe(s, seed) for s in split.artists[:max(scales)]]
     every = (style_probe(s, seed) for s in split.artists)  # probed only as far as needed
     alone = list(islice((p for p in every if is_visible(p)), singles)) if 1 in scales else []
@@ -163,12 +194,15 @@ def run_style_sweep(bundle: ModelBundle, judge, scales: Sequence[int], method: s
     watched = erased + [p for p in alone if p not in erased]
     before = _readings(bundle, judge, watched, held, split.held_objects, seed, progress)
     by_probe = dict(zip(watched, before[0], strict=True))
+    pictures = dict(zip(watched, before[3], strict=True))
 
     def edited(erasing: list[StyleProbe]) -> dict:
         after = _edited_readings(bundle, judge, erasing, held, split.held_objects, method, seed,
                                  progress, options)
-        return scale_figures((torch.stack([by_probe[p] for p in erasing]), *before[1:]), after,
-                             erasing, held)
+        figures = scale_figures((torch.stack([by_probe[p] for p in erasing]), *before[1:]), after,
+                                erasing, held)
+        return {**figures, **distance_figures(measure, ([pictures[p] for p in erasing], after[3]),
+                                              (before[4], after[4]), erasing, held)}
 
     results = {}
     for count in sorted(scales):
@@ -196,9 +230,11 @@ def _mean_figures(runs: list[dict]) -> dict:
 
 def _readings(bundle: ModelBundle, judge, erased: Sequence[StyleProbe], held: Sequence[StyleProbe],
               objects: Sequence[int], seed: int, progress: bool) -> tuple:
-    """The judge's readings of the erased and held styles' images, and the object hits."""
-    return (found_colours(bundle, judge, erased, progress), found_colours(bundle, judge, held, progress),
-            object_hits(bundle, judge, objects, seed, progress))
+    """The judge's readings of the erased and held styles' images, the object hits, and the
+    erased and held styles' images."""
+    erased_images, held_images = probe_images(bundle, erased, progress), probe_images(bundle, held, progress)
+    return (colours_in(judge, erased_images), colours_in(judge, held_images),
+            object_hits(bundle, judge, objects, seed, progress), erased_images, held_images)
 
 
 def _edited_readings(bundle: ModelBundle, judge, erasing: list[StyleProbe], held: Sequence[StyleProbe],
@@ -245,6 +281,21 @@ def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
     }
 
 
+def distance_figures(distance, erased_images: tuple, held_images: tuple, erased: Sequence[StyleProbe],
+                     held: Sequence[StyleProbe]) -> dict:
+    """Mean image distance between each image before and after the edit (same prompt and
+    seed), over the erased and the held styles whose erasure can show; ``*_images`` are the
+    (before, after) images per probe."""
+    def mean(images: tuple, probes: Sequence[StyleProbe]) -> float | None:
+        rows = visible_rows(probes)
+        if not rows:
+            return None
+        before, after = ([i for r in rows for i in side[r]] for side in images)
+        return float(distance(before, after).mean())
+
+    return {"erased_distance": mean(erased_images, erased), "held_distance": mean(held_images, held)}
+
+
 def _delta_over(rows: list[int], before: torch.Tensor, after: torch.Tensor,
                 probes: Sequence[StyleProbe]) -> dict:
     """How many of ``probes`` (by row) there are and the change of their kept share."""
@@ -256,11 +307,12 @@ def _delta_over(rows: list[int], before: torch.Tensor, after: torch.Tensor,
 
 def format_table(results: dict[int, dict]) -> str:
     """The sweep as a plain-text table (held-out styles split by whether an erased style has
-    their colour)."""
+    their colour; the image distances before vs after last)."""
     head = ("styles erased", "kept before", "kept after", "efficacy", "to grey", "other styles D",
-            "same colour D", "other colour D", "objects D")
+            "same colour D", "other colour D", "objects D", "erased dist", "held dist")
     keys = ("erased_kept_before", "erased_kept_after", "efficacy", "to_neutral", "other_styles_delta",
-            "other_styles_shared_colour", "other_styles_other_colour", "objects_delta")
+            "other_styles_shared_colour", "other_styles_other_colour", "objects_delta", "erased_distance",
+            "held_distance")
     lines = ["  ".join(f"{h:>14}" for h in head)]
     for count, figures in sorted(results.items()):
         label = f"1 (mean of {len(figures['singles'])})" if "singles" in figures else str(count)
