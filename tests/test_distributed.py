@@ -33,8 +33,10 @@ def test_two_cpu_processes_match_one(sd1, sd1_dir, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     bars = [line for line in run.stderr.replace("\r", "\n").splitlines()
             if line.startswith("Stage I:") and "100%" in line]
-    # each process optimised its half (2 of 4), then read the other half from the cache
-    assert any(" 2/2 " in line for line in bars) and not any(" 4/4 " in line for line in bars)
+    # each process optimised its half (2 of 4, 3 steps each), then read the other half from
+    # the cache
+    assert any("concepts=2/2" in line for line in bars)
+    assert not any("concepts=4/4" in line for line in bars)
     assert len(list((cache / "stage1").glob("*.safetensors"))) == len(PAIRS)
     sharded = EditPatch.load(out)
     threads = torch.get_num_threads()

@@ -53,17 +53,16 @@ def _load(args: argparse.Namespace):
 
 
 def auto_device(device: str) -> str:
-    """``auto``: accelerate's device for this process when launched on several, else CUDA if
-    there is a GPU, else the CPU (never MPS by surprise)."""
+    """``auto``: this process's GPU when launched on several (``LOCAL_RANK``), else CUDA if there
+    is a GPU, else the CPU (never MPS by surprise). accelerate's state is not touched here:
+    it is made once, by Stage I, with the settings that shard the work."""
     if device != "auto":
         return device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        return str(PartialState().device)
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
 
 
 def _model_input(args: argparse.Namespace) -> str | Path | None:
