@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--edits", default="1,10,100")
     parser.add_argument("--stats-samples", type=int, default=2000)
     parser.add_argument("--batches", default="1,8,64", help="Stage I concept_batch values to time")
+    parser.add_argument("--inits", default="text", help="Stage I starts to time (text, zero)")
     args = parser.parse_args()
     os.environ.setdefault("EMCID_CACHE", tempfile.mkdtemp(prefix="emcid-bench-"))
     bundle = emcid.load_model(args.model, device=args.device)
@@ -69,10 +70,10 @@ def main() -> None:
     moments = second_moments(bundle, names, None, args.stats_samples, progress=False)
 
     batches = [int(b) for b in args.batches.split(",")]
-    for batch in batches:
+    for batch, init in ((b, i) for b in batches for i in args.inits.split(",")):
         # at least 8 concepts per measurement; one at a time needs no more to be steady
         probe = requests_for(max(batch, 8))
-        config = Stage1Config(steps=args.steps, image_guidance_scale=None, image_steps=None)
+        config = Stage1Config(steps=args.steps, image_guidance_scale=None, image_steps=None, init=init)
         runtime = Runtime(concept_batch=batch)
         # Warm-up: every probe concept's source images are generated and cached here, so the
         # timed run measures only the optimisation.
@@ -80,8 +81,8 @@ def main() -> None:
                         progress=False, runtime=runtime)
         seconds, cpu = cpu_timed(compute_targets, bundle, probe, z_layer, config,
                                  TensorCache("s1", enabled=False), progress=False, runtime=runtime)
-        print(f"Stage I, {args.steps} steps, concept_batch {batch}: {seconds / len(probe):.2f} s/concept "
-              f"({cpu / len(probe):.2f} s of CPU time)")
+        print(f"Stage I ({init} start), {args.steps} steps, concept_batch {batch}: "
+              f"{seconds / len(probe):.2f} s/concept ({cpu / len(probe):.2f} s of CPU time)")
 
     largest = max(int(e) for e in args.edits.split(","))
     quick = Stage1Config(steps=1, image_guidance_scale=None, image_steps=None)
