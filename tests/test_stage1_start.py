@@ -2,6 +2,7 @@
 
 from dataclasses import asdict
 
+import pytest
 import torch
 
 import emcid
@@ -93,3 +94,22 @@ def test_the_command_line_selects_the_start_and_the_patch_records_it(tmp_path, s
                      "--steps", "1", "--stats-samples", "20", "--lam", "1.0", "--layers", "1-2",
                      *flags]) == 0
         assert emcid.EditPatch.load(out).metadata["hparams"]["stage1"]["init"] == (start or "text")
+
+
+@pytest.mark.parametrize("model", ["sd1", "sdxl"])
+def test_states_read_up_to_the_token_equal_the_pipelines_77_token_pass(model, request):
+    """The text start reads each destination only up to its token (causal encoders): the same
+    states as the full pass, at a fraction of its cost."""
+    from emcid.core.hooks import gather_positions
+    from emcid.core.tokens import subject_positions
+    from emcid.editors.emcid.stage1.start import read_block_outputs, states_at
+
+    bundle = request.getfixturevalue(model)
+    templates = ["An image of {}", "a photo of {} on a table", "{}"]
+    names = ["goldfish", "a very long multi word concept"]
+    prompts = [t.format(n) for n in names for t in templates]
+    for slot in bundle.slots():
+        positions = torch.cat([subject_positions(slot.tokenizer, templates, n) for n in names])
+        short = states_at(bundle, slot.name, 2, prompts, positions)
+        full = gather_positions(read_block_outputs(bundle, prompts, {slot.name: 2})[slot.name], positions)
+        assert torch.allclose(short, full, atol=1e-5 * float(full.abs().max()))

@@ -67,3 +67,14 @@ def check_window(tokenizer, prompts: Sequence[str], what: str) -> None:
                 f"{what}: prompt {quote(prompt)} is {len(ids)} tokens long (with its start and end "
                 f"tokens), over the {limit}-token window, past which the encoder reads nothing: "
                 "shorten it")
+
+
+def length_groups(positions: torch.Tensor, batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped by the length they are encoded at (subject position + 1), so a
+    group stacks into one tensor with no padding; each group at most ``batch_size`` long.
+    (Sorting by length and padding batches on the right costs more: the padded tokens.)"""
+    by_length: dict[int, list[int]] = {}
+    for index, position in enumerate(positions.tolist()):
+        by_length.setdefault(position + 1, []).append(index)
+    return [rows[start:start + batch_size] for rows in by_length.values()
+            for start in range(0, len(rows), batch_size)]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ...core.bundle import ModelBundle
 from ...core.cache import TensorCache
 from ...core.hooks import capture, replay_prefix, stop_after
-from ...core.tokens import subject_positions
+from ...core.tokens import length_groups, subject_positions
 from ...core.weights import add_weights, restored
 from ...requests.edit import EditRequest
 from .config import Stage2Config
@@ -76,17 +76,6 @@ def _residuals(z: torch.Tensor, current: torch.Tensor, owner: torch.Tensor, coun
     return z.double() - _mean_by_owner(current, owner, count)
 
 
-def _length_groups(positions: torch.Tensor, batch_size: int) -> list[list[int]]:
-    """Prompt indices grouped by the length they are encoded at (subject position + 1), so a
-    group stacks into one tensor with no padding; each group at most ``batch_size`` long.
-    (Sorting by length and padding batches on the right costs more: the padded tokens.)"""
-    by_length: dict[int, list[int]] = {}
-    for index, position in enumerate(positions.tolist()):
-        by_length.setdefault(position + 1, []).append(index)
-    return [rows[start:start + batch_size] for rows in by_length.values()
-            for start in range(0, len(rows), batch_size)]
-
-
 class _KeyReader:
     """Reads fc2 keys and a reference output at the subject tokens, layer after layer.
 
@@ -103,7 +92,7 @@ class _KeyReader:
         self.slot = bundle.slot(slot_name)
         tokenizer = self.slot.tokenizer
         token_ids = tokenizer(prompts, truncation=True, max_length=tokenizer.model_max_length).input_ids
-        self.groups = _length_groups(positions, batch_size)
+        self.groups = length_groups(positions, batch_size)
         self.ids = [torch.tensor([token_ids[i][:int(positions[rows[0]]) + 1] for i in rows],
                                  device=bundle.device) for rows in self.groups]
         self.count = len(prompts)
