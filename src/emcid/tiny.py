@@ -174,3 +174,24 @@ def ensure_tiny_model(family: str = "sd1") -> Path:
     if not (folder / "model_index.json").exists():
         save_tiny_model(folder, family)
     return folder
+
+
+def save_tiny_clip(folder: str | Path, words: list[str]) -> Path:
+    """A tiny random CLIP (text and vision towers, 32 wide) with a tokenizer of ``words``,
+    saved like a real one: the judge of benchmarks' tests, never downloaded."""
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = Path(folder)
+    tokenizer = build_tokenizer(folder, words)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=16),
+        projection_dim=16)
+    CLIPModel(config).eval().save_pretrained(folder)
+    return folder
+

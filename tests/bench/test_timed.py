@@ -26,23 +26,10 @@ def _write(tmp_path, text, name="rows.csv"):
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny random CLIP (text and vision towers) with a tokenizer, saved like a real one."""
-    from transformers import CLIPConfig, CLIPModel
+    from emcid.tiny import save_tiny_clip
 
-    from emcid.tiny import build_tokenizer
-
-    folder = tmp_path_factory.mktemp("clip")
-    tokenizer = build_tokenizer(folder, "a an the rose blue tulip lion tiger king jungle".split())
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=16),
-        projection_dim=16)
-    CLIPModel(config).eval().save_pretrained(folder)
-    return folder
+    words = "a an the rose blue tulip lion tiger king jungle".split()
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), words)
 
 
 # --- loaders --------------------------------------------------------------------------------
