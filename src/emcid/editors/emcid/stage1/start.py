@@ -32,12 +32,6 @@ def record_block_outputs(bundle: ModelBundle, z_layer: dict[str, int],
     return {name: records[name][name][0].float() for name in z_layer}
 
 
-def read_block_outputs(bundle: ModelBundle, prompts: list[str],
-                       z_layer: dict[str, int]) -> dict[str, torch.Tensor]:
-    """:func:`record_block_outputs` of ``prompts`` encoded as the pipeline encodes them."""
-    return record_block_outputs(bundle, z_layer, lambda: bundle.encode(prompts))
-
-
 @torch.no_grad()
 def states_at(bundle: ModelBundle, slot_name: str, layer: int, prompts: list[str],
               positions: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
