@@ -28,7 +28,7 @@ from .objective import compute_z
 log = logging.getLogger(__name__)
 
 # Stage I options added after keys were first made, with the value every earlier key had.
-BEFORE_OPTIONS = {"conditioning": "pipeline", "latents": "mean"}
+BEFORE_OPTIONS = {"init": "zero", "conditioning": "pipeline", "latents": "mean"}
 
 
 def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[str, int],
@@ -38,8 +38,6 @@ def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[s
     and the precision where it is not fp32 (so fp32 keys are the same on every device)."""
     images = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in request.reference_images]
     hyper = asdict(config)
-    if hyper["init"] == "zero":
-        del hyper["init"]  # the release's start, as every key made before the option had it
     for name, before in BEFORE_OPTIONS.items():
         if hyper[name] == before:
             del hyper[name]  # as every key made before the option had it
