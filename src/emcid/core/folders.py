@@ -35,16 +35,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _left_by_dead(folder: Path, pattern: str) -> list[tuple[Path, int]]:
+    """Entries of ``folder`` whose name matches ``pattern`` (its group: the writer's PID), with
+    that PID, where the writer is dead."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = re.fullmatch(pattern, path.name)
+        if match and not pid_alive(int(match.group(1))):
+            found.append((path, int(match.group(1))))
+    return found
+
+
 def _leftovers(folder: Path, kind: str) -> list[tuple[Path, int]]:
     """``.NAME.<kind>-PID`` siblings of ``folder`` whose writer is dead."""
-    pattern = re.compile(rf"\.{re.escape(folder.name)}\.{kind}-(\d+)")
-    found = []
-    if folder.parent.is_dir():
-        for path in folder.parent.iterdir():
-            match = pattern.fullmatch(path.name)
-            if match and not pid_alive(int(match.group(1))):
-                found.append((path, int(match.group(1))))
-    return found
+    return _left_by_dead(folder.parent, rf"\.{re.escape(folder.name)}\.{kind}-(\d+)")
 
 
 def recover_swap(folder: str | os.PathLike) -> None:
@@ -103,13 +109,8 @@ def temp_file_prefix() -> str:
 
 def remove_stale_files(folder: Path) -> None:
     """Remove the temporary files that dead processes left in ``folder``."""
-    pattern = re.compile(rf"\.{TMP}-(\d+)-.*\.tmp")
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and not pid_alive(int(match.group(1))):
-            try:
-                path.unlink()
-            except OSError as exc:
-                log.warning("cannot remove %s, left by an interrupted run (%s)", path, exc.strerror)
+    for path, _ in _left_by_dead(folder, rf"\.{TMP}-(\d+)-.*\.tmp"):
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.warning("cannot remove %s, left by an interrupted run (%s)", path, exc.strerror)
