@@ -10,7 +10,6 @@ weights left unallocated. Each refusal names the file and the keys.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -43,12 +42,12 @@ def _check_info(folder: Path, info: dict) -> None:
                              "architecture or config")
 
 
-def load_text_encoders(folder: Path, dtype: torch.dtype, allow_pickle: bool,
+def load_text_encoders(folder: Path, index: dict, dtype: torch.dtype, allow_pickle: bool,
                        skip: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """The transformers components of a local pipeline folder, each checked against its file."""
+    """The transformers components of a local pipeline folder (``index``: its
+    ``model_index.json``), each checked against its file."""
     import transformers
 
-    index = json.loads((folder / "model_index.json").read_text())
     components = {}
     for name in COMPONENTS:
         library, class_name = (index.get(name) or [None, None])[:2]

@@ -99,23 +99,26 @@ def _not_a_pipeline(path: Path) -> str:
     return f"{what} (a folder holding model_index.json, written by save_pretrained)"
 
 
-def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
-    """A local pipeline folder: swapped in whole, with a readable index and no unasked pickles."""
+def _check_local_folder(folder: Path, allow_pickle: bool) -> dict:
+    """A local pipeline folder's index (``model_index.json``), once the folder is swapped in
+    whole, the index readable and no unasked pickles."""
     recover_swap(folder)  # a folder an interrupted `emcid apply` left half swapped
-    index = folder / "model_index.json"
-    if not index.is_file():
+    path = folder / "model_index.json"
+    if not path.is_file():
         raise ModelLoadError(_not_a_pipeline(folder))
     try:
-        if not isinstance(json.loads(index.read_text()), dict):
+        index = json.loads(path.read_text())
+        if not isinstance(index, dict):
             raise ValueError("it is not a JSON object")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{index} is not a valid diffusers index ({exc}); restore it from "
+        raise ModelLoadError(f"{path} is not a valid diffusers index ({exc}); restore it from "
                              "the model's source") from None
     pickles = _local_pickles(folder)
     if pickles and not allow_pickle:
         raise ModelLoadError(
             f"{pickles[0]} is a pickle checkpoint, which can run arbitrary code when loaded; "
             "convert it to safetensors or pass allow_pickle=True (--allow-pickle) if you trust it")
+    return index
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -172,8 +175,8 @@ def load_model(
     looks_local = (local.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") > 1
                    or local.suffix in (".safetensors", *PICKLE_SUFFIXES))
     if looks_local:
-        _check_local_folder(local, allow_pickle)
-        checked = load_text_encoders(local, dtype, allow_pickle, skip=tuple(components))
+        index = _check_local_folder(local, allow_pickle)
+        checked = load_text_encoders(local, index, dtype, allow_pickle, skip=tuple(components))
         components = {**checked, **components}
     else:
         _check_hub_id(id_or_path)
