@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..errors import StatsMismatchError
 from .bundle import ModelBundle
 from .cache import TensorCache, content_key
-from .config import read_corpus as read_corpus  # a caption file's captions, checked (its import path)
+from .corpus import read_corpus as read_corpus  # re-exported: the editors read captions from here
 from .hooks import capture
 
 log = logging.getLogger(__name__)
