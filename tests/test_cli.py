@@ -150,3 +150,17 @@ def test_multi_line_errors_print_as_one_line(tmp_path, capsys):
     bad.write_text('[\n{"source": "a",\n "destination": }\n]')
     assert main(["edit", "--requests", str(bad), "--out", str(tmp_path / "p")]) == 2
     assert "bad.json:3: malformed JSON" in _error_line(capsys)
+
+
+def test_edit_stop_tolerance_stops_stage1_early_and_says_so(tmp_path, sd1_dir, request_file):
+    from emcid import EditPatch
+
+    patch_path = tmp_path / "early.safetensors"
+    # 0.99: a window that does not fall by 99 % stops, so both concepts stop at min_steps (50),
+    # the second 25-step window (the later --steps wins over FAST_ARGS's)
+    assert main(["edit", "--model", str(sd1_dir), "--requests", str(request_file), "--out",
+                 str(patch_path), "--layers", "1-2", *FAST_ARGS, "--steps", "80",
+                 "--stop-tolerance", "0.99"]) == 0
+    patch = EditPatch.load(patch_path)
+    assert patch.metadata["hparams"]["stage1"]["stop_tolerance"] == 0.99
+    assert patch.metadata["stage1_steps"] == [50, 50]

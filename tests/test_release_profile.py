@@ -204,7 +204,7 @@ def test_default_options_keep_the_cache_keys_made_before_them():
     request = emcid.EditRequest("castle", "tower")
     config, settings, device = Stage1Config(), {"height": 32}, torch.device("cpu")
     before = asdict(config)
-    for name in ("conditioning", "latents"):
+    for name in ("conditioning", "latents", "stop_tolerance", "stop_window", "min_steps"):
         del before[name]
     assert cache_key_for("m", request, Z_LAYER, config, settings, device) == content_key(
         model="m", request=request.to_dict(), images=[], z_layer=Z_LAYER, config=before,

@@ -62,7 +62,8 @@ def test_release_start_keeps_the_cache_keys_made_before_the_option(sd1):
     settings = {"height": 32}
     device = torch.device("cpu")
     before = asdict(zero)
-    for name in ("init", "conditioning", "latents"):  # the fields keys made before them lacked
+    # the fields keys made before them lacked
+    for name in ("init", "conditioning", "latents", "stop_tolerance", "stop_window", "min_steps"):
         del before[name]
     assert cache_key_for("m", request, LAYER, zero, settings, device) == content_key(
         model="m", request=request.to_dict(), images=[], z_layer=LAYER, config=before,

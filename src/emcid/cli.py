@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "presets (artist: layers, 100 Stage I steps, artist prompts)")
     edit.add_argument("--steps", type=int, help="Stage I optimisation steps (release: 200)")
     edit.add_argument("--lr", type=float, help="Stage I learning rate (release: 0.2)")
+    edit.add_argument("--stop-tolerance", type=float,
+                      help="Stage I stopping rule: a concept stops once its 25-step mean loss falls "
+                           "by less than this share (0, default: every concept runs --steps)")
     edit.add_argument("--init", choices=["text", "zero"],
                       help="Stage I start: text (default: the destination's state minus the "
                            "source's at the last edited block) or zero (the release's)")

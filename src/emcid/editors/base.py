@@ -88,6 +88,10 @@ class Editor(ABC):
                 progress: bool) -> dict:
         """Return the dense weight delta of every edited module, by module name."""
 
+    def report(self) -> dict:
+        """What the last :meth:`compute` measured that a patch should record (none by default)."""
+        return {}
+
     def cache(self, namespace: str) -> TensorCache:
         """The on-disk cache ``namespace`` as the runtime switches say."""
         root = self.runtime.cache_root

@@ -64,7 +64,8 @@ def edit_patch(editor, bundle: ModelBundle, requests: Sequence[EditRequest],
     check_prompts(bundle, resolved, named=checked)
     base = bundle.fingerprint()
     deltas = editor.compute(bundle, resolved, progress)
-    metadata = patch_metadata(bundle, editor.name, editor.task, base, checked, editor.hparams())
+    metadata = patch_metadata(bundle, editor.name, editor.task, base, checked, editor.hparams(),
+                              **editor.report())
     if any(r.is_erase for r in checked):
         metadata["erase_destination"] = generic_destination(bundle)
     return EditPatch.from_dense(deltas, metadata)

@@ -86,10 +86,16 @@ class EMCIDEditor(ConfiguredEditor):
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         layers = self.layers_for(bundle)
         targets = self.stage1_targets(bundle, requests, layers, progress)
+        self._steps = [t.steps for t in targets]
         moments = self.second_moments(bundle, layers, progress)
         return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress,
                               protected=self.protected_requests(bundle, requests),
                               cache=self.cache("eigen"))
+
+    def report(self) -> dict:
+        """The Stage I steps each request's target took (the stopping rule's, or all)."""
+        steps = getattr(self, "_steps", None)
+        return {"stage1_steps": steps} if steps and None not in steps else {}
 
     def protected_requests(self, bundle: ModelBundle, requests: list[EditRequest]) -> list[EditRequest]:
         """With the null-space projection, the concepts earlier patches in the chain edited

@@ -18,6 +18,7 @@ class ConceptTarget:
     deltas: dict[str, torch.Tensor]  # (width,)
     source_hidden: dict[str, torch.Tensor]  # unedited h at l*, (n_prompts, width)
     final_loss: float
+    steps: int | None = None  # the Stage I steps its delta took (None: an entry cached before)
 
     def targets(self, slot: str) -> torch.Tensor:
         """z = h + delta at l* for every source prompt: (n_prompts, width)."""
@@ -32,6 +33,8 @@ class ConceptTarget:
         tensors = {f"delta.{k}": v for k, v in self.deltas.items()}
         tensors.update({f"hidden.{k}": v for k, v in self.source_hidden.items()})
         tensors["final_loss"] = torch.tensor(self.final_loss)
+        if self.steps is not None:
+            tensors["steps"] = torch.tensor(self.steps)
         return tensors
 
     @classmethod
@@ -42,4 +45,5 @@ class ConceptTarget:
             {k: tensors[f"delta.{k}"] for k in z_layer},
             {k: tensors[f"hidden.{k}"] for k in z_layer},
             float(tensors["final_loss"]),
+            int(tensors["steps"]) if "steps" in tensors else None,
         )

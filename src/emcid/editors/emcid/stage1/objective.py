@@ -36,6 +36,7 @@ from . import engine
 from .conditioning import Tokens, prompt_tokens
 from .latents import release_latents, sampled, source_latents, step_draws
 from .start import initial_deltas, record_block_outputs
+from .stopping import StoppingRule
 
 
 @dataclass
@@ -306,6 +307,9 @@ def compute_z(
     first = engine.restore(resume, deltas, optimiser, generators) if resume else 0
     loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
     health, losses = engine.Health(count, first, device), torch.zeros(count, device=device)
+    stopping = StoppingRule(config, count, device)
+    if resume:
+        stopping.restore(resume, device)
 
     def step(t: torch.Tensor | None, noise: torch.Tensor | None) -> None:
         edited = objective.edited(deltas)
@@ -318,6 +322,7 @@ def compute_z(
         optimiser.step()
         with torch.no_grad():
             losses.copy_(loss)
+            stopping.note(loss)
             for name, delta in deltas.items():  # release: ||delta|| <= clamp_factor ||v_src||
                 norms = delta.norm(dim=1)
                 health.note_norms(norms)
@@ -326,7 +331,7 @@ def compute_z(
             health.advance()
 
     run_step, every = engine.Stepper(step, optimiser, device, graphs), runtime.checkpoint_every
-    draws, reported = None, first
+    draws, reported, done = None, first, first
     with engine.unet_mode(bundle.unet, runtime.grad_checkpointing):
         for index in range(first, config.steps):
             t = noise = None
@@ -337,18 +342,22 @@ def compute_z(
                 t, noise = (d[(index - first) % every] for d in draws)
             run_step(t, noise)
             done = index + 1
-            if report is not None and (done % every == 0 or done == config.steps):
-                report(count * (done - reported), float(losses.mean()))
+            finished = stopping.is_check(done) and stopping.check(done, deltas, losses)
+            if report is not None and (done % every == 0 or done == config.steps or finished):
+                # an early end counts the steps it saved as done, so the bar ends full
+                report(count * ((config.steps if finished else done) - reported), float(losses.mean()))
                 reported = done
+            if finished:
+                break
             if save_progress is not None and done < config.steps and done % every == 0:
                 health.check(requests)
-                save_progress([engine.concept_state(deltas, optimiser, generators[i], i, done)
-                               for i in range(count)])
+                save_progress([{**engine.concept_state(deltas, optimiser, generators[i], i, done),
+                                **stopping.state(i)} for i in range(count)])
     health.check(requests, {name: delta.detach() - starts[name] for name, delta in deltas.items()})
-    final = losses.cpu()
+    results = [stopping.result(i, deltas, losses) for i in range(count)]
     return [
-        ConceptTarget(request, dict(z_layer),
-                      {n: d[i].detach().float().cpu() for n, d in deltas.items()},
-                      {n: rows[i].cpu() for n, rows in batch.hidden.items()}, float(final[i]))
-        for i, request in enumerate(requests)
+        ConceptTarget(request, dict(z_layer), {n: d.float().cpu() for n, d in kept.items()},
+                      {n: rows[i].cpu() for n, rows in batch.hidden.items()}, loss,
+                      stopping.steps(i, done))
+        for i, (request, (kept, loss)) in enumerate(zip(requests, results, strict=True))
     ]

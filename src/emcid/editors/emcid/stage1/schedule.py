@@ -28,7 +28,9 @@ from .objective import compute_z
 log = logging.getLogger(__name__)
 
 # Stage I options added after keys were first made, with the value every earlier key had.
-BEFORE_OPTIONS = {"init": "zero", "conditioning": "pipeline", "latents": "mean"}
+BEFORE_OPTIONS = {"init": "zero", "conditioning": "pipeline", "latents": "mean", "stop_tolerance": 0.0}
+# Options that only matter where another is set: left out of a key where it is not.
+MATTERS_ONLY_WITH = {"stop_window": "stop_tolerance", "min_steps": "stop_tolerance"}
 
 
 def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[str, int],
@@ -41,6 +43,9 @@ def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[s
     for name, before in BEFORE_OPTIONS.items():
         if hyper[name] == before:
             del hyper[name]  # as every key made before the option had it
+    for name, switch in MATTERS_ONLY_WITH.items():
+        if switch not in hyper:
+            del hyper[name]
     precision = resolve_precision(precision, device)
     if precision != "fp32":
         hyper["precision"] = precision
