@@ -81,11 +81,16 @@ def test_off_by_default_and_old_cache_keys_are_kept(sd1):
     ({"stop_tolerance": 1.0}, "stop_tolerance"),
     ({"stop_tolerance": -0.1}, "stop_tolerance"),
     ({"stop_window": 0}, "stop_window"),
-    ({"stop_tolerance": 0.01, "steps": 20, "min_steps": 30}, "min_steps=30 exceeds steps=20"),
+    ({"min_steps": 0}, "min_steps"),
 ])
 def test_bad_stopping_values_are_refused(options, message):
     with pytest.raises(emcid.EmcidError, match=message):
         Stage1Config(**options)
+
+
+def test_min_steps_above_steps_runs_every_step(sd1):
+    config = Stage1Config(steps=6, stop_tolerance=0.99, stop_window=2, min_steps=10)
+    assert [t.steps for t in _targets(sd1, config, "stop-never")] == [6, 6, 6]
 
 
 def test_the_patch_records_the_steps_each_concept_took(sd1):

@@ -48,7 +48,8 @@ class Stage1Config:
     latents: Literal["mean", "release"] = "mean"
     # Stopping rule (stopping.py): from min_steps on, a concept stops at the end of the first
     # window of stop_window steps whose mean loss fell by less than stop_tolerance of the
-    # previous window's; steps stays the most it runs. 0: every concept runs all steps (release).
+    # previous window's; steps stays the most it runs (min_steps above it: all steps). 0: every
+    # concept runs all steps (the release).
     stop_tolerance: float = 0.0
     stop_window: int = 25
     min_steps: int = 50
@@ -66,9 +67,6 @@ class Stage1Config:
         check_float("Stage I", "stop_tolerance", self.stop_tolerance, low=0, high=1, high_open=True)
         check_int("Stage I", "stop_window", self.stop_window)
         check_int("Stage I", "min_steps", self.min_steps)
-        if self.stop_tolerance and self.min_steps > self.steps:
-            raise OptionError(f"Stage I option min_steps={self.min_steps} exceeds steps={self.steps}: "
-                              "the stopping rule could never stop a concept; lower min_steps")
         if self.image_guidance_scale is not None:
             check_float("Stage I", "image_guidance_scale", self.image_guidance_scale, low=0)
         if self.image_steps is not None:
