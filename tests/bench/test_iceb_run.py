@@ -115,7 +115,8 @@ def test_cli_bench_iceb(sd1_dir, tmp_path, capsys):
     config.write_text("stage1: {steps: 5}\nstats_samples: 64\n")
     args = parser.parse_args(["bench", "iceb", "--model", str(sd1_dir), "--edits", "1", "--holdout-eval", "3",
                               "--out", str(tmp_path / "cli"), "--subtasks", "aice", "--steps", "2",
-                              "--config", str(config), "--judge", _vit(tmp_path)])
+                              "--config", str(config), "--judge", _vit(tmp_path),
+                              "--precision", "fp32", "--weights-dtype", "float32"])
     assert args.edits == (1,) and args.subtasks == ("aice",)
     args.func(args)
     printed = capsys.readouterr().out
@@ -124,6 +125,9 @@ def test_cli_bench_iceb(sd1_dir, tmp_path, capsys):
     assert saved["judge"] == _vit(tmp_path)
     hparams = saved["hparams"]["aice"]
     assert hparams["stage1"]["steps"] == 2 and hparams["stats_samples"] == 64  # flag over file
+    assert saved["dtype"] == "torch.float32"
+    # --dtype, the old name of --weights-dtype, still parses
+    assert parser.parse_args(["bench", "iceb", "--out", "o", "--dtype", "bfloat16"]).dtype == "bfloat16"
     assert saved["subtasks"]["aice"]["scales"]["1"]["emcid"]["source2dest_efficacy"] is not None
     demo = parser.parse_args(["demo"])
     assert demo.out == "emcid-demo"

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+DTYPE_HELP = ("the model weights' dtype (default: float32); Stage I's autocast is another setting, "
+              "the editor's precision (`bench iceb --precision`, `emcid edit --precision`)")
+
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -29,7 +32,8 @@ def cmd_iceb(args: argparse.Namespace) -> None:
     from .report import summary_table
 
     options = editor_options(args, {"steps": args.steps, "lam": args.lam, "alpha": args.alpha,
-                                    "stats_samples": args.stats_samples})
+                                    "stats_samples": args.stats_samples, "precision": args.precision,
+                                    "stop_tolerance": args.stop_tolerance})
     options.pop("cache", None)  # --no-cache is the run's switch: it reaches the editor's caches too
     settings = {k: v for k, v in {"holdout_eval": args.holdout_eval, "min_pre_score": args.min_pre_score,
                                   "reference_dir": args.reference_dir,
@@ -94,8 +98,8 @@ def _add_single_edit(commands: argparse._SubParsersAction, name: str,
     parser.add_argument("--no-unedited", action="store_true",
                         help="skip the unedited model's figures on the same prompts and seeds")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="model weights' dtype (default: float32)")
+    parser.add_argument("--weights-dtype", "--dtype", dest="dtype", default="float32",
+                        choices=["float32", "float16", "bfloat16"], help=DTYPE_HELP)
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow .bin/.ckpt checkpoints (they can run code when loaded)")
     parser.set_defaults(func=cmd_single)
@@ -167,14 +171,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="AICE destinations: among the 5 nearest holdout classes (nearest, the "
                            "paper's protocol, default) or any holdout class (random: far edits)")
     iceb.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    iceb.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                      help="model weights' dtype (default: float32)")
+    iceb.add_argument("--weights-dtype", "--dtype", dest="dtype", default="float32",
+                      choices=["float32", "float16", "bfloat16"], help=DTYPE_HELP)
     iceb.add_argument("--judge", help="ViT classifier folder or hub id, or 'mini' (default: from the model)")
     iceb.add_argument("--holdout-eval", type=int, help="score at most this many holdout classes")
     iceb.add_argument("--min-pre-score", type=float,
                       help="keep only classes the unedited model draws with P(own) >= this")
     iceb.add_argument("--reference-dir", help="real images of undrawable classes: DIR/<synset>/*.jpg")
     iceb.add_argument("--steps", type=int, help="EMCID Stage I steps (release: 200)")
+    iceb.add_argument("--stop-tolerance", type=float,
+                      help="EMCID Stage I stopping rule (0, default: every concept runs --steps)")
+    iceb.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                      help="EMCID Stage I UNet autocast, as `emcid edit --precision` (default: auto)")
     iceb.add_argument("--lam", type=float, help="EMCID preservation weight (release: 4000)")
     iceb.add_argument("--alpha", type=float, help="EMCID editing strength (AICE release: 0.6)")
     iceb.add_argument("--stats-samples", type=int, help="captions for the statistics (release: 100,000; "
