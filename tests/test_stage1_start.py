@@ -58,7 +58,7 @@ def test_the_start_stays_inside_the_norm_clamp(sd1):
 
 def test_release_start_keeps_the_cache_keys_made_before_the_option(sd1):
     request = emcid.EditRequest("castle", "tower")
-    zero, text = Stage1Config(init="zero"), Stage1Config()
+    zero, text = Stage1Config(init="zero", stop_tolerance=0.0), Stage1Config(stop_tolerance=0.0)
     settings = {"height": 32}
     device = torch.device("cpu")
     before = asdict(zero)

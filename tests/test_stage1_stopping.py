@@ -66,11 +66,11 @@ def test_an_interrupted_run_resumes_its_stopped_concepts(sd1, monkeypatch):
         assert torch.equal(a.deltas["text_encoder"], b.deltas["text_encoder"]) and a.steps == b.steps
 
 
-def test_off_by_default_and_old_cache_keys_are_kept(sd1):
-    config = Stage1Config(steps=3)
-    assert config.stop_tolerance == 0.0
+def test_off_the_options_leave_the_cache_keys_made_before_them(sd1):
+    config = Stage1Config(steps=3, stop_tolerance=0.0)
     key = schedule.cache_key_for("model", REQUESTS[0], LAYER, config, {}, torch.device("cpu"))
-    changed = Stage1Config(steps=3, stop_window=5, min_steps=2)  # inert while the rule is off
+    # inert while the rule is off
+    changed = Stage1Config(steps=3, stop_tolerance=0.0, stop_window=5, min_steps=2)
     assert schedule.cache_key_for("model", REQUESTS[0], LAYER, changed, {}, torch.device("cpu")) == key
     on = Stage1Config(steps=3, stop_tolerance=0.01, min_steps=2)
     assert schedule.cache_key_for("model", REQUESTS[0], LAYER, on, {}, torch.device("cpu")) != key
@@ -86,6 +86,19 @@ def test_off_by_default_and_old_cache_keys_are_kept(sd1):
 def test_bad_stopping_values_are_refused(options, message):
     with pytest.raises(emcid.EmcidError, match=message):
         Stage1Config(**options)
+
+
+def test_emcid_stops_by_default_and_the_release_and_older_patches_run_every_step():
+    from emcid.editors import editor_from_patch
+    from emcid.editors.emcid.config import EMCIDConfig
+
+    assert Stage1Config().stop_tolerance == 0.1
+    assert EMCIDConfig.from_dict({"profile": "release"}).stage1.stop_tolerance == 0.0
+    assert get_editor("memit").config.stage1.stop_tolerance == 0.0
+    older = EMCIDConfig().to_dict()
+    del older["stage1"]["stop_tolerance"]  # a patch written before the option
+    rebuilt = editor_from_patch({"method": "emcid", "task": "object", "hparams": older})
+    assert rebuilt.config.stage1.stop_tolerance == 0.0
 
 
 def test_min_steps_above_steps_runs_every_step(sd1):

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--lr", type=float, help="Stage I learning rate (release: 0.2)")
     edit.add_argument("--stop-tolerance", type=float,
                       help="Stage I stopping rule: a concept stops once its 25-step mean loss falls "
-                           "by less than this share (0, default: every concept runs --steps)")
+                           "by less than this share (default 0.1; 0: every concept runs --steps, "
+                           "as the release)")
     edit.add_argument("--init", choices=["text", "zero"],
                       help="Stage I start: text (default: the destination's state minus the "
                            "source's at the last edited block) or zero (the release's)")
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--alpha", type=float, help="Stage II editing strength (release: 0.5)")
     edit.add_argument("--residual", choices=["memit", "release"], help="Stage II residual form")
     edit.add_argument("--profile", help="a named set of options: release (the EMCID release's Stage I "
-                                        "start, conditioning and latents and its Stage II residual)")
+                                        "start, conditioning, latents and fixed steps, and its Stage II "
+                                        "residual)")
     edit.add_argument("--stats-samples", type=int, help=STATS_HELP)
     edit.add_argument("--corpus", help="caption file for the statistics: COCO captions JSON, a "
                                        "JSON list or JSON lines, a CSV/TSV caption column, or one "

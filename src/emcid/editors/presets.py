@@ -52,9 +52,10 @@ PRESETS: tuple[Preset, ...] = (
            task="rectification",
            why="undrawable classes: reference images, true-noise target, no text alignment"),
     Preset("memit", {"noise_weight": 0.0, "align_weight": 1.0, "alpha": 0.5, "reference_stage1": {},
-                     "init": "zero"},
+                     "init": "zero", "stop_tolerance": 0.0},
            why="MEMIT-style: pooled-text targets only (reference images play no part), found "
-               "from zero as MEMIT's compute_z does, and MEMIT's own update (a = 0.5) on every task"),
+               "from zero in fixed steps as MEMIT's compute_z does, and MEMIT's own update (a = 0.5) "
+               "on every task"),
 )
 
 
@@ -70,7 +71,8 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "release": Profile(
-        {"init": "zero", "residual": "release", "conditioning": "release", "latents": "release"},
+        {"init": "zero", "residual": "release", "conditioning": "release", "latents": "release",
+         "stop_tolerance": 0.0},
         families=("sd1", "sd2"),
         why="the EMCID release's Stage I and Stage II where emcid departs from them (docs/method.md "
             "section 9); its other values are the defaults and the rows above already. Its SDXL "
