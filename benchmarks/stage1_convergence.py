@@ -3,7 +3,7 @@ steps on the embedded model, and where the stopping rule (``stop_tolerance``) wo
 
     python benchmarks/stage1_convergence.py --destinations random --edits 24
 
-Runs Stage I once, on ICEB's first ``--edits`` AICE requests (seed 0, nearest or random
+Runs Stage I once at fixed steps (the rule off), on ICEB's first ``--edits`` AICE requests (seed 0, nearest or random
 destinations), for ``--steps`` steps, recording every step's per-concept loss (the loss the
 stopping rule reads) and every concept's delta each 25 steps. Prints the mean loss at steps
 1/25/50/100/200, then for each tolerance the mean and largest stopping step (a batch runs to
@@ -67,7 +67,7 @@ def record_run(args) -> tuple[torch.Tensor, torch.Tensor]:
     snapshots: list[torch.Tensor] = []
     slot = next(iter(z_layer))
     found = objective.compute_z(
-        bundle, requests, z_layer, Stage1Config(steps=args.steps), TensorCache("images"),
+        bundle, requests, z_layer, Stage1Config(steps=args.steps, stop_tolerance=0.0), TensorCache("images"),
         Runtime(checkpoint_every=args.window), None,
         lambda states: snapshots.append(torch.stack([s[f"delta.{slot}"] for s in states])))
     snapshots.append(torch.stack([t.deltas[slot] for t in found]))
