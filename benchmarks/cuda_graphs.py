@@ -70,7 +70,7 @@ def main() -> None:
         bundle = emcid.load_model(args.model, device="cuda")
     editor = EMCIDEditor.create(bundle)
     z_layer = {slot: max(indices) for slot, indices in editor.layers_for(bundle).items()}
-    config = Stage1Config(steps=args.steps, image_guidance_scale=None, image_steps=2)
+    config = Stage1Config(steps=args.steps, stop_tolerance=0.0, image_guidance_scale=None, image_steps=2)
     images = TensorCache("graph-images", enabled=False)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; model "
           f"{args.family or bundle.source}; precision {args.precision}; {args.steps} steps")

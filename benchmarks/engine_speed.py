@@ -73,7 +73,8 @@ def main() -> None:
     for batch, init in ((b, i) for b in batches for i in args.inits.split(",")):
         # at least 8 concepts per measurement; one at a time needs no more to be steady
         probe = requests_for(max(batch, 8))
-        config = Stage1Config(steps=args.steps, image_guidance_scale=None, image_steps=None, init=init)
+        config = Stage1Config(steps=args.steps, stop_tolerance=0.0, image_guidance_scale=None,
+                              image_steps=None, init=init)
         runtime = Runtime(concept_batch=batch)
         # Warm-up: every probe concept's source images are generated and cached here, so the
         # timed run measures only the optimisation.

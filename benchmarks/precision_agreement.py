@@ -43,7 +43,8 @@ def main() -> None:
     if args.family == "mini":
         bundle = emcid.load_model(device=args.device)
         requests = embedded_requests(bundle, args.concepts, 0)
-        config = Stage1Config(steps=args.steps, image_guidance_scale=None, image_steps=None)
+        config = Stage1Config(steps=args.steps, stop_tolerance=0.0, image_guidance_scale=None,
+                              image_steps=None)
         z_layer = {"text_encoder": bundle.slot("text_encoder").num_layers - 2}
     else:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -51,7 +52,7 @@ def main() -> None:
 
         bundle = build_bundle("sd1", args.device, True, ["a photo"])
         requests = requests_for(args.concepts)
-        config = Stage1Config(steps=args.steps, image_steps=10)
+        config = Stage1Config(steps=args.steps, stop_tolerance=0.0, image_steps=10)
         z_layer = {"text_encoder": 10}
     images = TensorCache("precision-images", enabled=False)
     results = {}

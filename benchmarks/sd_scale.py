@@ -128,7 +128,8 @@ def time_stage1(bundle: ModelBundle, z_layer: dict[str, int], batches: list[int]
     """Seconds per concept per step from the difference of a (1 + steps)- and a 1-step run, so
     image generation and the layout are not counted; peak memory of the longer run."""
     images = TensorCache("sd-scale-images", enabled=False)
-    base = Stage1Config(image_steps=2)  # source images: 2 sampling steps (not timed anyway)
+    # source images: 2 sampling steps (not timed anyway); every step run, as timing needs
+    base = Stage1Config(image_steps=2, stop_tolerance=0.0)
     probe = requests_for(max(batches))
     for precision in precisions:
         for batch in batches:

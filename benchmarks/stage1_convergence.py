@@ -3,13 +3,14 @@ steps on the embedded model, and where the stopping rule (``stop_tolerance``) wo
 
     python benchmarks/stage1_convergence.py --destinations random --edits 24
 
-Runs Stage I once at fixed steps (the rule off), on ICEB's first ``--edits`` AICE requests (seed 0, nearest or random
-destinations), for ``--steps`` steps, recording every step's per-concept loss (the loss the
-stopping rule reads) and every concept's delta each 25 steps. Prints the mean loss at steps
-1/25/50/100/200, then for each tolerance the mean and largest stopping step (a batch runs to
-its largest) and how far the delta at the stop lies from the delta after all steps
-(||delta_stop - delta_200|| / ||delta_200||), beside the same distance for fixed step counts.
-One thread; nothing is cached (``EMCID_CACHE`` holds the source images only).
+Runs Stage I once at fixed steps (the rule off), on ICEB's first ``--edits`` AICE
+requests (seed 0, nearest or random destinations), for ``--steps`` steps, recording every
+step's per-concept loss (the loss the stopping rule reads) and every concept's delta each 25
+steps. Prints the mean loss at steps 1/25/50/100/200, then for each tolerance the mean and
+largest stopping step (a batch runs to its largest) and how far the delta at the stop lies
+from the delta after all steps (||delta_stop - delta_200|| / ||delta_200||), beside the same
+distance for fixed step counts. One thread; nothing is cached (``EMCID_CACHE`` holds the
+source images only).
 """
 
 from __future__ import annotations

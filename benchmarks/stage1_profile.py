@@ -96,7 +96,7 @@ def main() -> None:
     editor = EMCIDEditor.create(bundle)
     z_layer = {slot: max(indices) for slot, indices in editor.layers_for(bundle).items()}
     requests = requests_for(args.batch)
-    config = Stage1Config(steps=args.steps, image_guidance_scale=None, image_steps=None)
+    config = Stage1Config(steps=args.steps, stop_tolerance=0.0, image_guidance_scale=None, image_steps=None)
     runtime = Runtime(concept_batch=args.batch, precision=args.precision)
     # The warm-up draws and caches the source images, so the timed runs measure the steps.
     images = TensorCache("images", root=Path(tempfile.mkdtemp(prefix="emcid-profile-")))
