@@ -184,14 +184,18 @@ def debias(bundle: ModelBundle, requests: Sequence[DebiasRequest], classifier: C
     """Debias every request's concept and return one patch (not applied).
 
     ``classifier`` defaults to CLIP ViT-L/14 zero-shot (:class:`ClipZeroShot`); ``options``
-    are EMCID's (``steps``, ``lam``, ``layers`` ...). The patch metadata's ``debias`` entry
-    holds, per concept, the factors, the rounds used and the shares before and after.
+    are EMCID's (``steps``, ``lam``, ``layers`` ...; ``stop_tolerance`` 0 unless given). The
+    patch metadata's ``debias`` entry holds, per concept, the factors, the rounds used and the shares before and after.
     """
     from tqdm.auto import tqdm
 
     from ..editors.registry import get_editor
 
     requests = validate_debias_requests(list(requests))
+    # The values' deltas are mixed by factors that sum to one, which compares them only when
+    # each ran the same steps: Stage I's stopping rule (stop_tolerance) would end one value's
+    # search early and tilt every mix, so debias runs every step unless told otherwise.
+    options = {"stop_tolerance": 0.0, **options}
     stage1 = [r for request in requests for r in request.stage1_requests()]
     check_prompts(bundle, stage1)  # before the classifier loads
     if bundle.is_embedded:
