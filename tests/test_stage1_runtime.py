@@ -63,9 +63,10 @@ def test_interrupted_stage1_resumes_bit_identically(sd1, monkeypatch):
     compute_z = schedule.compute_z
 
     def recording(bundle, requests, z_layer, cfg, images, run, resume=None, save_progress=None,
-                  report=None):
+                  report=None, **kwargs):
         resumed_from.append(None if resume is None else int(resume[0]["step"]))
-        return compute_z(bundle, requests, z_layer, cfg, images, run, resume, save_progress, report)
+        return compute_z(bundle, requests, z_layer, cfg, images, run, resume, save_progress, report,
+                         **kwargs)
 
     monkeypatch.setattr(schedule, "compute_z", recording)
     found = compute_targets(sd1, REQUESTS, LAYER, config, cache, progress=False, runtime=runtime)

@@ -64,6 +64,8 @@ def test_an_interrupted_run_resumes_its_stopped_concepts(sd1, monkeypatch):
     found = compute_targets(sd1, REQUESTS, LAYER, config, cache, progress=False, runtime=runtime)
     for a, b in zip(expected, found, strict=True):
         assert torch.equal(a.deltas["text_encoder"], b.deltas["text_encoder"]) and a.steps == b.steps
+        assert a.converged == b.converged  # the rule's state resumed too
+    assert [t.converged for t in found] == [t.steps < 12 for t in found]
 
 
 def test_off_the_options_leave_the_cache_keys_made_before_them(sd1):

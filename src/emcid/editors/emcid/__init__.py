@@ -18,6 +18,7 @@ from ..base import ConfiguredEditor
 from ..presets import PROFILES, preset_options, resolve_layers
 from .config import STAGE1_KEYS, STAGE2_KEYS, EMCIDConfig, Stage1Config, Stage2Config
 from .stage1 import compute_targets
+from .stage1.report import unconverged
 from .stage2 import compute_deltas
 
 __all__ = ["STAGE1_KEYS", "STAGE2_KEYS", "EMCIDConfig", "EMCIDEditor", "MEMITEditor", "Stage1Config",
@@ -87,15 +88,23 @@ class EMCIDEditor(ConfiguredEditor):
         layers = self.layers_for(bundle)
         targets = self.stage1_targets(bundle, requests, layers, progress)
         self._steps = [t.steps for t in targets]
+        # None: the stopping rule was off for every request (nothing to report)
+        self._unconverged = [t.request.source for t in unconverged(targets)] \
+            if any(t.converged is not None for t in targets) else None
         moments = self.second_moments(bundle, layers, progress)
         return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress,
                               protected=self.protected_requests(bundle, requests),
                               cache=self.cache("eigen"))
 
     def report(self) -> dict:
-        """The Stage I steps each request's target took (the stopping rule's, or all)."""
+        """The Stage I steps each request's target took (the stopping rule's, or all) and,
+        where the rule was on, the sources of those it never stopped (``stage1_unconverged``,
+        in the requests' order): their delta had not settled."""
         steps = getattr(self, "_steps", None)
-        return {"stage1_steps": steps} if steps and None not in steps else {}
+        found = {"stage1_steps": steps} if steps and None not in steps else {}
+        if getattr(self, "_unconverged", None) is not None:
+            found["stage1_unconverged"] = self._unconverged
+        return found
 
     def protected_requests(self, bundle: ModelBundle, requests: list[EditRequest]) -> list[EditRequest]:
         """With the null-space projection, the concepts earlier patches in the chain edited

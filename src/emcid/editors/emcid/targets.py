@@ -19,6 +19,9 @@ class ConceptTarget:
     source_hidden: dict[str, torch.Tensor]  # unedited h at l*, (n_prompts, width)
     final_loss: float
     steps: int | None = None  # the Stage I steps its delta took (None: an entry cached before)
+    # whether the stopping rule stopped it (False: it ran all steps without; None: the rule was
+    # off, or an entry cached before this was recorded)
+    converged: bool | None = None
 
     def targets(self, slot: str) -> torch.Tensor:
         """z = h + delta at l* for every source prompt: (n_prompts, width)."""
@@ -35,6 +38,8 @@ class ConceptTarget:
         tensors["final_loss"] = torch.tensor(self.final_loss)
         if self.steps is not None:
             tensors["steps"] = torch.tensor(self.steps)
+        if self.converged is not None:
+            tensors["converged"] = torch.tensor(self.converged)
         return tensors
 
     @classmethod
@@ -46,4 +51,5 @@ class ConceptTarget:
             {k: tensors[f"hidden.{k}"] for k in z_layer},
             float(tensors["final_loss"]),
             int(tensors["steps"]) if "steps" in tensors else None,
+            bool(tensors["converged"]) if "converged" in tensors else None,
         )

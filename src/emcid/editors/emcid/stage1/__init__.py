@@ -3,8 +3,9 @@
 :mod:`.objective` holds the maths (the loss terms and :func:`compute_z`), :mod:`.conditioning`
 and :mod:`.latents` the pipeline's and the release's ways to tokenise prompts and to take
 image latents, :mod:`.engine` how its steps run (CUDA graphs, health flags, resume state) and
-:mod:`.schedule` which concepts run when (cache, resume, batches sized to memory). The names
-below are the stage's API.
+:mod:`.schedule` which concepts run when (cache, resume, batches sized to memory), :mod:`.report`
+what the log says of a run (its cost, the concepts never stopped). The names below are the
+stage's API.
 """
 
 from ....errors import Stage1OutOfMemoryError

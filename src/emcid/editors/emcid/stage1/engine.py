@@ -1,6 +1,7 @@
 """How Stage I's steps run: CUDA graphs (:class:`Stepper`), health flags written on the device
 (:class:`Health`, read by :func:`check_health` only at checkpoints and at the end), the fp16
-loss scale, and the state a concept resumes from (:func:`concept_state`, :func:`restore`).
+loss scale, the state a concept resumes from (:func:`concept_state`, :func:`restore`) and
+the timing of a batch's steps (:class:`StepClock`).
 None of it changes the maths of :mod:`.objective`; a run with or without graphs, resumed or
 not, gives the same results bit for bit.
 """
@@ -8,6 +9,7 @@ not, gives the same results bit for bit.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -181,3 +183,47 @@ class Stepper:
             self.side = None
             return
         self.graph = graph
+
+
+TimingHook = Callable[[int, int, float], None]  # (concepts in the batch, steps timed, seconds)
+
+
+class StepClock:
+    """Times a batch's steps once, for Stage I's cost line, reading the clock only where the
+    loop waits for the device anyway (a stopping check, a progress report, the end; on a CPU
+    after any step): on CUDA the host runs ahead, so only there is the clock the device's
+    time, and a sync of its own would stall the graph replays. The first steps (the eager
+    warm-up and capture of a CUDA graph; a CPU's first-call set-up) are left out where later
+    ones get measured; work still queued when the clock starts only makes the time longer.
+    """
+
+    MEASURED = 5  # steps at least, where no stopping check sets the point
+
+    def __init__(self, hook: TimingHook | None, count: int, first: int, device: torch.device,
+                 graphs: bool, at_checks: bool) -> None:
+        self.hook, self.count, self.at_checks = hook, count, at_checks
+        self.synchronous = device.type == "cpu"
+        self.settled = first + (Stepper.WARMUP + 1 if graphs else 1)
+        self.start = self.since = (first, time.perf_counter())
+
+    def tick(self, done: int, synced: bool, checked: bool) -> None:
+        """After step ``done``; ``synced``: the loop has just waited for the device there,
+        ``checked``: at a stopping check."""
+        if self.hook is None:
+            return
+        if (synced or self.synchronous) and (
+                checked if self.at_checks else done - self.since[0] >= self.MEASURED):
+            self._measure(done)
+        elif done == self.settled:
+            self.since = (done, time.perf_counter())
+
+    def finish(self, done: int) -> None:
+        """After the batch's last step and a sync: measure if no earlier point did."""
+        if self.hook is not None:
+            self._measure(done)
+
+    def _measure(self, done: int) -> None:
+        first, start = self.since if done > self.since[0] else self.start
+        if done > first:
+            self.hook(self.count, done - first, time.perf_counter() - start)
+        self.hook = None

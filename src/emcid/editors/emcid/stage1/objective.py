@@ -283,6 +283,7 @@ def compute_z(
     resume: list[dict[str, torch.Tensor]] | None = None,
     save_progress: engine.ProgressHook | None = None,
     report: Callable[[int, float], None] | None = None,
+    timed: engine.TimingHook | None = None,
 ) -> list[ConceptTarget]:
     """Optimise every request's ``delta`` (the paper's dual self-distillation), side by side.
 
@@ -290,7 +291,8 @@ def compute_z(
     clamp and Adam state (Adam is element-wise), so batching them changes nothing but speed.
     ``resume`` continues from saved concept states; ``save_progress`` receives them every
     ``runtime.checkpoint_every`` steps, and ``report`` the concept-steps done since its last
-    call and the mean loss, as often. The step loop never waits for the device except there.
+    call and the mean loss, as often; ``timed`` the seconds of some steps, once
+    (:class:`.engine.StepClock`). The step loop never waits for the device except there.
     """
     runtime = runtime or Runtime()
     generators = [torch.Generator().manual_seed(r.seed) for r in requests]
@@ -332,6 +334,7 @@ def compute_z(
 
     run_step, every = engine.Stepper(step, optimiser, device, graphs), runtime.checkpoint_every
     draws, reported, done = None, first, first
+    clock = engine.StepClock(timed, count, first, device, graphs, stopping.enabled)
     with engine.unet_mode(bundle.unet, runtime.grad_checkpointing):
         for index in range(first, config.steps):
             t = noise = None
@@ -342,11 +345,14 @@ def compute_z(
                 t, noise = (d[(index - first) % every] for d in draws)
             run_step(t, noise)
             done = index + 1
-            finished = stopping.is_check(done) and stopping.check(done, deltas, losses)
-            if report is not None and (done % every == 0 or done == config.steps or finished):
+            checked = stopping.is_check(done)
+            finished = checked and stopping.check(done, deltas, losses)
+            reporting = report is not None and (done % every == 0 or done == config.steps or finished)
+            if reporting:
                 # an early end counts the steps it saved as done, so the bar ends full
                 report(count * ((config.steps if finished else done) - reported), float(losses.mean()))
                 reported = done
+            clock.tick(done, checked or reporting, checked)
             if finished:
                 break
             if save_progress is not None and done < config.steps and done % every == 0:
@@ -354,10 +360,11 @@ def compute_z(
                 save_progress([{**engine.concept_state(deltas, optimiser, generators[i], i, done),
                                 **stopping.state(i)} for i in range(count)])
     health.check(requests, {name: delta.detach() - starts[name] for name, delta in deltas.items()})
+    clock.finish(done)
     results = [stopping.result(i, deltas, losses) for i in range(count)]
     return [
         ConceptTarget(request, dict(z_layer), {n: d.float().cpu() for n, d in kept.items()},
                       {n: rows[i].cpu() for n, rows in batch.hidden.items()}, loss,
-                      stopping.steps(i, done))
+                      stopping.steps(i, done), stopping.converged(i))
         for i, (request, (kept, loss)) in enumerate(zip(requests, results, strict=True))
     ]

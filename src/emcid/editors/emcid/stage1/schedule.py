@@ -22,8 +22,10 @@ from ....errors import Stage1OutOfMemoryError
 from ....requests.edit import EditRequest
 from ..config import Precision, Stage1Config, resolve_precision
 from ..targets import ConceptTarget
+from .engine import TimingHook
 from .latents import draw_source_images
 from .objective import compute_z
+from .report import log_cost, log_unconverged
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ def compute_targets(
 
     Unfinished concepts save their progress every ``runtime.checkpoint_every`` steps and resume
     from it; a CUDA out-of-memory error halves the batch and goes on (finished concepts are
-    already in the cache, and results do not depend on the batch).
+    already in the cache, and results do not depend on the batch). The log gets the cost, as
+    soon as the first batch's steps are timed, and the concepts the stopping rule never stopped.
     """
     from tqdm.auto import tqdm
 
@@ -147,14 +150,24 @@ def compute_targets(
             bar.update(steps)
             show()
 
-        for group in _by_progress(missing, saved):
+        groups = _by_progress(missing, saved)
+        # (concepts, the step they resume from) per group, before any saves progress
+        starts = [(len(g), int(saved[g[0]]["step"]) if g[0] in saved else 0) for g in groups]
+        clock: dict = {"pending": True}
+
+        def timed(concepts: int, steps: int, seconds: float) -> None:
+            clock["pending"] = False
+            log_cost(config, str(bundle.device), (concepts, steps, seconds), size, starts)
+
+        for group in groups:
             while group:
                 chunk = group[:size]
                 if progress:
                     draw_source_images(bundle, [requests[i] for i in chunk], config, image_cache)
                 try:
                     targets = _run_chunk(bundle, requests, keys, chunk, z_layer, config, runtime,
-                                         image_cache, progress_cache, saved, report)
+                                         image_cache, progress_cache, saved, report,
+                                         timed if clock["pending"] else None)
                 except torch.OutOfMemoryError:
                     if size == 1:
                         raise Stage1OutOfMemoryError(
@@ -172,13 +185,16 @@ def compute_targets(
                     results[index] = target
                 show()
                 group = group[len(chunk):]
-    return [results[i] for i in range(len(requests))]
+    found = [results[i] for i in range(len(requests))]
+    log_unconverged(config, found)
+    return found
 
 
 def _run_chunk(bundle: ModelBundle, requests: list[EditRequest], keys: list[str], chunk: list[int],
                z_layer: dict[str, int], config: Stage1Config, runtime: Runtime,
                image_cache: TensorCache, progress_cache: TensorCache,
-               saved: dict[int, dict], report) -> list[ConceptTarget]:
+               saved: dict[int, dict], report,
+               timed: TimingHook | None = None) -> list[ConceptTarget]:
     """One batch of concepts, resumed from and saving to ``progress_cache``."""
 
     def save_progress(states: list[dict[str, torch.Tensor]]) -> None:
@@ -188,4 +204,4 @@ def _run_chunk(bundle: ModelBundle, requests: list[EditRequest], keys: list[str]
 
     resume = [saved[i] for i in chunk] if chunk[0] in saved else None
     return compute_z(bundle, [requests[i] for i in chunk], z_layer, config, image_cache, runtime,
-                     resume, save_progress if progress_cache.enabled else None, report)
+                     resume, save_progress if progress_cache.enabled else None, report, timed=timed)

@@ -65,6 +65,11 @@ class StoppingRule:
         """The steps concept ``index``'s result took."""
         return int(self.stopped_at[index]) or ran
 
+    def converged(self, index: int) -> bool | None:
+        """Whether concept ``index`` met the rule (False: it ran every step without; None: the
+        rule is off), so a run can name the concepts whose ``steps`` were too few."""
+        return bool(self.stopped_at[index]) if self.enabled else None
+
     # -- resuming (each concept's state beside :func:`.engine.concept_state`)
 
     def state(self, index: int) -> dict[str, torch.Tensor]:
