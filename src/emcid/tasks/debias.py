@@ -184,8 +184,9 @@ def debias(bundle: ModelBundle, requests: Sequence[DebiasRequest], classifier: C
     """Debias every request's concept and return one patch (not applied).
 
     ``classifier`` defaults to CLIP ViT-L/14 zero-shot (:class:`ClipZeroShot`); ``options``
-    are EMCID's (``steps``, ``lam``, ``layers`` ...; ``stop_tolerance`` 0 unless given). The
-    patch metadata's ``debias`` entry holds, per concept, the factors, the rounds used and the shares before and after.
+    are EMCID's (``steps``, ``lam``, ``layers`` ...; ``stop_tolerance`` 0 unless given).
+    The patch metadata's ``debias`` entry holds, per concept, the factors, the rounds used and
+    the shares before and after.
     """
     from tqdm.auto import tqdm
 
