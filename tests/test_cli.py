@@ -152,7 +152,7 @@ def test_multi_line_errors_print_as_one_line(tmp_path, capsys):
     assert "bad.json:3: malformed JSON" in _error_line(capsys)
 
 
-def test_edit_stop_tolerance_stops_stage1_early_and_says_so(tmp_path, sd1_dir, request_file):
+def test_edit_stop_tolerance_stops_stage1_early_and_says_so(tmp_path, sd1_dir, request_file, caplog):
     from emcid import EditPatch
 
     patch_path = tmp_path / "early.safetensors"
@@ -164,3 +164,6 @@ def test_edit_stop_tolerance_stops_stage1_early_and_says_so(tmp_path, sd1_dir, r
     patch = EditPatch.load(patch_path)
     assert patch.metadata["hparams"]["stage1"]["stop_tolerance"] == 0.99
     assert patch.metadata["stage1_steps"] == [50, 50]
+    # Stage I's bill is shown without -v (third-party logging stays quiet)
+    (cost,) = [r.getMessage() for r in caplog.records if "per concept-step" in r.getMessage()]
+    assert "2 concepts" in cost and "at most 80 steps" in cost

@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
+    # Stage I's cost and its unconverged concepts are the user's bill and warning: shown always.
+    logging.getLogger("emcid.editors.emcid.stage1.report").setLevel(logging.INFO)
     try:
         args.func(args)
     except (EmcidError, FileNotFoundError) as exc:
