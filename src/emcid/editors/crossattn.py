@@ -14,7 +14,9 @@ The keys are the prompt embeddings the UNet sees (SDXL: both encoders' states, c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -113,18 +115,23 @@ class CrossAttentionEditor(ConfiguredEditor):
         """The weight of the edits' sums in the closed form (TIME's paper: 1)."""
         return 1.0
 
+    def solver(self, preserved: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                          torch.Tensor]:
+        """``(weight, keys, values) -> W' - W`` of every projection, for one set of preserved rows
+        (built once per edit, so UCE's null-space form decomposes them once)."""
+        return partial(closed_form_update, preserved=preserved, lam=self.config.lam,
+                       edit_scale=self.edit_scale(), preserve_scale=self.config.preserve_scale)
+
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         sources, destinations = edit_embeddings(bundle, requests)
         preserved = torch.zeros(0, sources.shape[1], dtype=torch.float64)
         if self.config.preserve:
             names = list(self.config.preserve)
             preserved = subject_embeddings(bundle, names, names, ["{}"] * len(names))
-        deltas = {}
+        solve, deltas = self.solver(preserved), {}
         for name, module in cross_attention_projections(bundle, self.config.edit_keys).items():
             weight = module.weight.detach().double().cpu()
-            deltas[name] = closed_form_update(
-                weight, sources, destinations @ weight.T, preserved, self.config.lam,
-                self.edit_scale(), self.config.preserve_scale).float()
+            deltas[name] = solve(weight, sources, destinations @ weight.T).float()
         return deltas
 
 
