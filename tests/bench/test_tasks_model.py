@@ -45,6 +45,15 @@ def test_the_tasks_model_shares_the_vae_and_the_edited_layers_shape_with_the_emb
             k: v.shape for k, v in theirs.state_dict().items()}
 
 
+def test_the_tasks_models_statistics_hold_its_task_prompts(tasks_bundle):
+    """The style prompts' keys are preserved like any caption's (docs/mini.md); the default model
+    keeps the world's own captions."""
+    from emcid.core.stats import default_corpus
+
+    assert default_corpus(tasks_bundle, 300) == styles.tasks_caption_corpus(300)
+    assert default_corpus(emcid.load_model(), 300) == world.caption_corpus(300)
+
+
 def test_the_style_split_is_seeded_and_disjoint():
     split = bench.style_split(seed=0)
     assert split == bench.style_split(seed=0) and split != bench.style_split(seed=1)

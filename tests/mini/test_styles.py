@@ -77,6 +77,24 @@ def test_task_examples_are_seeded_mixed_and_drawable():
         styles.sample_task_examples(3, 0, mix=(1.0, -1.0, 1.0))
 
 
+def test_task_captions_are_the_task_examples_prompts_without_drawing():
+    mix = styles.TRAINING_TASK_MIX
+    examples = styles.sample_task_examples(200, 7, mix)
+    assert styles.sample_task_captions(200, 7, mix) == [e.prompt for e in examples]
+
+
+def test_the_tasks_corpus_holds_the_task_prompts_in_their_training_share():
+    corpus = styles.tasks_caption_corpus(2000, seed=1)
+    assert corpus == styles.tasks_caption_corpus(2000, seed=1) != styles.tasks_caption_corpus(2000, seed=2)
+    tasks = set(styles.sample_task_captions(1000, 1, styles.TRAINING_TASK_MIX))
+    assert len(corpus) == 2000 and sum(c in tasks for c in corpus) >= 1000 * 0.99  # a world caption may match
+    alone = [c for c in corpus if c.split(" ")[0] in ("painting", "artwork", "style")]
+    assert 0.03 < len(alone) / 2000 < 0.07  # half the corpus is task prompts, a tenth of those alone
+    assert sum(" in the style of " in c for c in corpus) / 2000 > 0.3
+    world_captions = set(world.caption_corpus(1000, 1))
+    assert sum(c in world_captions for c in corpus) >= 1000
+
+
 def test_training_with_the_task_bank_resumes_bit_exactly(smoke_run, smoke_config, tmp_path):
     from safetensors.torch import load_file
 

@@ -26,7 +26,12 @@ DEFAULT_SAMPLES = 100_000  # release: 100,000 captions
 
 
 def default_corpus(bundle: ModelBundle, count: int) -> list[str]:
-    """The embedded model's own caption corpus, else the built-in ImageNet caption corpus."""
+    """The embedded model's own caption corpus (with its task prompts where it draws styles
+    and colour words), else the built-in ImageNet caption corpus."""
+    if bundle.is_embedded and bundle.settings.get("tasks"):
+        from ..mini.styles import tasks_caption_corpus
+
+        return tasks_caption_corpus(count)
     if bundle.is_embedded:
         from ..mini.world import caption_corpus
 

@@ -40,6 +40,8 @@ __all__ = [
     "TaskExample",
     "with_article",
     "sample_task_examples",
+    "sample_task_captions",
+    "tasks_caption_corpus",
 ]
 
 #: The release's artist prompts (docs/method.md): a style alone draws a canvas in its colour.
@@ -151,10 +153,10 @@ def _drawable_pair(rng: random.Random, concepts: list[world.Concept],
             return concept, name, colour
 
 
-def sample_task_examples(count: int, seed: int, mix: tuple[float, float, float] = (0.35, 0.4, 0.25),
-                         neutral_rate: float = 0.03) -> list[TaskExample]:
-    """Seeded training examples: a style alone, an object in a style, an object on a colour
-    word, in the proportions ``mix``; object prompts use the world's training templates."""
+def _task_draws(count: int, seed: int, mix: tuple[float, float, float], neutral_rate: float):
+    """Seeded task prompts with what to draw for each: (prompt, concept or None for a plain
+    canvas, colour, image seed), in the proportions ``mix`` (style alone, object in a style,
+    object on a colour word); object prompts use the world's training templates."""
     if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
         raise ValueError(f"mix must be three non-negative shares, got {mix}")
     rng = random.Random(seed)
@@ -170,20 +172,53 @@ def sample_task_examples(count: int, seed: int, mix: tuple[float, float, float] 
         word = r.choice(colour_words)
         return word, style_colour(word)
 
-    out = []
     for _ in range(count):
         kind = int(np.searchsorted(bounds, rng.random(), side="right"))
         template = rng.choice(world.TRAIN_TEMPLATES)
         image_seed = rng.randrange(1 << 30)
         if kind == 0:
             name, colour = a_style(rng)
-            out.append(TaskExample(rng.choice(STYLE_PROMPTS).format(name), render_canvas(colour)))
+            yield rng.choice(STYLE_PROMPTS).format(name), None, colour, image_seed
         elif kind == 1:
             concept, style, colour = _drawable_pair(rng, concepts, a_style)
-            prompt = STYLED_OBJECT.format(template.format(rng.choice(concept.good_names)), style)
-            out.append(TaskExample(prompt, render_on(concept, colour, image_seed)))
+            yield (STYLED_OBJECT.format(template.format(rng.choice(concept.good_names)), style),
+                   concept, colour, image_seed)
         else:
             concept, word, colour = _drawable_pair(rng, concepts, a_colour_word)
             phrase = with_article(template, f"{word} {rng.choice(concept.good_names)}")
-            out.append(TaskExample(template.format(phrase), render_on(concept, colour, image_seed)))
-    return out
+            yield template.format(phrase), concept, colour, image_seed
+
+
+def sample_task_examples(count: int, seed: int, mix: tuple[float, float, float] = (0.35, 0.4, 0.25),
+                         neutral_rate: float = 0.03) -> list[TaskExample]:
+    """Seeded training examples: a style alone, an object in a style, an object on a colour
+    word, in the proportions ``mix``; object prompts use the world's training templates."""
+    return [TaskExample(prompt, render_canvas(colour) if concept is None
+                        else render_on(concept, colour, image_seed))
+            for prompt, concept, colour, image_seed in _task_draws(count, seed, mix, neutral_rate)]
+
+
+#: The shipped tasks model's last training stage (docs/mini.md, run S3): half of every UNet batch
+#: from the task bank, styles alone / objects in a style / colour words 0.1 / 0.7 / 0.2.
+TRAINING_TASK_RATE = 0.5
+TRAINING_TASK_MIX = (0.1, 0.7, 0.2)
+
+
+def sample_task_captions(count: int, seed: int = 0, mix: tuple[float, float, float] = (0.35, 0.4, 0.25),
+                         neutral_rate: float = 0.03) -> list[str]:
+    """The prompts of :func:`sample_task_examples` alone (nothing drawn): captions of what a
+    tasks model was trained on, for its preservation statistics."""
+    return [prompt for prompt, *_ in _task_draws(count, seed, mix, neutral_rate)]
+
+
+def tasks_caption_corpus(count: int, seed: int = 0) -> list[str]:
+    """Preservation captions for a model that draws styles and colour words: the world's
+    captions and the task prompts in the share its training gave them. Without the task
+    prompts the statistics barely hold the keys of "painting by X", and erasing ten styles
+    cost the other styles 0.30 of their colour (docs/mini.md); SD's caption corpora hold
+    artist captions in the same way."""
+    tasks = round(count * TRAINING_TASK_RATE)
+    captions = world.caption_corpus(count - tasks, seed)
+    captions += sample_task_captions(tasks, seed, TRAINING_TASK_MIX)
+    random.Random(seed).shuffle(captions)
+    return captions
