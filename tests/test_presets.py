@@ -84,7 +84,7 @@ def test_config_round_trips():
 @pytest.mark.parametrize("method", sorted(EDITORS))
 def test_every_editor_round_trips_its_hparams(method, sd1):
     changed = {"emcid": {"steps": 3}, "memit": {"lam": 9.0}, "refact": {"layer": 1, "lr": 0.3},
-               "time": {"lam": 0.5}, "uce": {"preserve": ["dog"]}}[method]
+               "time": {"lam": 0.5}, "uce": {"preserve": ["dog"]}, "esd": {"eta": 2.0}}[method]
     editor = get_editor(method, sd1, **changed)
     hparams = json.loads(json.dumps(editor.hparams()))
     rebuilt = EDITORS[method].from_hparams(hparams)

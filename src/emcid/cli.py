@@ -70,12 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--requests", required=True,
                       help="YAML, JSON or CSV file of edit requests, or of debias requests")
     edit.add_argument("--out", required=True, help="patch file to write (.safetensors)")
-    edit.add_argument("--method", default="emcid", help="emcid (default), memit, refact, time or uce")
+    edit.add_argument("--method", default="emcid", help="emcid (default), memit, refact, time, uce or esd")
     edit.add_argument("--config", help="YAML or JSON file of editor options (flags win over it)")
     edit.add_argument("--layers", action="append", help="edited blocks, e.g. 0-10 or text_encoder_2=26-30")
     edit.add_argument("--task", help="object (default), artist, aice or rectification: selects "
                                      "presets (artist: layers, 100 Stage I steps, artist prompts)")
-    edit.add_argument("--steps", type=int, help="Stage I optimisation steps (release: 200)")
+    edit.add_argument("--steps", type=int, help="Stage I optimisation steps (release: 200; esd: "
+                                                "iterations per concept, paper 1000)")
     edit.add_argument("--lr", type=float, help="Stage I learning rate (release: 0.2)")
     edit.add_argument("--stop-tolerance", type=float,
                       help="Stage I stopping rule: a concept stops once its 25-step mean loss falls "

@@ -10,12 +10,13 @@ from .base import Editor
 from .crossattn import TIMEEditor
 from .emcid import EMCIDEditor, MEMITEditor
 from .emcid.stage1.schedule import BEFORE_OPTIONS
+from .esd import ESDEditor
 from .presets import DEFAULT_TASK
 from .refact import ReFACTEditor
 from .uce import UCEEditor
 
 EDITORS: dict[str, type[Editor]] = {
-    cls.name: cls for cls in (EMCIDEditor, MEMITEditor, ReFACTEditor, TIMEEditor, UCEEditor)
+    cls.name: cls for cls in (EMCIDEditor, MEMITEditor, ReFACTEditor, TIMEEditor, UCEEditor, ESDEditor)
 }
 
 
