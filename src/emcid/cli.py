@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--lr", type=float, help="Stage I learning rate (release: 0.2)")
     edit.add_argument("--stop-tolerance", type=float,
                       help="Stage I stopping rule: a concept stops once its 25-step mean loss falls "
-                           "by less than this share (default 0.1; 0: every concept runs --steps, "
-                           "as the release)")
+                           "by less than this share, e.g. 0.1 (0, the default: every concept runs "
+                           "--steps, as the release)")
     edit.add_argument("--init", choices=["text", "zero"],
                       help="Stage I start: text (default: the destination's state minus the "
                            "source's at the last edited block) or zero (the release's)")

@@ -180,7 +180,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     iceb.add_argument("--reference-dir", help="real images of undrawable classes: DIR/<synset>/*.jpg")
     iceb.add_argument("--steps", type=int, help="EMCID Stage I steps (release: 200)")
     iceb.add_argument("--stop-tolerance", type=float,
-                      help="EMCID Stage I stopping rule (default 0.1; 0: every concept runs --steps)")
+                      help="EMCID Stage I stopping rule, e.g. 0.1 (0, default: every concept runs --steps)")
     iceb.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                       help="EMCID Stage I UNet autocast, as `emcid edit --precision` (default: auto)")
     iceb.add_argument("--lam", type=float, help="EMCID preservation weight (release: 4000)")
