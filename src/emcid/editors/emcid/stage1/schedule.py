@@ -153,10 +153,11 @@ def compute_targets(
         groups = _by_progress(missing, saved)
         # (concepts, the step they resume from) per group, before any saves progress
         starts = [(len(g), int(saved[g[0]]["step"]) if g[0] in saved else 0) for g in groups]
-        clock: dict = {"pending": True}
+        untimed = True  # until the first batch's steps are timed
 
         def timed(concepts: int, steps: int, seconds: float) -> None:
-            clock["pending"] = False
+            nonlocal untimed
+            untimed = False
             log_cost(config, str(bundle.device), (concepts, steps, seconds), size, starts)
 
         for group in groups:
@@ -167,7 +168,7 @@ def compute_targets(
                 try:
                     targets = _run_chunk(bundle, requests, keys, chunk, z_layer, config, runtime,
                                          image_cache, progress_cache, saved, report,
-                                         timed if clock["pending"] else None)
+                                         timed if untimed else None)
                 except torch.OutOfMemoryError:
                     if size == 1:
                         raise Stage1OutOfMemoryError(
