@@ -6,14 +6,17 @@ Run it with an empty ``$EMCID_CACHE`` to measure what a new user waits (statisti
 images and Stage I included); the README's demo figures come from this script. A fixed torch
 workload (float32 matmuls and a small convolution stack, the demo's kinds of work) is timed
 in the same run, before and after the demo, so that figures taken on different days or
-machines can be compared as ratios to it.
+machines can be compared as ratios to it. ``--profile`` runs the demo under ``cProfile`` and
+prints the functions that took the most time (slower: no timing then).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import platform
+import pstats
 import tempfile
 import time
 
@@ -39,6 +42,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (our machines have 2 cores)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run under cProfile and print the 40 costliest calls (cumulative)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("EMCID_CACHE", tempfile.mkdtemp(prefix="emcid-demo-"))
@@ -46,13 +51,20 @@ def main() -> None:
     from emcid.bench.report import summary_table
 
     reference = reference_workload()
+    profiler = cProfile.Profile() if args.profile else None
     started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     results = run_demo(args.out, progress=False)
+    if profiler is not None:
+        profiler.disable()
     seconds = time.perf_counter() - started
     reference = (reference + reference_workload()) / 2
     print(summary_table(results, "emcid"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}; "
           f"cache {os.environ['EMCID_CACHE']}")
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     print(f"emcid demo: {seconds:.0f} s; the fixed workload: {reference:.2f} s (mean of before and "
           f"after); ratio {seconds / reference:.0f}")
 
