@@ -1,4 +1,5 @@
-"""Command-line entry points of the benchmarks: ``emcid bench iceb|timed|road|coco`` and ``emcid demo``.
+"""Command-line entry points of the benchmarks: ``emcid bench iceb|timed|road|coco|i2p|artists|professions``
+and ``emcid demo``.
 
 Argument parsing only; each command is one library call. The main CLI calls
 :func:`register` with its subparsers.
@@ -7,6 +8,9 @@ Argument parsing only; each command is one library call. The main CLI calls
 from __future__ import annotations
 
 import argparse
+
+from .cli_tasks import add_artists, add_professions
+from .i2p_cli import add_i2p
 
 DTYPE_HELP = ("the model weights' dtype (default: float32); Stage I's autocast is another setting, "
               "the editor's precision (`bench iceb --precision`, `emcid edit --precision`)")
@@ -152,8 +156,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bench`` (with ``iceb``, ``timed``, ``road`` and ``coco``) and ``demo`` to the main parser's
-    subcommands."""
+    """Add ``bench`` (with ``iceb``, ``timed``, ``road``, ``coco``, ``i2p``, ``artists`` and
+    ``professions``) and ``demo`` to the main parser's subcommands."""
     from .iceb import DEFAULT_SCALES, SUBTASKS
 
     bench = subparsers.add_parser("bench", help="run a benchmark")
@@ -203,6 +207,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "positive_new<k>, negative<k>, negative_new<k>)")
 
     _add_coco(commands)
+    add_i2p(commands, DTYPE_HELP)
+    add_artists(commands, DTYPE_HELP)
+    add_professions(commands, DTYPE_HELP)
 
     demo = subparsers.add_parser("demo", help="edit a few dozen classes of the embedded model and report")
     demo.add_argument("--out", default="emcid-demo", help="report folder (default: ./emcid-demo)")

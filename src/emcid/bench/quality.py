@@ -146,11 +146,12 @@ def lpips_model() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         import lpips
     except Exception as exc:  # not installed, or a torchvision built for another torch
         raise BenchmarkError(f"LPIPS needs lpips and a torchvision built for this torch ({exc}); "
-                             "or use the judge distance") from exc
+                             "on the embedded world, the judge distance needs neither") from exc
     weights = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
     if not weights.is_file():
         raise BenchmarkError(f"LPIPS needs torchvision's AlexNet weights at {weights} (benchmarks never "
-                             "download): copy them there, or use the judge distance")
+                             "download): copy them there; on the embedded world, the judge distance "
+                             "needs none")
     return lpips.LPIPS(net="alex", verbose=False).eval()
 
 
