@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_flags import DTYPE_HELP, add_model_flags
 from .cli_tasks import add_artists, add_professions
 from .i2p_cli import add_i2p
-
-DTYPE_HELP = ("the model weights' dtype (default: float32); Stage I's autocast is another setting, "
-              "the editor's precision (`bench iceb --precision`, `emcid edit --precision`)")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -101,11 +99,7 @@ def _add_single_edit(commands: argparse._SubParsersAction, name: str,
                              "above each, in [0, 1] (default: 0.75,0.9, as ReFACT)")
     parser.add_argument("--no-unedited", action="store_true",
                         help="skip the unedited model's figures on the same prompts and seeds")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    parser.add_argument("--weights-dtype", "--dtype", dest="dtype", default="float32",
-                        choices=["float32", "float16", "bfloat16"], help=DTYPE_HELP)
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow .bin/.ckpt checkpoints (they can run code when loaded)")
+    add_model_flags(parser)
     parser.set_defaults(func=cmd_single)
     return parser
 
@@ -207,9 +201,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "positive_new<k>, negative<k>, negative_new<k>)")
 
     _add_coco(commands)
-    add_i2p(commands, DTYPE_HELP)
-    add_artists(commands, DTYPE_HELP)
-    add_professions(commands, DTYPE_HELP)
+    add_i2p(commands)
+    add_artists(commands)
+    add_professions(commands)
 
     demo = subparsers.add_parser("demo", help="edit a few dozen classes of the embedded model and report")
     demo.add_argument("--out", default="emcid-demo", help="report folder (default: ./emcid-demo)")

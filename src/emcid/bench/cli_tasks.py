@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_flags import add_model_flags
 
-def _common(parser: argparse.ArgumentParser, images_help: str, option_help: str, dtype_help: str) -> None:
+
+def _common(parser: argparse.ArgumentParser, images_help: str, option_help: str) -> None:
     """The arguments both commands share."""
     parser.add_argument("--model", help="diffusers folder or hub id (default: the embedded world's analogue "
                                         "on embedded:tasks)")
@@ -20,11 +22,7 @@ def _common(parser: argparse.ArgumentParser, images_help: str, option_help: str,
     parser.add_argument("--images", type=int, help=images_help)
     parser.add_argument("--seed", type=int, default=0, help="first image seed (image k: seed + k)")
     parser.add_argument("--out", required=True, help="folder for results.json")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    parser.add_argument("--weights-dtype", "--dtype", dest="dtype", default="float32",
-                        choices=["float32", "float16", "bfloat16"], help=dtype_help)
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow .bin/.ckpt checkpoints (they can run code when loaded)")
+    add_model_flags(parser)
 
 
 def cmd_artists(args: argparse.Namespace) -> None:
@@ -41,13 +39,12 @@ def cmd_artists(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/results.json")
 
 
-def add_artists(commands: argparse._SubParsersAction, dtype_help: str) -> None:
+def add_artists(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("artists", help="artist erasure: LPIPS before vs after on erased and held "
                                                  "artists, CLIP score with --clip (the embedded world: the "
                                                  "style benchmark)")
     _common(parser, "images per prompt, seeds --seed .. --seed + N - 1 (default 4; not on the embedded "
-                    "world, which draws one per prompt)", "an editor option, e.g. steps=100 (repeatable)",
-            dtype_help)
+                    "world, which draws one per prompt)", "an editor option, e.g. steps=100 (repeatable)")
     parser.add_argument("--artists", help="artist list: a CSV file with an artist column (and optionally "
                                           "prompt), or a text file, one name a line")
     parser.add_argument("--erase", type=int, help="erase the first N artists")
@@ -78,12 +75,12 @@ def cmd_professions(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/results.json")
 
 
-def add_professions(commands: argparse._SubParsersAction, dtype_help: str) -> None:
+def add_professions(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("professions", help="gender debiasing over professions, judged by zero-shot "
                                                      "CLIP (the embedded world: colour-word debias)")
     _common(parser, "evaluation images per prompt, seeds --seed .. --seed + N - 1 (default 8)",
             "an EMCID or debias tuning option, e.g. steps=100, images=25 (tuning images per round), "
-            "rounds=10 (repeatable)", dtype_help)
+            "rounds=10 (repeatable)")
     parser.add_argument("--professions", help="a CSV file with a profession column (and optionally prompt), "
                                               "or a text file, one a line")
     parser.add_argument("--attributes", nargs="+", metavar="VALUE",

@@ -12,7 +12,6 @@ The embedded world has no nudity concept, so I2P has no analogue on it.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import math
 import time
@@ -33,6 +32,7 @@ from ..errors import BenchmarkError
 from ..requests.edit import EditRequest
 from ..requests.files import load_requests
 from ..tasks.edit import edit_patch
+from .csvfile import read_rows
 from .nudity import (
     DEFAULT_THRESHOLD,
     NUDITY_CLASSES,
@@ -68,33 +68,11 @@ class I2PRow:
 
 
 def _records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
-    """The header (stripped, lower case; it must name ``prompt``) and each non-blank record with
-    the line it starts on."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = [cell.strip().lower() for cell in next(reader, [])]
-            if not any(header):
-                raise BenchmarkError(f"{path}: the file is empty (a header line of columns is needed)")
-            repeated = sorted({name for name in header if name and header.count(name) > 1})
-            if repeated:
-                raise BenchmarkError(f"{path}: the header has the column {repeated[0]!r} twice")
-            if "prompt" not in header:
-                raise BenchmarkError(f"{path}: no column 'prompt' (an I2P file has the columns prompt, "
-                                     "categories, sd_seed, sd_guidance_scale, sd_image_width, ...)")
-            records, start = [], reader.line_num + 1
-            for cells in reader:
-                line, start = start, reader.line_num + 1
-                if not any(cell.strip() for cell in cells):
-                    continue
-                if len(cells) != len(header):
-                    raise BenchmarkError(f"{path} line {line}: {len(cells)} cells, but the header has "
-                                         f"{len(header)} columns")
-                records.append((line, dict(zip(header, (c.strip() for c in cells), strict=True))))
-    except csv.Error as exc:
-        raise BenchmarkError(f"{path} line {reader.line_num}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise BenchmarkError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    """The header (it must name ``prompt``) and each record with the line it starts on."""
+    header, records = read_rows(path)
+    if "prompt" not in header:
+        raise BenchmarkError(f"{path}: no column 'prompt' (an I2P file has the columns prompt, "
+                             "categories, sd_seed, sd_guidance_scale, sd_image_width, ...)")
     return header, records
 
 

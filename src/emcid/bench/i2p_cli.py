@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_flags import add_model_flags
+
 
 def _category(text: str) -> str | None:
     return None if text.strip().lower() in ("all", "any", "") else text.strip()
@@ -24,7 +26,7 @@ def cmd_i2p(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/results.json and {args.out}/report.html")
 
 
-def add_i2p(commands: argparse._SubParsersAction, dtype_help: str) -> None:
+def add_i2p(commands: argparse._SubParsersAction) -> None:
     """Add ``i2p`` to ``emcid bench``'s subcommands."""
     from .i2p import DEFAULT_CATEGORY
     from .nudity import DEFAULT_THRESHOLD
@@ -56,9 +58,5 @@ def add_i2p(commands: argparse._SubParsersAction, dtype_help: str) -> None:
                           "field's scripts)")
     i2p.add_argument("--grid", type=int, default=4, help="prompts shown in report.html's grid (default 4)")
     i2p.add_argument("--out", required=True, help="folder for results.json and report.html")
-    i2p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
-    i2p.add_argument("--weights-dtype", "--dtype", dest="dtype", default="float32",
-                     choices=["float32", "float16", "bfloat16"], help=dtype_help)
-    i2p.add_argument("--allow-pickle", action="store_true",
-                     help="allow .bin/.ckpt checkpoints (they can run code when loaded)")
+    add_model_flags(i2p)
     i2p.set_defaults(func=cmd_i2p)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BenchmarkError
-from .timed import _read
+from .csvfile import read_rows
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def _add(found: dict[str, NamedPrompts], name: str, prompt: str, line: int) -> N
 
 
 def _from_csv(path: Path, column: str) -> dict[str, NamedPrompts]:
-    header, rows = _read(path)
+    header, rows = read_rows(path)
     if column not in header:
         raise BenchmarkError(f"{path}: no column {column!r} (a CSV {column} file has the columns "
                              f"{column} and, optionally, prompt; or give a plain text file, one "

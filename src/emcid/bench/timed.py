@@ -16,7 +16,6 @@ Column layouts (header names are read case-insensitively; other columns are igno
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..concepts import OBJECT_PROMPTS
 from ..core.config import check_float
 from ..errors import BenchmarkError, RequestError
 from ..requests.edit import EditRequest
+from .csvfile import read_rows
 
 ARTICLES = ("a", "an", "the")
 #: ReFACT's extra generality figures: the share of positive images above these P(destination).
@@ -130,28 +130,6 @@ def road_request(prompt: str, new: str, seed: int = 0) -> EditRequest:
     return EditRequest(prompt, new, OBJECT_PROMPTS, seed=seed)
 
 
-def _read(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
-    """The file's header (names stripped, lower case) and its rows with their line numbers
-    (blank lines skipped)."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = [cell.strip().lower() for cell in next(reader, [])]
-        if not any(header):
-            raise BenchmarkError(f"{path}: the file is empty (a header line of columns is needed)")
-        repeated = sorted({name for name in header if name and header.count(name) > 1})
-        if repeated:
-            raise BenchmarkError(f"{path}: the header has the column {repeated[0]!r} twice")
-        rows = []
-        for cells in reader:
-            if not any(cell.strip() for cell in cells):
-                continue
-            if len(cells) != len(header):
-                raise BenchmarkError(f"{path} line {reader.line_num}: {len(cells)} cells, but the "
-                                     f"header has {len(header)} columns")
-            rows.append((reader.line_num, dict(zip(header, (c.strip() for c in cells), strict=True))))
-    return header, rows
-
-
 def _check_columns(path: Path, header: list[str], layout: Layout) -> None:
     """Every column of ``layout`` is there, or one line naming the first missing one (and the
     other layout, when the file is in it)."""
@@ -199,7 +177,7 @@ def load_rows(path: str | Path, layout: Layout | str = TIMED, seed: int = 0) -> 
     path = Path(path)
     if not path.is_file():
         raise BenchmarkError(f"{path}: no such {layout.name} file")
-    header, rows = _read(path)
+    header, rows = read_rows(path)
     _check_columns(path, header, layout)
     loaded = [_row(cells, header, layout, seed, path, line) for line, cells in rows]
     if not loaded:
