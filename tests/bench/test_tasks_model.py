@@ -128,6 +128,17 @@ def test_styles_drawn_on_grey_are_left_out_of_the_erasure_figures():
     assert bench.kept_share(after, probes) == 0.5  # what the model draws counts grey styles too
 
 
+def test_efficacy_splits_into_the_style_named_alone_and_objects_drawn_in_it():
+    """A probe's first prompts name the style alone, the rest draw objects in it."""
+    probe = bench.StyleProbe("a", 3, ("p",) * 5, (0,) * 5)
+    before = torch.tensor([[3, 3, 3, 3, 3]])
+    after = torch.tensor([[0, 0, 0, 3, 0]])  # erased alone, half erased in the styled objects
+    objects = torch.tensor([True])
+    figures = bench.scale_figures((before, before, objects), (after, after, objects), [probe], [probe])
+    assert figures["efficacy_alone"] == 1.0 and figures["efficacy_styled"] == 0.5
+    assert figures["efficacy"] == pytest.approx(0.8)
+
+
 def test_debias_balances_a_colour_word_on_the_embedded_world(tasks_bundle):
     (request,) = bench.colour_debias_requests(1)
     concept = next(c for c in world.load_concepts() if c.name == request.source)

@@ -38,6 +38,7 @@ from ..requests.edit import EditRequest
 
 OBJECT_TEMPLATE = "An image of {}"
 OBJECTS_PER_STYLE = 2
+ALONE = 3  # a probe's first prompts name the style alone (STYLE_PROMPTS)
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,10 @@ def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
         "erased_kept_before": kept_before,
         "erased_kept_after": kept_after,
         "efficacy": kept_before - kept_after,
+        # the style named alone ("painting by X", the prompts Stage I sees) and objects drawn
+        # in it ("An image of Y in the style of X", prompts it never sees)
+        "efficacy_alone": _efficacy(erased_before, erased_after, shown, slice(0, ALONE)),
+        "efficacy_styled": _efficacy(erased_before, erased_after, shown, slice(ALONE, None)),
         "to_neutral": neutral_share(erased_after),
         "other_styles_before": other_before,
         "other_styles_delta": kept_share(held_after, held_shown) - other_before,
@@ -279,6 +284,12 @@ def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
         "objects_before": objects_before,
         "objects_delta": float(after[2].float().mean()) - objects_before,
     }
+
+
+def _efficacy(before: torch.Tensor, after: torch.Tensor, probes: Sequence[StyleProbe],
+              columns: slice) -> float:
+    """The drop of the kept share over some of each probe's prompts (``columns``)."""
+    return kept_share(before[:, columns], probes) - kept_share(after[:, columns], probes)
 
 
 def distance_figures(distance, erased_images: tuple, held_images: tuple, erased: Sequence[StyleProbe],
@@ -308,11 +319,11 @@ def _delta_over(rows: list[int], before: torch.Tensor, after: torch.Tensor,
 def format_table(results: dict[int, dict]) -> str:
     """The sweep as a plain-text table (held-out styles split by whether an erased style has
     their colour; the image distances before vs after last)."""
-    head = ("styles erased", "kept before", "kept after", "efficacy", "to grey", "other styles D",
-            "same colour D", "other colour D", "objects D", "erased dist", "held dist")
-    keys = ("erased_kept_before", "erased_kept_after", "efficacy", "to_neutral", "other_styles_delta",
-            "other_styles_shared_colour", "other_styles_other_colour", "objects_delta", "erased_distance",
-            "held_distance")
+    head = ("styles erased", "kept before", "kept after", "efficacy", "alone", "styled", "to grey",
+            "other styles D", "same colour D", "other colour D", "objects D", "erased dist", "held dist")
+    keys = ("erased_kept_before", "erased_kept_after", "efficacy", "efficacy_alone", "efficacy_styled",
+            "to_neutral", "other_styles_delta", "other_styles_shared_colour", "other_styles_other_colour",
+            "objects_delta", "erased_distance", "held_distance")
     lines = ["  ".join(f"{h:>14}" for h in head)]
     for count, figures in sorted(results.items()):
         label = f"1 (mean of {len(figures['singles'])})" if "singles" in figures else str(count)
