@@ -20,8 +20,9 @@ def test_request_examples_load(name):
 def test_artist_example_takes_the_artist_prompts_from_the_task(sd1):
     requests = emcid.load_requests(EXAMPLES / "artists.yaml")
     editor = get_editor("emcid", sd1, task="artist")
-    prepared = editor.prepare(requests)
-    assert all(r.prompts == ("painting by {}", "artwork by {}", "style of {}") for r in prepared)
+    prepared = editor.prepare(requests, sd1)
+    assert all(r.prompts[:3] == ("painting by {}", "artwork by {}", "style of {}") for r in prepared)
+    assert all(len(r.prompts) == 7 and r.prompts[-1].endswith(" in the style of {}") for r in prepared)
 
 
 def test_options_example_builds_an_editor():

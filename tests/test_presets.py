@@ -55,8 +55,12 @@ def test_artist_task_wires_steps_layers_and_prompts(sd1):
     assert get_editor("emcid", sd1, task="artist").config.stage1.steps == 100
     assert editor.layers_for(sd1) == {"text_encoder": [0, 1, 2]}  # -5:-1 of a 4-block encoder
     own = emcid.EditRequest("cat", "dog", ("a {} sleeping",))
-    prepared = editor.prepare([emcid.EditRequest("Monet", "Van Gogh"), own])
-    assert prepared[0].prompts == ARTIST_PROMPTS and prepared[1] == own
+    prepared = editor.prepare([emcid.EditRequest("Monet", "Van Gogh"), own], sd1)
+    assert prepared[0].prompts[:3] == ARTIST_PROMPTS and len(prepared[0].prompts) == 3 + 4
+    assert prepared[1] == own
+    # the release profile writes the release's prompts alone
+    release = get_editor("emcid", sd1, task="artist", profile="release")
+    assert release.prepare([emcid.EditRequest("Monet", "")], sd1)[0].prompts == ARTIST_PROMPTS
 
 
 def test_model_folder_overrides_reach_the_editor(sd1_dir, tmp_path):

@@ -56,7 +56,7 @@ class Editor(ABC):
         Raises :class:`~emcid.errors.OptionError` for an unknown or out-of-range option;
         with a ``bundle``, options that depend on the model (layers) are checked too.
         """
-        presets = preset_options(cls.methods(), bundle, task)
+        presets = cls.presets(bundle, task, options)
         hparams, runtime = split_runtime({**cls.flat_options(presets), **cls.flat_options(options)})
         unused = sorted(k for k in runtime if k not in cls.runtime_options)
         if unused:
@@ -66,6 +66,11 @@ class Editor(ABC):
         if bundle is not None:
             editor.check(bundle)
         return editor
+
+    @classmethod
+    def presets(cls, bundle: ModelBundle | None, task: str, options: dict) -> dict:
+        """The preset options that ``options`` go over (:mod:`emcid.editors.presets`)."""
+        return preset_options(cls.methods(), bundle, task)
 
     @classmethod
     def flat_options(cls, options: dict) -> dict:
@@ -79,8 +84,8 @@ class Editor(ABC):
     def check(self, bundle: ModelBundle) -> None:  # noqa: B027 (optional hook)
         """Refuse options this model cannot take (before any work); the default has none."""
 
-    def prepare(self, requests: list[EditRequest]) -> list[EditRequest]:
-        """The requests as this editor edits them (e.g. a task's default prompts)."""
+    def prepare(self, requests: list[EditRequest], bundle: ModelBundle) -> list[EditRequest]:
+        """The requests as this editor edits them on ``bundle`` (e.g. a task's default prompts)."""
         return requests
 
     @abstractmethod

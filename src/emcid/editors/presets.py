@@ -47,6 +47,9 @@ PRESETS: tuple[Preset, ...] = (
            why="release: artists edit the four blocks before the last (7..10 of 12)"),
     Preset("emcid", {"steps": 100, "default_prompts": list(ARTIST_PROMPTS)}, task="artist",
            why="release: 100 Stage I steps and the artist prompt templates"),
+    Preset("emcid", {"style_contexts": 4}, task="artist",
+           why="emcid: four '<caption> in the style of X' prompts as well, since users draw objects "
+               "in a style and the release's prompts alone never reach them (docs/method.md section 8)"),
     Preset("emcid", {"alpha": 0.6}, task="aice", why="release: a = 0.6 for arbitrary editing"),
     Preset("emcid", {"reference_stage1": {"target": "noise", "align_weight": 0.0}},
            task="rectification",
@@ -72,7 +75,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "release": Profile(
         {"init": "zero", "residual": "release", "conditioning": "release", "latents": "release",
-         "stop_tolerance": 0.0},
+         "stop_tolerance": 0.0, "style_contexts": 0},
         families=("sd1", "sd2"),
         why="the EMCID release's Stage I and Stage II where emcid departs from them (docs/method.md "
             "section 9); its other values are the defaults and the rows above already. Its SDXL "

@@ -59,7 +59,7 @@ def edit_patch(editor, bundle: ModelBundle, requests: Sequence[EditRequest],
                progress: bool = True) -> EditPatch:
     """Check ``editor``'s options and the requests, compute the deltas, and wrap them in a patch."""
     editor.check(bundle)
-    checked = validate_requests(editor.prepare(list(requests)))
+    checked = validate_requests(editor.prepare(list(requests), bundle))
     resolved = resolve_erase(bundle, checked)
     check_prompts(bundle, resolved, named=checked)
     base = bundle.fingerprint()

@@ -17,6 +17,7 @@ from ...requests.edit import EditRequest
 from ..base import ConfiguredEditor
 from ..presets import PROFILES, preset_options, resolve_layers
 from .config import STAGE1_KEYS, STAGE2_KEYS, EMCIDConfig, Stage1Config, Stage2Config
+from .contexts import style_context_prompts
 from .stage1 import compute_targets
 from .stage1.report import unconverged
 from .stage2 import compute_deltas
@@ -48,6 +49,13 @@ class EMCIDEditor(ConfiguredEditor):
     def flat_options(cls, options: dict) -> dict:
         return EMCIDConfig.flatten(options)
 
+    @classmethod
+    def presets(cls, bundle: ModelBundle | None, task: str, options: dict) -> dict:
+        """A profile's values win over the task's presets (the caller's must agree with it)."""
+        found = cls.flat_options(super().presets(bundle, task, options))
+        profile = PROFILES.get(cls.flat_options(options).get("profile", found.get("profile")))
+        return {k: v for k, v in found.items() if profile is None or k not in profile.options}
+
     def check(self, bundle: ModelBundle) -> None:
         self.layers_for(bundle)
         check_corpus(self.config.corpus)
@@ -56,12 +64,15 @@ class EMCIDEditor(ConfiguredEditor):
             raise OptionError(f"profile {self.config.profile!r} is exact for {', '.join(profile.families)} "
                               f"models, not {bundle.family}: {profile.why}")
 
-    def prepare(self, requests: list[EditRequest]) -> list[EditRequest]:
-        prompts = self.config.default_prompts
-        if not prompts:
+    def prepare(self, requests: list[EditRequest], bundle: ModelBundle) -> list[EditRequest]:
+        """Requests that kept the object prompts, or gave the task's own, take the task's
+        default prompts and, with ``style_contexts``, that many "<caption> in the style of X"
+        prompts after them (contexts.py)."""
+        if not self.config.default_prompts:
             return requests
-        return [replace(r, prompts=tuple(prompts)) if r.prompts == OBJECT_PROMPTS else r
-                for r in requests]
+        prompts, count = tuple(self.config.default_prompts), self.config.style_contexts
+        return [replace(r, prompts=prompts + style_context_prompts(bundle, r.source, count))
+                if r.prompts in (OBJECT_PROMPTS, prompts) else r for r in requests]
 
     def layers_for(self, bundle: ModelBundle) -> dict[str, list[int]]:
         """Edited block indices per encoder; refuses encoders or blocks the model lacks."""

@@ -98,6 +98,9 @@ class Stage2Config:
     # in the chain edited (nullspace.py; docs/method.md)
     projection: Literal["none", "nullspace"] = "none"
     nullspace_threshold: float = 1e-2
+    # concept: one key per concept, the mean over its prompts (the release); prompt: one key
+    # per prompt, for prompts whose keys differ too much to share one (style contexts)
+    keys: Literal["concept", "prompt"] = "concept"
 
     def __post_init__(self) -> None:
         # lam = 0 leaves a K K^T, singular for fewer edits than key width: refused.
@@ -105,10 +108,15 @@ class Stage2Config:
         check_float("Stage II", "alpha", self.alpha, low=0, high=1, low_open=True, high_open=True)
         check_choice("Stage II", "residual", self.residual, ("memit", "release"))
         check_choice("Stage II", "projection", self.projection, ("none", "nullspace"))
+        check_choice("Stage II", "keys", self.keys, ("concept", "prompt"))
+        if self.keys == "prompt" and self.residual == "release":
+            raise OptionError("Stage II keys='prompt' needs residual='memit': the release's residual "
+                              "has one target per concept")
         check_float("Stage II", "nullspace_threshold", self.nullspace_threshold, low=0, high=1,
                     low_open=True, high_open=True)
 
 
+MAX_STYLE_CONTEXTS = 64
 STAGE1_KEYS = frozenset(f.name for f in fields(Stage1Config))
 STAGE2_KEYS = frozenset(f.name for f in fields(Stage2Config))
 
@@ -129,12 +137,19 @@ class EMCIDConfig:
     reference_stage1: dict = field(default_factory=dict)
     # Prompt templates for requests that kept the object default (the artist task's own).
     default_prompts: list[str] | None = None
+    # "<caption> in the style of X" prompts added to each request that takes default_prompts
+    # (contexts.py): styles are drawn on objects, whose captions come before the style's name.
+    style_contexts: int = 0
     # A named set of options (emcid.editors.presets.PROFILES), which every option must agree
     # with: "release", the EMCID release's. None: none.
     profile: str | None = None
 
     def __post_init__(self) -> None:
         check_int("EMCID", "stats_samples", self.stats_samples)
+        check_int("EMCID", "style_contexts", self.style_contexts, minimum=0)
+        if self.style_contexts > MAX_STYLE_CONTEXTS:
+            raise OptionError(f"EMCID option style_contexts={self.style_contexts}: at most "
+                              f"{MAX_STYLE_CONTEXTS} (each is one more prompt per concept)")
         self._check_profile()
         build(Stage1Config, self.reference_stage1, "reference_stage1 (Stage I)")
         if self.layers is not None and (not isinstance(self.layers, dict) or not all(
@@ -154,7 +169,8 @@ class EMCIDConfig:
         if self.profile not in PROFILES:
             raise OptionError(f"unknown EMCID profile {self.profile!r}; choose from {', '.join(PROFILES)}")
         for key, value in PROFILES[self.profile].options.items():
-            given = getattr(self.stage1 if key in STAGE1_KEYS else self.stage2, key)
+            given = getattr(self.stage1 if key in STAGE1_KEYS else self.stage2 if key in STAGE2_KEYS
+                            else self, key)
             if given != value:
                 raise OptionError(f"profile {self.profile!r} sets {key}={value!r}; drop {key}={given!r} "
                                   "or the profile")

@@ -1,7 +1,8 @@
 """Stage II: write every Stage I target into several fc2 layers at once (docs/method.md, Stage II).
 
 Per edited block ``l`` (ascending), with keys ``K`` (fc2 inputs at the subject tokens, one
-column per concept), residuals ``R`` and preservation statistics ``C``:
+column per concept, the mean over its prompts; with ``keys="prompt"`` one per prompt),
+residuals ``R`` and preservation statistics ``C``:
 
     Delta_l = a R_l K^T (lam (1 - a) C + a K K^T)^{-1}
 
@@ -176,6 +177,9 @@ def compute_deltas(
         for slot_name, slot_layers in layers.items():
             slot = bundle.slot(slot_name)
             prompts, positions, owner = _prompt_batch(targets, slot_name, bundle)
+            if config.keys == "prompt":  # every prompt its own key and target
+                owner = torch.arange(len(prompts))
+            count = int(owner.max()) + 1
             z = _targets(targets, slot_name, config.residual)
             z_layer = max(slot_layers)
             reader = _KeyReader(bundle, slot_name, prompts, positions, batch_size)
@@ -193,8 +197,8 @@ def compute_deltas(
                     keys_in, current = reader.read(layer, slot.block(z_layer), z_layer)
                 else:
                     keys_in, current = reader.read(layer, fc2, layer)
-                keys = _mean_by_owner(keys_in, owner, len(targets)).T
-                residual = _residuals(z, current, owner, len(targets), config.residual)
+                keys = _mean_by_owner(keys_in, owner, count).T
+                residual = _residuals(z, current, owner, count, config.residual)
                 residual = residual.T / (len(ordered) - i)
                 kept = _protected_keys(guard_reader, guard_owner, len(guarded), layer, slot)
                 delta = _layer_update(name, keys, residual, second_moments[name], config, kept,
