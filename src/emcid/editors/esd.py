@@ -212,7 +212,7 @@ class ESDEditor(ConfiguredEditor):
     config_class = ESDConfig
     runtime_options = frozenset({"cache", "cache_root", "checkpoint_every"})
 
-    def prepare(self, requests: list[EditRequest]) -> list[EditRequest]:
+    def prepare(self, requests: list[EditRequest], bundle: ModelBundle) -> list[EditRequest]:
         edits = [f"{r.source!r} -> {r.destination!r}" for r in requests if not r.is_erase]
         if edits:
             log.warning("esd only erases sources; these requests' destinations are not drawn: %s",
