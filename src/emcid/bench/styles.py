@@ -38,7 +38,6 @@ from ..requests.edit import EditRequest
 
 OBJECT_TEMPLATE = "An image of {}"
 OBJECTS_PER_STYLE = 2
-ALONE = 3  # a probe's first prompts name the style alone (STYLE_PROMPTS)
 
 
 @dataclass(frozen=True)
@@ -257,6 +256,9 @@ def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
                   held: Sequence[StyleProbe]) -> dict:
     """One scale's figures from the judge's readings before and after the edit, over the
     styles whose erasure can show."""
+    from ..mini.styles import STYLE_PROMPTS
+
+    alone = len(STYLE_PROMPTS)  # a probe's first prompts name the style alone (style_probe)
     rows, held_rows = visible_rows(erased), visible_rows(held)
     shown, held_shown = [erased[i] for i in rows], [held[i] for i in held_rows]
     erased_before, erased_after = before[0][:len(erased)][rows], after[0][rows]
@@ -273,8 +275,8 @@ def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],
         "efficacy": kept_before - kept_after,
         # the style named alone ("painting by X", the prompts Stage I sees) and objects drawn
         # in it ("An image of Y in the style of X", prompts it never sees)
-        "efficacy_alone": _efficacy(erased_before, erased_after, shown, slice(0, ALONE)),
-        "efficacy_styled": _efficacy(erased_before, erased_after, shown, slice(ALONE, None)),
+        "efficacy_alone": _efficacy(erased_before, erased_after, shown, slice(0, alone)),
+        "efficacy_styled": _efficacy(erased_before, erased_after, shown, slice(alone, None)),
         "to_neutral": neutral_share(erased_after),
         "other_styles_before": other_before,
         "other_styles_delta": kept_share(held_after, held_shown) - other_before,
