@@ -96,10 +96,9 @@ def main() -> None:
         for lam in (float(x) for x in args.lams.split(",")):
             patch = emcid.edit(bundle, requests, method="memit", progress=False, lam=lam,
                                steps=args.steps, stats_samples=20000)
-            patch.apply(bundle)
-            src_after, kept_after = pooled(bundle, src_prompts), conditioning(bundle, holdout)
-            z_after = subject_states(bundle, requests, z_layer)
-            patch.revert(bundle)
+            with patch.applied(bundle):
+                src_after, kept_after = pooled(bundle, src_prompts), conditioning(bundle, holdout)
+                z_after = subject_states(bundle, requests, z_layer)
             reached = 1 - (z_after - z).norm(dim=1) / (z_before - z).norm(dim=1)
             closed = 1 - (src_after - dst).norm(dim=1) / (src_before - dst).norm(dim=1)
             change = (kept_after - kept_before).norm(dim=(1, 2)) / kept_before.norm(dim=(1, 2))

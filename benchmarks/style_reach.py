@@ -109,12 +109,9 @@ def main() -> None:
         for lam in (float(x) for x in args.lams.split(",")):
             editor = emcid.editors.get_editor("emcid", bundle, task="artist", **{**options, "lam": lam})
             patch = edit_patch(editor, bundle, erase_requests(styles), progress=False)
-            patch.apply(bundle)
-            try:
+            with patch.applied(bundle):
                 after = readings(bundle, layer, probes, requests)
                 kept_after = conditioning(bundle, objects)
-            finally:
-                patch.revert(bundle)
             reach, carried = figures(before, after, targets, deltas)
             change = ((kept_after - kept_before).norm(dim=(1, 2)) / kept_before.norm(dim=(1, 2))).mean()
             print(f"{count:5d}  {lam:6.0f}  {reach:5.3f}  {carried:7.3f}  {change:14.4f}", flush=True)

@@ -31,6 +31,18 @@ def test_apply_then_revert_is_bit_exact(sd1, patch):
         assert torch.equal(weight, original[name])
 
 
+def test_applied_reverts_after_the_block_even_on_an_error(sd1, patch):
+    original = _fc2_weights(sd1)
+    with patch.applied(sd1):
+        inside = _fc2_weights(sd1)
+    assert any(not torch.equal(original[n], inside[n]) for n in original)
+    assert all(torch.equal(w, original[n]) for n, w in _fc2_weights(sd1).items())
+    with pytest.raises(RuntimeError, match="drawing failed"), patch.applied(sd1):
+        raise RuntimeError("drawing failed")
+    assert all(torch.equal(w, original[n]) for n, w in _fc2_weights(sd1).items())
+    assert not sd1.chain.applied
+
+
 def test_round_trip_through_disk(tmp_path, sd1, patch):
     path = patch.save(tmp_path / "p.safetensors")
     loaded = EditPatch.load(path)

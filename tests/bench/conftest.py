@@ -57,3 +57,16 @@ def private_cache(tmp_path, monkeypatch):
 def fast_emcid():
     """Editor options that make EMCID run in CI time on the tiny model."""
     return {"steps": 2, "stats_samples": 64, "image_steps": 4}
+
+
+@pytest.fixture(scope="session")
+def make_tiny_clip(tmp_path_factory):
+    """Builds a tiny random CLIP (text and vision towers) whose tokenizer knows ``words``, saved
+    like a real one, for the benchmarks that judge with CLIP."""
+    from emcid.tiny import save_tiny_clip
+
+    def make(words: str):
+        return save_tiny_clip(tmp_path_factory.mktemp("clip"), words.split())
+
+    return make
+

@@ -39,11 +39,8 @@ def _write(path: Path, text: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny random CLIP (text and vision towers) with a tokenizer, saved like a real one."""
-    from emcid.tiny import save_tiny_clip
-
-    return save_tiny_clip(tmp_path_factory.mktemp("clip"), "a painting by in the style of".split())
+def tiny_clip(make_tiny_clip):
+    return make_tiny_clip("a painting by in the style of")
 
 
 class _SquaredDifference(torch.nn.Module):

@@ -34,11 +34,8 @@ def _write(path: Path, text: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny random CLIP (text and vision towers) with a tokenizer, saved like a real one."""
-    from emcid.tiny import save_tiny_clip
-
-    return save_tiny_clip(tmp_path_factory.mktemp("clip"), "a an photo of male female doctor nurse".split())
+def tiny_clip(make_tiny_clip):
+    return make_tiny_clip("a an photo of male female doctor nurse")
 
 
 def test_a_csv_with_prompts_and_a_plain_list_load_with_their_lines(tmp_path):

@@ -24,12 +24,8 @@ def _write(tmp_path, text, name="rows.csv"):
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny random CLIP (text and vision towers) with a tokenizer, saved like a real one."""
-    from emcid.tiny import save_tiny_clip
-
-    words = "a an the rose blue tulip lion tiger king jungle".split()
-    return save_tiny_clip(tmp_path_factory.mktemp("clip"), words)
+def tiny_clip(make_tiny_clip):
+    return make_tiny_clip("a an the rose blue tulip lion tiger king jungle")
 
 
 # --- loaders --------------------------------------------------------------------------------

@@ -214,11 +214,8 @@ def _run_model(model, artists_file, erase, erase_list, method: str, config: Arti
     patch = edit_patch(editor, bundle, requests, progress=config.progress)
     watched, seeds = erased + held, config.seeds()
     before = draw(bundle, watched, seeds, config.progress)
-    patch.apply(bundle)
-    try:
+    with patch.applied(bundle):
         after = draw(bundle, watched, seeds, config.progress)
-    finally:
-        patch.revert(bundle)
     flags = [a in erased for a in watched]
     distances = [quality.lpips_distance(lpips, b, a) for b, a in zip(before, after, strict=True)]
     captions = [[p for p in artist_prompts(a) for _ in seeds] for a in watched]

@@ -183,11 +183,8 @@ def run_coco(model: str | Path | None = None, captions_file: str | Path | None =
     editor = get_editor(method, bundle, **options)
     patch = edit_patch(editor, bundle, requests, progress=config.progress)
     before = _images(bundle, prompts, config)
-    patch.apply(bundle)
-    try:
+    with patch.applied(bundle):
         after = _images(bundle, prompts, config)
-    finally:
-        patch.revert(bundle)
     sampling = resolve_settings(bundle)
     results = {
         "benchmark": "coco" if corpus is not None else "coco-world", "model": bundle.source,

@@ -281,11 +281,8 @@ def run_i2p(model: str | Path | ModelBundle, data: str | Path, requests_file: st
     patch = edit_patch(editor, bundle, requests, progress=config.progress)
     timings["edit_s"], mark = time.perf_counter() - mark, time.perf_counter()
     before = draw(bundle, prompts, plan, config.progress)
-    patch.apply(bundle)
-    try:
+    with patch.applied(bundle):
         after = draw(bundle, prompts, plan, config.progress)
-    finally:
-        patch.revert(bundle)
     timings["images_s"], mark = time.perf_counter() - mark, time.perf_counter()
     found = {"unedited": detector.detect(before), "edited": detector.detect(after)}
     timings["detect_s"] = time.perf_counter() - mark

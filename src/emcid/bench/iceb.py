@@ -168,12 +168,9 @@ class IcebRun:
             started = time.perf_counter()
             patch = self._edit(subtask, chosen)
             edited = time.perf_counter()
-            patch.apply(self.bundle)
-            try:
+            with patch.applied(self.bundle):
                 rows = [r for i in chosen for r in i.rows()] + [r for g in holdout for r in g.rows]
                 post = self.scorer.post(rows, f"{subtask} {scale}" if scale == scales[-1] else None)
-            finally:
-                patch.revert(self.bundle)
             scored = time.perf_counter()
             entry = scale_metrics(pre, post, chosen, holdout)
             entry["n_edits"] = scale

@@ -109,11 +109,8 @@ def measure(bundle: ModelBundle, patch, classifier: Classifier, requests: Sequen
                 for request, texts in zip(requests, prompts, strict=True)]
 
     before = shares()
-    patch.apply(bundle)
-    try:
+    with patch.applied(bundle):
         return before, shares()
-    finally:
-        patch.revert(bundle)
 
 
 def gap_summary(before: Sequence[Sequence[float]], after: Sequence[Sequence[float]]) -> dict:

@@ -245,11 +245,8 @@ def _edited_readings(bundle: ModelBundle, judge, erasing: list[StyleProbe], held
 
     patch = emcid.edit(bundle, erase_requests([p.style for p in erasing]), method, task="artist",
                        progress=progress, **options)
-    patch.apply(bundle)
-    try:
+    with patch.applied(bundle):
         return _readings(bundle, judge, erasing, held, objects, seed, progress)
-    finally:
-        patch.revert(bundle)
 
 
 def scale_figures(before: tuple, after: tuple, erased: Sequence[StyleProbe],

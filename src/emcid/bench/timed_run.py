@@ -90,11 +90,8 @@ def edited_proba(bundle: ModelBundle, editor, judge: PairJudge, row: TimedRow,
     started = time.perf_counter()
     patch = edit_patch(editor, bundle, [row.request], progress=config.progress)
     seconds = time.perf_counter() - started
-    patch.apply(bundle)
-    try:
+    with patch.applied(bundle):
         return judge_probes(bundle, judge, row, config), seconds
-    finally:
-        patch.revert(bundle)
 
 
 def describe_row(row: TimedRow) -> dict:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +158,16 @@ class EditPatch:
         chain.originals.update(current_weights(bundle, [n for n in self.deltas if n not in chain.originals]))
         add_weights(bundle, {name: delta.dense() for name, delta in self.deltas.items()}, scale)
         chain.applied.append((self, scale))
+
+    @contextmanager
+    def applied(self, bundle: ModelBundle, force: bool = False) -> Iterator[None]:
+        """The patch applied for the ``with`` block and reverted after it, even on an error (how
+        a benchmark draws the edited model's images and gives back the unedited one)."""
+        self.apply(bundle, force=force)
+        try:
+            yield
+        finally:
+            self.revert(bundle)
 
     @torch.no_grad()
     def revert(self, bundle: ModelBundle) -> None:
