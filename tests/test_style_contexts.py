@@ -9,6 +9,7 @@ from emcid.concepts import ARTIST_PROMPTS
 from emcid.core.weights import add_weights
 from emcid.editors import get_editor
 from emcid.editors.emcid import stage2
+from emcid.editors.emcid.contexts import with_written_contexts
 from emcid.editors.emcid.stage1 import ConceptTarget
 from emcid.errors import OptionError
 from emcid.hooks import capture
@@ -33,6 +34,9 @@ def test_artist_requests_get_seeded_style_contexts_after_the_release_prompts(sd1
 @pytest.mark.parametrize("options, message", [
     ({"style_contexts": -1}, "style_contexts=-1"),
     ({"style_contexts": 65}, "at most 64"),
+    ({"written_contexts": -2}, "written_contexts=-2"),
+    ({"written_contexts": 65}, "at most 64"),
+    ({"profile": "release", "written_contexts": 4}, "profile 'release' sets written_contexts=0"),
     ({"keys": "token"}, "keys"),
     ({"keys": "prompt", "residual": "release"}, "residual='memit'"),
 ])
@@ -90,3 +94,38 @@ def test_per_prompt_keys_write_each_prompts_own_target(sd1):
             add_weights(sd1, {n: -d for n, d in deltas.items()})
     assert errors["prompt"].max() < 1e-3 * delta.norm()
     assert errors["concept"].max() > 10 * errors["prompt"].max()
+
+
+def test_written_contexts_reach_stage_two_only_with_their_own_states(sd1):
+    """Stage I distils the request's own prompts; Stage II gets the written contexts too, each
+    with its unedited state at l* plus the concept's delta, and none repeats a Stage I prompt."""
+    options = {"style_contexts": 2, "steps": 2, "stats_samples": 64, "image_steps": 2}
+    plain = get_editor("emcid", sd1, task="artist", **options)
+    written = get_editor("emcid", sd1, task="artist", written_contexts=3, **options)
+    (request,) = plain.prepare([emcid.EditRequest("Monet", "")], sd1)
+    layers = plain.layers_for(sd1)
+    (target,) = plain.stage1_targets(sd1, [request], layers, progress=False)
+    (extended,) = written.written_contexts(sd1, [target])
+    assert extended.request.prompts[:len(request.prompts)] == request.prompts
+    extra = extended.request.prompts[len(request.prompts):]
+    assert len(extra) == 3 and not set(extra) & set(request.prompts)
+    assert all(p.endswith(" in the style of {}") for p in extra)
+    assert extra == written.written_contexts(sd1, [target])[0].request.prompts[len(request.prompts):]
+    (name, layer), = target.z_layer.items()
+    states = _states(sd1, emcid.EditRequest("Monet", "", extra), layer)
+    assert torch.allclose(extended.source_hidden[name][len(request.prompts):], states, atol=1e-5)
+    assert torch.equal(extended.source_hidden[name][:len(request.prompts)], target.source_hidden[name])
+    assert torch.equal(extended.deltas[name], target.deltas[name])
+    assert with_written_contexts(sd1, target, ()) is target
+    # object requests (not the task's default prompts) are left alone
+    own = plain.stage1_targets(sd1, [emcid.EditRequest("cat", "", ("a {} asleep",))], layers, False)
+    assert written.written_contexts(sd1, own) == own
+
+
+def test_an_artist_edit_writes_its_written_contexts(sd1):
+    options = {"style_contexts": 1, "steps": 2, "stats_samples": 64, "image_steps": 2, "keys": "prompt"}
+    requests = [emcid.EditRequest("Monet", "")]
+    plain = emcid.edit(sd1, requests, task="artist", progress=False, **options)
+    written = emcid.edit(sd1, requests, task="artist", progress=False, written_contexts=2, **options)
+    assert written.metadata["hparams"]["written_contexts"] == 2
+    assert any(not torch.allclose(plain.deltas[n].dense(), written.deltas[n].dense()) for n in plain.deltas)

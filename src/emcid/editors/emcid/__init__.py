@@ -17,7 +17,7 @@ from ...requests.edit import EditRequest
 from ..base import ConfiguredEditor
 from ..presets import PROFILES, preset_options, resolve_layers
 from .config import STAGE1_KEYS, STAGE2_KEYS, EMCIDConfig, Stage1Config, Stage2Config
-from .contexts import style_context_prompts
+from .contexts import style_context_prompts, with_written_contexts, written_context_prompts
 from .stage1 import compute_targets
 from .stage1.report import unconverged
 from .stage2 import compute_deltas
@@ -74,6 +74,23 @@ class EMCIDEditor(ConfiguredEditor):
         return [replace(r, prompts=prompts + style_context_prompts(bundle, r.source, count))
                 if r.prompts in (OBJECT_PROMPTS, prompts) else r for r in requests]
 
+    def written_contexts(self, bundle: ModelBundle, targets: list) -> list:
+        """Targets of requests that took the task's default prompts, with ``written_contexts``
+        more style contexts for Stage II alone (contexts.py)."""
+        count = self.config.written_contexts
+        if not count or not self.config.default_prompts:
+            return targets
+        defaults = tuple(self.config.default_prompts)
+        found = []
+        for target in targets:
+            request = target.request
+            taken = defaults + style_context_prompts(bundle, request.source, self.config.style_contexts)
+            if request.prompts == taken:
+                target = with_written_contexts(
+                    bundle, target, written_context_prompts(bundle, request.source, count, taken))
+            found.append(target)
+        return found
+
     def layers_for(self, bundle: ModelBundle) -> dict[str, list[int]]:
         """Edited block indices per encoder; refuses encoders or blocks the model lacks."""
         spec = self.config.layers
@@ -97,7 +114,7 @@ class EMCIDEditor(ConfiguredEditor):
 
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         layers = self.layers_for(bundle)
-        targets = self.stage1_targets(bundle, requests, layers, progress)
+        targets = self.written_contexts(bundle, self.stage1_targets(bundle, requests, layers, progress))
         self._steps = [t.steps for t in targets]
         # None: the stopping rule was off for every request (nothing to report)
         self._unconverged = [t.request.source for t in unconverged(targets)] \

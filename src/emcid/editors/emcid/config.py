@@ -140,16 +140,20 @@ class EMCIDConfig:
     # "<caption> in the style of X" prompts added to each request that takes default_prompts
     # (contexts.py): styles are drawn on objects, whose captions come before the style's name.
     style_contexts: int = 0
+    # More such prompts for Stage II alone, after Stage I: target = own state + the concept's delta.
+    written_contexts: int = 0
     # A named set of options (emcid.editors.presets.PROFILES), which every option must agree
     # with: "release", the EMCID release's. None: none.
     profile: str | None = None
 
     def __post_init__(self) -> None:
         check_int("EMCID", "stats_samples", self.stats_samples)
-        check_int("EMCID", "style_contexts", self.style_contexts, minimum=0)
-        if self.style_contexts > MAX_STYLE_CONTEXTS:
-            raise OptionError(f"EMCID option style_contexts={self.style_contexts}: at most "
-                              f"{MAX_STYLE_CONTEXTS} (each is one more prompt per concept)")
+        for key in ("style_contexts", "written_contexts"):
+            count = getattr(self, key)
+            check_int("EMCID", key, count, minimum=0)
+            if count > MAX_STYLE_CONTEXTS:
+                raise OptionError(f"EMCID option {key}={count}: at most {MAX_STYLE_CONTEXTS} "
+                                  "(each is one more prompt per concept)")
         self._check_profile()
         build(Stage1Config, self.reference_stage1, "reference_stage1 (Stage I)")
         if self.layers is not None and (not isinstance(self.layers, dict) or not all(

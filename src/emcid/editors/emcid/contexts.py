@@ -9,14 +9,25 @@ of X" to each request that takes the task's default prompts; Stage I distils the
 on them too, and Stage II writes their keys. Captions come from the model's object captions
 (the embedded world's own, else the built-in ImageNet corpus), chosen per source by a seeded
 draw, so a request's prompts depend only on its source and K.
+
+``written_contexts=M`` adds M more such prompts after Stage I, for Stage II alone: each one's
+target is its own unedited block-l* state plus the concept's Stage I delta. Stage I's work
+per concept stays that of its own prompts, while Stage II writes the style's keys in more of
+the contexts users put it in (docs/method.md, "Style contexts").
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from functools import lru_cache
 
+import torch
+
 from ...core.bundle import ModelBundle
+from ...core.tokens import subject_positions
+from .stage1.start import states_at
+from .targets import ConceptTarget
 
 STYLE_CONTEXT = "{} in the style of {{}}"
 #: How many object captions the draw chooses from.
@@ -34,10 +45,37 @@ def _captions(embedded: bool) -> tuple[str, ...]:
     return tuple(builtin_caption_corpus(CAPTION_POOL, seed=1))
 
 
+def _templates(captions: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(STYLE_CONTEXT.format(c.replace("{", "{{").replace("}", "}}")) for c in captions)
+
+
 def style_context_prompts(bundle: ModelBundle, source: str, count: int) -> tuple[str, ...]:
     """``count`` templates "<caption> in the style of {}" for ``source``, the same on every call."""
     if count == 0:
         return ()
-    captions = _captions(bundle.is_embedded)
-    chosen = random.Random(f"style-contexts-{source}").sample(captions, count)
-    return tuple(STYLE_CONTEXT.format(c.replace("{", "{{").replace("}", "}}")) for c in chosen)
+    return _templates(random.Random(f"style-contexts-{source}").sample(_captions(bundle.is_embedded), count))
+
+
+def written_context_prompts(bundle: ModelBundle, source: str, count: int,
+                            taken: tuple[str, ...]) -> tuple[str, ...]:
+    """``count`` more such templates for ``source``, none of them among ``taken`` (its prompts)."""
+    if count == 0:
+        return ()
+    captions = [c for c in _captions(bundle.is_embedded) if _templates([c])[0] not in taken]
+    return _templates(random.Random(f"written-contexts-{source}").sample(captions, count))
+
+
+def with_written_contexts(bundle: ModelBundle, target: ConceptTarget, prompts: tuple[str, ...]
+                          ) -> ConceptTarget:
+    """``target`` with ``prompts`` added after its own: their targets are their unedited
+    block-l* states at the subject plus the concept's delta (what Stage II writes)."""
+    if not prompts:
+        return target
+    request = target.request
+    hidden = {}
+    for name, layer in target.z_layer.items():
+        tokenizer = bundle.slot(name).tokenizer
+        positions = subject_positions(tokenizer, prompts, request.source)
+        found = states_at(bundle, name, layer, [p.format(request.source) for p in prompts], positions)
+        hidden[name] = torch.cat([target.source_hidden[name], found.to(target.source_hidden[name])])
+    return replace(target, request=replace(request, prompts=request.prompts + prompts), source_hidden=hidden)
