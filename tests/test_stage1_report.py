@@ -11,6 +11,7 @@ from emcid.cache import TensorCache
 from emcid.config import Runtime
 from emcid.editors import get_editor
 from emcid.editors.emcid.stage1 import Stage1Config, compute_targets, engine
+from emcid.errors import OptionError
 from emcid.tasks.edit import edit_patch
 
 REQUESTS = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=4),
@@ -46,12 +47,18 @@ def test_a_concept_that_never_meets_the_rule_is_named_in_the_log_and_the_cache(s
     assert not _lines(caplog, logging.INFO, "per concept-step")  # no steps ran: nothing timed
 
 
-def test_steps_too_few_for_the_rule_name_every_concept_and_say_why(sd1, caplog):
-    caplog.set_level(logging.WARNING, logger=STAGE1)
-    config = Stage1Config(steps=3, stop_tolerance=0.5, stop_window=2, min_steps=4)
-    assert [t.converged for t in _targets(sd1, config, "report-too-few")] == [False] * 3
-    [line] = _lines(caplog, logging.WARNING, "3 of 3 concepts ran all 3 steps")
-    assert "stops nothing before step 4" in line and "tench, zebra, castle" in line
+@pytest.mark.parametrize("options", [
+    {"steps": 3, "stop_window": 2, "min_steps": 4},  # min_steps above steps
+    {"steps": 3, "stop_window": 2, "min_steps": 2},  # the second window ends after the last step
+    {"steps": 40, "stop_window": 25, "min_steps": 10},
+])
+def test_a_rule_that_could_stop_nothing_is_refused_in_one_line(options):
+    with pytest.raises(OptionError, match=r"the rule stops nothing before step \d+ .*but steps=") as caught:
+        Stage1Config(stop_tolerance=0.5, **options)
+    assert "\n" not in str(caught.value)
+    Stage1Config(stop_tolerance=0.0, **options)  # without the rule the same counts are fine
+    with pytest.raises(OptionError, match="min_steps"):
+        get_editor("emcid", stop_tolerance=0.1, **options)
 
 
 def test_the_patch_lists_the_unconverged_sources_only_with_the_rule_on(sd1, caplog):

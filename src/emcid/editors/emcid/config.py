@@ -3,6 +3,7 @@ besides the model and the requests). Field names and order are part of Stage I's
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
@@ -48,7 +49,8 @@ class Stage1Config:
     latents: Literal["mean", "release"] = "mean"
     # Stopping rule (stopping.py): from min_steps on, a concept stops at the end of the first
     # window of stop_window steps whose mean loss fell by less than stop_tolerance of the
-    # previous window's; steps stays the most it runs (min_steps above it: all steps). 0: every
+    # previous window's; steps stays the most it runs (a rule that could stop nothing within it
+    # is refused). 0: every
     # concept runs all steps (the release, and the default: 0.1 kept ICEB within 0.02 of 200
     # fixed steps but halved the colour-word edits of TIMED's analogue; docs/method.md).
     stop_tolerance: float = 0.0
@@ -68,10 +70,21 @@ class Stage1Config:
         check_float("Stage I", "stop_tolerance", self.stop_tolerance, low=0, high=1, high_open=True)
         check_int("Stage I", "stop_window", self.stop_window)
         check_int("Stage I", "min_steps", self.min_steps)
+        if self.stop_tolerance > 0 and self.earliest_stop > self.steps:
+            raise OptionError(
+                f"Stage I stop_tolerance={self.stop_tolerance:g}: the rule stops nothing before step "
+                f"{self.earliest_stop} (min_steps {self.min_steps}, stop_window {self.stop_window}), "
+                f"but steps={self.steps}: lower min_steps or raise steps")
         if self.image_guidance_scale is not None:
             check_float("Stage I", "image_guidance_scale", self.image_guidance_scale, low=0)
         if self.image_steps is not None:
             check_int("Stage I", "image_steps", self.image_steps)
+
+    @property
+    def earliest_stop(self) -> int:
+        """The first step the stopping rule can stop a concept at: a window's end from
+        ``min_steps`` on, and not the first window, which only sets the baseline."""
+        return max(2 * self.stop_window, math.ceil(self.min_steps / self.stop_window) * self.stop_window)
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:

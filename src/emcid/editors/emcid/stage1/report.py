@@ -60,13 +60,6 @@ def log_cost(config: Stage1Config, device: str, measured: tuple[int, int, float]
              " (concepts that meet the stopping rule stop earlier)" if early else "")
 
 
-def earliest_stop(config: Stage1Config) -> int:
-    """The first step the rule can stop a concept at: a window's end from ``min_steps`` on,
-    and not the first window, which only sets the baseline."""
-    window = config.stop_window
-    return max(2 * window, math.ceil(config.min_steps / window) * window)
-
-
 def unconverged(targets: list[ConceptTarget]) -> list[ConceptTarget]:
     """Targets that ran all their steps under the stopping rule without meeting it."""
     return [t for t in targets if t.converged is False]
@@ -79,9 +72,6 @@ def log_unconverged(config: Stage1Config, targets: list[ConceptTarget]) -> None:
         return
     names = ", ".join(t.request.source for t in found[:NAMED])
     more = f" and {len(found) - NAMED} more" if len(found) > NAMED else ""
-    earliest = earliest_stop(config)
-    why = (f"; the rule stops nothing before step {earliest} (min_steps {config.min_steps}, "
-           f"stop_window {config.stop_window})" if earliest > config.steps else "")
     log.warning("Stage I: %d of %d concepts ran all %d steps without meeting the stopping rule "
-                "(stop_tolerance %g%s): %s%s; more steps may settle them", len(found), len(targets),
-                config.steps, config.stop_tolerance, why, names, more)
+                "(stop_tolerance %g): %s%s; more steps may settle them", len(found), len(targets),
+                config.steps, config.stop_tolerance, names, more)
