@@ -116,10 +116,15 @@ def test_written_contexts_reach_stage_two_only_with_their_own_states(sd1):
     assert torch.allclose(extended.source_hidden[name][len(request.prompts):], states, atol=1e-5)
     assert torch.equal(extended.source_hidden[name][:len(request.prompts)], target.source_hidden[name])
     assert torch.equal(extended.deltas[name], target.deltas[name])
-    assert with_written_contexts(sd1, target, ()) is target
+    assert with_written_contexts(sd1, [target], [()]) == [target]
     # object requests (not the task's default prompts) are left alone
     own = plain.stage1_targets(sd1, [emcid.EditRequest("cat", "", ("a {} asleep",))], layers, False)
     assert written.written_contexts(sd1, own) == own
+    # several targets are extended in one pass, each with its own prompts only
+    both = written.written_contexts(sd1, [own[0], target])
+    assert both[0] == own[0]
+    assert both[1].request == extended.request
+    assert torch.allclose(both[1].source_hidden[name], extended.source_hidden[name], atol=1e-5)
 
 
 def test_an_artist_edit_writes_its_written_contexts(sd1):

@@ -69,4 +69,3 @@ def make_tiny_clip(tmp_path_factory):
         return save_tiny_clip(tmp_path_factory.mktemp("clip"), words.split())
 
     return make
-

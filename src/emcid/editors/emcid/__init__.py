@@ -81,15 +81,12 @@ class EMCIDEditor(ConfiguredEditor):
         if not count or not self.config.default_prompts:
             return targets
         defaults = tuple(self.config.default_prompts)
-        found = []
+        added = []
         for target in targets:
-            request = target.request
-            taken = defaults + style_context_prompts(bundle, request.source, self.config.style_contexts)
-            if request.prompts == taken:
-                target = with_written_contexts(
-                    bundle, target, written_context_prompts(bundle, request.source, count, taken))
-            found.append(target)
-        return found
+            source, prompts = target.request.source, target.request.prompts
+            taken = defaults + style_context_prompts(bundle, source, self.config.style_contexts)
+            added.append(written_context_prompts(bundle, source, count, taken) if prompts == taken else ())
+        return with_written_contexts(bundle, targets, added)
 
     def layers_for(self, bundle: ModelBundle) -> dict[str, list[int]]:
         """Edited block indices per encoder; refuses encoders or blocks the model lacks."""

@@ -49,10 +49,10 @@ class Stage1Config:
     latents: Literal["mean", "release"] = "mean"
     # Stopping rule (stopping.py): from min_steps on, a concept stops at the end of the first
     # window of stop_window steps whose mean loss fell by less than stop_tolerance of the
-    # previous window's; steps stays the most it runs (a rule that could stop nothing within it
-    # is refused). 0: every
-    # concept runs all steps (the release, and the default: 0.1 kept ICEB within 0.02 of 200
-    # fixed steps but halved the colour-word edits of TIMED's analogue; docs/method.md).
+    # previous window's; steps stays the most it runs (a rule that could stop nothing within
+    # them is refused). 0: every concept runs all steps (the release, and the default: 0.1
+    # kept ICEB within 0.02 of 200 fixed steps but halved the colour-word edits of TIMED's
+    # analogue; docs/method.md).
     stop_tolerance: float = 0.0
     stop_window: int = 25
     min_steps: int = 50

@@ -61,21 +61,31 @@ def written_context_prompts(bundle: ModelBundle, source: str, count: int,
     """``count`` more such templates for ``source``, none of them among ``taken`` (its prompts)."""
     if count == 0:
         return ()
-    captions = [c for c in _captions(bundle.is_embedded) if _templates([c])[0] not in taken]
-    return _templates(random.Random(f"written-contexts-{source}").sample(captions, count))
+    free = [t for t in _templates(_captions(bundle.is_embedded)) if t not in taken]
+    return tuple(random.Random(f"written-contexts-{source}").sample(free, count))
 
 
-def with_written_contexts(bundle: ModelBundle, target: ConceptTarget, prompts: tuple[str, ...]
-                          ) -> ConceptTarget:
-    """``target`` with ``prompts`` added after its own: their targets are their unedited
-    block-l* states at the subject plus the concept's delta (what Stage II writes)."""
-    if not prompts:
-        return target
-    request = target.request
-    hidden = {}
-    for name, layer in target.z_layer.items():
+def with_written_contexts(bundle: ModelBundle, targets: list[ConceptTarget],
+                          prompts: list[tuple[str, ...]]) -> list[ConceptTarget]:
+    """Each target with its ``prompts`` added after its own: their targets are their unedited
+    block-l* states at the subject plus the concept's delta (what Stage II writes). All the
+    added prompts are encoded together, one pass per text encoder."""
+    chosen = [i for i, added in enumerate(prompts) if added]
+    if not chosen:
+        return list(targets)
+    found = list(targets)
+    for name, layer in targets[chosen[0]].z_layer.items():
         tokenizer = bundle.slot(name).tokenizer
-        positions = subject_positions(tokenizer, prompts, request.source)
-        found = states_at(bundle, name, layer, [p.format(request.source) for p in prompts], positions)
-        hidden[name] = torch.cat([target.source_hidden[name], found.to(target.source_hidden[name])])
-    return replace(target, request=replace(request, prompts=request.prompts + prompts), source_hidden=hidden)
+        sources = [targets[i].request.source for i in chosen]
+        texts = [p.format(source) for i, source in zip(chosen, sources) for p in prompts[i]]
+        positions = torch.cat([subject_positions(tokenizer, prompts[i], source)
+                               for i, source in zip(chosen, sources)])
+        states = states_at(bundle, name, layer, texts, positions).split([len(prompts[i]) for i in chosen])
+        for i, added in zip(chosen, states):
+            hidden = dict(found[i].source_hidden)
+            hidden[name] = torch.cat([hidden[name], added.to(hidden[name])])
+            found[i] = replace(found[i], source_hidden=hidden)
+    for i in chosen:
+        request = found[i].request
+        found[i] = replace(found[i], request=replace(request, prompts=request.prompts + prompts[i]))
+    return found
