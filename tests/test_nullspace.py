@@ -114,3 +114,31 @@ def test_a_sequential_nullspace_edit_leaves_the_first_batchs_keys_alone(sd1, sta
         delta = second.deltas[name].dense().double()
         kept = _mean_keys(sd1, layer, first)
         assert (delta @ kept).abs().max() < 1e-5 * delta.abs().max() * kept.abs().max()
+
+
+@pytest.mark.parametrize("earlier_edits", ["hold", "free"])
+def test_a_sequential_edit_holds_the_first_batchs_keys_only_when_asked(sd1, earlier_edits):
+    """earlier_edits="hold" (the default) keeps the first batch's keys' outputs nearly still;
+    "free" lets the second update move them as much as any key."""
+    first = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("volcano", "beacon")]
+    options = {**FAST, "steps": 5, "layers": {"text_encoder": [1, 2]}, "lam": 0.05}
+    later = [emcid.EditRequest("church", "castle")]
+    emcid.edit(sd1, first, progress=False, **options).apply(sd1)
+    second = emcid.edit(sd1, later, progress=False, earlier_edits=earlier_edits, **options)
+    assert second.metadata["hparams"]["stage2"]["earlier_edits"] == earlier_edits
+    name = sd1.slot("text_encoder").fc2_name(1)
+    delta = second.deltas[name].dense().double()
+    kept, own = _mean_keys(sd1, 1, first), _mean_keys(sd1, 1, later)
+    moved = (delta @ kept).norm(dim=0) / kept.norm(dim=0)  # per earlier concept
+    written = (delta @ own).norm() / own.norm()
+    if earlier_edits == "hold":
+        assert float(moved.max()) < 0.1 * float(written)
+    else:
+        assert float(moved.max()) > 0.1 * float(written)
+
+
+def test_an_unknown_earlier_edits_choice_is_refused():
+    from emcid.editors import get_editor
+
+    with pytest.raises(OptionError, match="earlier_edits"):
+        get_editor("emcid", earlier_edits="keep")

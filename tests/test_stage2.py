@@ -99,3 +99,20 @@ def test_a_singular_system_gets_the_minimum_norm_update():
     delta = closed_form_update(keys, residuals, torch.zeros(16, 16), lam=2.0, alpha=0.5)
     assert torch.allclose(delta @ keys, residuals, atol=1e-8)
     assert torch.allclose(delta, residuals @ torch.linalg.pinv(keys), atol=1e-8)
+
+
+def test_holding_earlier_keys_makes_two_batches_solve_as_one():
+    """Recursive least squares: batch 2 solved on the model batch 1 updated, its residuals
+    read there and batch 1's keys held with the edits' weight, gives one batch's update."""
+    torch.manual_seed(2)
+    d_in, d_out, lam, alpha = 10, 4, 5.0, 0.6
+    samples = torch.randn(30, d_in, dtype=torch.float64)
+    second = samples.T @ samples / 30
+    k1, k2 = torch.randn(d_in, 3, dtype=torch.float64), torch.randn(d_in, 2, dtype=torch.float64)
+    r1, r2 = torch.randn(d_out, 3, dtype=torch.float64), torch.randn(d_out, 2, dtype=torch.float64)
+    together = closed_form_update(torch.cat([k1, k2], 1), torch.cat([r1, r2], 1), second, lam, alpha)
+    first = closed_form_update(k1, r1, second, lam, alpha)
+    then = closed_form_update(k2, r2 - first @ k2, second, lam, alpha, held=k1)
+    assert torch.allclose(first + then, together, atol=1e-10)
+    alone = closed_form_update(k2, r2 - first @ k2, second, lam, alpha)
+    assert not torch.allclose(first + alone, together, atol=1e-3)  # without holding, it is not

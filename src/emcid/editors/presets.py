@@ -75,7 +75,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "release": Profile(
         {"init": "zero", "residual": "release", "conditioning": "release", "latents": "release",
-         "stop_tolerance": 0.0, "style_contexts": 0, "written_contexts": 0},
+         "stop_tolerance": 0.0, "style_contexts": 0, "written_contexts": 0, "earlier_edits": "free"},
         families=("sd1", "sd2"),
         why="the EMCID release's Stage I and Stage II where emcid departs from them (docs/method.md "
             "section 9); its other values are the defaults and the rows above already. Its SDXL "

@@ -132,9 +132,11 @@ class EMCIDEditor(ConfiguredEditor):
         return found
 
     def protected_requests(self, bundle: ModelBundle, requests: list[EditRequest]) -> list[EditRequest]:
-        """With the null-space projection, the concepts earlier patches in the chain edited
-        (not those edited again now): their keys stay out of the update's space."""
-        if self.config.stage2.projection != "nullspace":
+        """The concepts earlier patches in the chain edited (not those edited again now): their
+        keys stay out of the null space's free space, or are held by the closed form
+        (``earlier_edits="hold"``)."""
+        stage2 = self.config.stage2
+        if stage2.projection != "nullspace" and stage2.earlier_edits != "hold":
             return []
         now = {r.source.casefold() for r in requests}
         earlier = [EditRequest(data["source"], data.get("destination", ""), tuple(data["prompts"]))

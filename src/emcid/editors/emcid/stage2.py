@@ -145,9 +145,10 @@ def _protected_keys(reader: _KeyReader | None, owner: torch.Tensor, count: int, 
 def _layer_update(name: str, keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor,
                   config: Stage2Config, protected: torch.Tensor | None,
                   cache: TensorCache | None) -> torch.Tensor:
-    """One block's delta: the closed form, or the closed form within the free space."""
+    """One block's delta: the closed form (holding the ``protected`` keys), or the closed form
+    within the free space (which leaves them out)."""
     if config.projection == "none":
-        return closed_form_update(keys, residual, second_moment, config.lam, config.alpha)
+        return closed_form_update(keys, residual, second_moment, config.lam, config.alpha, protected)
     values, vectors = eigen_decomposition(second_moment, cache)
     basis, reduced = free_space(name, values, vectors, config.nullspace_threshold, protected)
     return projected_update(keys, residual, basis, reduced, config.lam, config.alpha)
@@ -166,13 +167,14 @@ def compute_deltas(
 ) -> dict[str, torch.Tensor]:
     """The weight delta of every edited fc2, by module name (float32, (d_out, d_in)).
 
-    ``protected``: with ``projection="nullspace"``, the requests earlier patches of the chain
-    made, whose keys the update must leave alone; ``cache``: where C's eigenvectors are kept.
+    ``protected``: the requests earlier patches of the chain made, whose keys the update leaves
+    alone (held in the closed form, or outside the null space's free space); ``cache``: where
+    C's eigenvectors are kept.
     The model is updated in place while the layers are processed and restored at the end.
     """
     deltas: dict[str, torch.Tensor] = {}
     edited = [bundle.slot(s).fc2_name(layer) for s, slot_layers in layers.items() for layer in slot_layers]
-    guarded = list(protected) if config.projection == "nullspace" else []
+    guarded = list(protected)
     with restored(bundle, edited):
         for slot_name, slot_layers in layers.items():
             slot = bundle.slot(slot_name)
