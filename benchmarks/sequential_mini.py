@@ -98,8 +98,9 @@ def table(results: dict, batches: int, batch_size: int) -> str:
              "holdout_delta": "Holdout D"}
     head = f"{'run':<28}{'edits scored':<14}" + "".join(f"{n:>13}" for n in names.values())
     lines = [head, "-" * len(head)]
-    labels = {"sequential": f"sequential {batches} x {batch_size}",
-              "one_batch": f"one batch of {batches * batch_size}"}
+    labels = {name: label for name, label in (
+        ("sequential", f"sequential {batches} x {batch_size}"),
+        ("one_batch", f"one batch of {batches * batch_size}")) if name in results}
     for run_name, label in labels.items():
         for part, what in (("first_batch", f"first {batch_size}"), ("all_edits", "all")):
             values = results[run_name][part]
@@ -127,6 +128,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/sequential_mini", help="folder for results.json")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--sequential-only", action="store_true",
+                        help="skip the one batch of N*M (when its figures are known from an earlier run)")
     args = parser.parse_args()
     if args.batches < 1 or args.batch_size < 1:
         parser.error("--batches and --batch-size must be at least 1")
@@ -152,7 +155,8 @@ def main() -> None:
                **dict(parse_option(text) for text in args.option)}
     results = {"batches": args.batches, "batch_size": args.batch_size, "options": options,
                "holdout_scored": [g.key for g in holdout], "model_fingerprint": bundle.fingerprint()}
-    for name, batches in (("sequential", args.batches), ("one_batch", 1)):
+    runs = (("sequential", args.batches),) + ((("one_batch", 1),) if not args.sequential_only else ())
+    for name, batches in runs:
         results[name] = run(bundle, scorer, items, batches, args.batch_size, holdout, options,
                             not args.quiet)
     results["total_s"] = time.perf_counter() - started

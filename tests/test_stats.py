@@ -99,3 +99,42 @@ def test_sdxl_statistics_divide_each_encoder_by_its_own_token_count(sdxl):
     for name in names:
         expected = _direct_moment(sdxl, name, CAPTIONS)
         assert torch.allclose(moments[name].double(), expected, rtol=1e-4, atol=1e-6), name
+
+
+def test_captions_without_drop_whole_word_mentions_in_any_case():
+    from emcid.core.stats import captions_without
+
+    captions = ["a photo of tench", "A TENCH, centered", "tenches in a pond", "a volcano at night",
+                "a sea lion and a lion", "goldfish"]
+    assert captions_without(captions, ["tench", "lion"]) == ["tenches in a pond", "a volcano at night",
+                                                            "goldfish"]
+    assert captions_without(captions, []) == captions
+
+
+def test_statistics_without_sources_leave_out_the_captions_that_name_them(sd1, tmp_path, monkeypatch):
+    import emcid
+    from emcid.editors import emcid as emcid_editor
+    from emcid.errors import OptionError
+
+    seen = {}
+
+    def recording(bundle, names, captions, *args, **kwargs):
+        seen["captions"] = captions
+        return second_moments(bundle, names, captions, *args, **kwargs)
+
+    monkeypatch.setattr(emcid_editor, "second_moments", recording)
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a photo of a tench\na red car on a road\ntench in a net\na dog on grass\n")
+    options = {"steps": 1, "layers": {"text_encoder": [1]}, "corpus": str(corpus), "lam": 1.0}
+    emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False,
+               stats_without_sources=True, **options)
+    assert seen["captions"] == ["a red car on a road", "a dog on grass"]
+    emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False, **options)
+    assert seen["captions"] is not None and len(seen["captions"]) == 4
+    corpus.write_text("a photo of a tench\ntench in a net\n")
+    with pytest.raises(OptionError, match="every statistics caption names an edited source"):
+        emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False,
+                   stats_without_sources=True, **options)
+    with pytest.raises(OptionError, match="stats_without_sources"):
+        emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False,
+                   stats_without_sources="yes", **options)

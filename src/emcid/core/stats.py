@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -39,6 +40,16 @@ def default_corpus(bundle: ModelBundle, count: int) -> list[str]:
     from ..concepts import builtin_caption_corpus
 
     return builtin_caption_corpus(count)
+
+
+def captions_without(captions: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The captions that name none of ``names`` (whole words, any case), so statistics over
+    them preserve what an edit of those names keeps rather than the names themselves."""
+    if not names:
+        return list(captions)
+    pattern = re.compile(r"(?<!\w)(?:" + "|".join(
+        re.escape(n.casefold()) for n in sorted(set(names), key=len, reverse=True)) + r")(?!\w)")
+    return [c for c in captions if not pattern.search(c.casefold())]
 
 
 def corpus_hash(captions: Sequence[str]) -> str:

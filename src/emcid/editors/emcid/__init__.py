@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,7 @@ from ...core.bundle import ModelBundle
 from ...core.cache import TensorCache
 from ...core.chain import base_weights, edited_requests
 from ...core.config import check_corpus
-from ...core.stats import read_corpus, second_moments
+from ...core.stats import captions_without, default_corpus, read_corpus, second_moments
 from ...errors import OptionError
 from ...requests.edit import EditRequest
 from ..base import ConfiguredEditor
@@ -21,6 +22,8 @@ from .contexts import style_context_prompts, with_written_contexts, written_cont
 from .stage1 import compute_targets
 from .stage1.report import unconverged
 from .stage2 import compute_deltas
+
+log = logging.getLogger(__name__)
 
 __all__ = ["STAGE1_KEYS", "STAGE2_KEYS", "EMCIDConfig", "EMCIDEditor", "MEMITEditor", "Stage1Config",
            "Stage2Config", "compute_deltas", "compute_targets", "distributed_state"]
@@ -116,7 +119,7 @@ class EMCIDEditor(ConfiguredEditor):
         # None: the stopping rule was off for every request (nothing to report)
         self._unconverged = [t.request.source for t in unconverged(targets)] \
             if any(t.converged is not None for t in targets) else None
-        moments = self.second_moments(bundle, layers, progress)
+        moments = self.second_moments(bundle, layers, progress, requests)
         return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress,
                               protected=self.protected_requests(bundle, requests),
                               cache=self.cache("eigen"))
@@ -160,13 +163,22 @@ class EMCIDEditor(ConfiguredEditor):
         return self._stage1(bundle, requests, z_layer, caches, progress)
 
     def second_moments(self, bundle: ModelBundle, layers: dict[str, list[int]],
-                       progress: bool) -> dict:
-        """The preservation statistics of every edited fc2, cached on disk."""
+                       progress: bool, requests: list[EditRequest] = ()) -> dict:
+        """The preservation statistics of every edited fc2, cached on disk; with
+        ``stats_without_sources``, over the captions that name none of the requests' sources."""
         config = self.config
         names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
+        samples = config.stats_samples
+        if config.stats_without_sources and requests:
+            corpus = (corpus or default_corpus(bundle, samples))[:samples]
+            corpus = captions_without(corpus, [r.source for r in requests])
+            log.info("statistics: %d of %d captions name no edited source", len(corpus), samples)
+            if not corpus:
+                raise OptionError("stats_without_sources: every statistics caption names an edited "
+                                  "source; give a corpus with other captions (--corpus)")
         with base_weights(bundle):  # a patched model's statistics are its base model's
-            return second_moments(bundle, names, corpus, config.stats_samples,
+            return second_moments(bundle, names, corpus, samples,
                                   cache=self.cache("stats"), progress=progress)
 
     def _stage1(self, bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],

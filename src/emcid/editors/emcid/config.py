@@ -151,6 +151,9 @@ class EMCIDConfig:
     layers: dict[str, list[int] | str] | None = None
     stats_samples: int = DEFAULT_SAMPLES
     corpus: str | None = None  # caption file for the statistics; None: the default corpus
+    # Leave out of the statistics every caption that names an edited source (core/stats.py's
+    # captions_without): C then preserves what the edit keeps, not what it changes.
+    stats_without_sources: bool = False
     # Stage I options for requests with reference images (ICEB's undrawable classes: true-noise
     # target, text alignment off); all requests still share one Stage II solve.
     reference_stage1: dict = field(default_factory=dict)
@@ -167,6 +170,9 @@ class EMCIDConfig:
 
     def __post_init__(self) -> None:
         check_int("EMCID", "stats_samples", self.stats_samples)
+        if not isinstance(self.stats_without_sources, bool):
+            raise OptionError(f"EMCID option stats_without_sources={self.stats_without_sources!r}: "
+                              "true or false")
         for key in ("style_contexts", "written_contexts"):
             count = getattr(self, key)
             check_int("EMCID", key, count, minimum=0)
