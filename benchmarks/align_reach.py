@@ -21,6 +21,7 @@ import torch
 
 TEMPLATE = "An image of {}"
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,11 +54,12 @@ def main() -> None:
     print("| --- | --- | --- |")
     with torch.no_grad():
         base = bundle.encode_ids(ids)
+        hidden = slot.encoder(ids[0], output_hidden_states=True).hidden_states  # [i + 1]: block i
         rows = torch.arange(len(prompts))
         for block in sorted({0, last // 2, last - 1, last}):
-            states = slot.encoder(ids[0], output_hidden_states=True).hidden_states[block + 1]
-            own = states[rows, positions].norm(dim=1, keepdim=True)
-            vectors = torch.randn(states[rows, positions].shape, generator=generator)
+            at_subject = hidden[block + 1][rows, positions]
+            own = at_subject.norm(dim=1, keepdim=True)
+            vectors = torch.randn(at_subject.shape, generator=generator)
             vectors = vectors / vectors.norm(dim=1, keepdim=True) * own
             with add_at_positions(slot.block(block), positions, vectors):
                 moved = bundle.encode_ids(ids)

@@ -155,7 +155,8 @@ def main() -> None:
                **dict(parse_option(text) for text in args.option)}
     results = {"batches": args.batches, "batch_size": args.batch_size, "options": options,
                "holdout_scored": [g.key for g in holdout], "model_fingerprint": bundle.fingerprint()}
-    runs = (("sequential", args.batches),) + ((("one_batch", 1),) if not args.sequential_only else ())
+    runs = [("sequential", args.batches)] if args.sequential_only else [("sequential", args.batches),
+                                                                        ("one_batch", 1)]
     for name, batches in runs:
         results[name] = run(bundle, scorer, items, batches, args.batch_size, holdout, options,
                             not args.quiet)

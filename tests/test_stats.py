@@ -130,7 +130,8 @@ def test_statistics_without_sources_leave_out_the_captions_that_name_them(sd1, t
                stats_without_sources=True, **options)
     assert seen["captions"] == ["a red car on a road", "a dog on grass"]
     emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False, **options)
-    assert seen["captions"] is not None and len(seen["captions"]) == 4
+    assert seen["captions"] == ["a photo of a tench", "a red car on a road", "tench in a net",
+                                "a dog on grass"]
     corpus.write_text("a photo of a tench\ntench in a net\n")
     with pytest.raises(OptionError, match="every statistics caption names an edited source"):
         emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False,

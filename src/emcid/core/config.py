@@ -39,6 +39,12 @@ def check_float(owner: str, name: str, value: object, low: float | None = None,
         raise OptionError(f"{owner} option {name}={quote(value)}: give a finite number in {span}")
 
 
+def check_bool(owner: str, name: str, value: object) -> None:
+    """``value`` is a bool (not 0 or 1, not a string)."""
+    if not isinstance(value, bool):
+        raise OptionError(f"{owner} option {name}={quote(value)}: give true or false")
+
+
 def check_choice(owner: str, name: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise OptionError(f"{owner} option {name}={quote(value)}: choose from {', '.join(map(str, choices))}")
@@ -88,8 +94,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         for name in ("cache", "grad_checkpointing", "cuda_graphs"):
-            if not isinstance(getattr(self, name), bool):
-                raise OptionError(f"runtime option {name}={quote(getattr(self, name))}: give true or false")
+            check_bool("runtime", name, getattr(self, name))
         if self.concept_batch is not None:
             check_int("runtime", "concept_batch", self.concept_batch)
         check_int("runtime", "cpu_concept_batch", self.cpu_concept_batch)

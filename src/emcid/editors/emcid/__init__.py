@@ -171,9 +171,9 @@ class EMCIDEditor(ConfiguredEditor):
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
         samples = config.stats_samples
         if config.stats_without_sources and requests:
-            corpus = (corpus or default_corpus(bundle, samples))[:samples]
-            corpus = captions_without(corpus, [r.source for r in requests])
-            log.info("statistics: %d of %d captions name no edited source", len(corpus), samples)
+            taken = (corpus or default_corpus(bundle, samples))[:samples]
+            corpus = captions_without(taken, [r.source for r in requests])
+            log.info("statistics: %d of %d captions name no edited source", len(corpus), len(taken))
             if not corpus:
                 raise OptionError("stats_without_sources: every statistics caption names an edited "
                                   "source; give a corpus with other captions (--corpus)")

@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from ...core.config import build, check_choice, check_float, check_int
+from ...core.config import build, check_bool, check_choice, check_float, check_int
 from ...core.stats import DEFAULT_SAMPLES
 from ...errors import OptionError
 from ...requests.edit import EditRequest
@@ -170,9 +170,7 @@ class EMCIDConfig:
 
     def __post_init__(self) -> None:
         check_int("EMCID", "stats_samples", self.stats_samples)
-        if not isinstance(self.stats_without_sources, bool):
-            raise OptionError(f"EMCID option stats_without_sources={self.stats_without_sources!r}: "
-                              "true or false")
+        check_bool("EMCID", "stats_without_sources", self.stats_without_sources)
         for key in ("style_contexts", "written_contexts"):
             count = getattr(self, key)
             check_int("EMCID", key, count, minimum=0)
