@@ -111,6 +111,41 @@ def test_captions_without_drop_whole_word_mentions_in_any_case():
     assert captions_without(captions, []) == captions
 
 
+@pytest.mark.parametrize("names", [["tench"], ["tench", "car", "dog"]],
+                         ids=["fewer-left-out", "more-left-out"])
+def test_statistics_without_names_match_the_kept_captions_alone(sd1, names):
+    """Both ways (cached totals less the named captions' sums, or the kept captions summed when
+    fewer stay) give C of the kept captions."""
+    from emcid.core.stats import captions_without
+
+    captions = ["a photo of a tench", "a red car on a road", "tench in a net", "a dog on grass",
+                "a castle at night", "a volcano", "goldfish in a bowl"]
+    name = sd1.slot("text_encoder").fc2_name(1)
+    cache = TensorCache("stats-without")
+    without = second_moments(sd1, [name], captions, cache=cache, progress=False, without=names)
+    kept = captions_without(captions, names)
+    assert torch.allclose(without[name].double(), _direct_moment(sd1, name, kept), rtol=1e-4, atol=1e-6)
+
+
+def test_statistics_without_names_encode_only_the_captions_left_out(sd1, monkeypatch):
+    from emcid.core import stats
+
+    captions = ["a photo of a tench", "a red car on a road", "a dog on grass", "a castle at night"]
+    name = sd1.slot("text_encoder").fc2_name(0)
+    cache = TensorCache("stats-without-cost")
+    second_moments(sd1, [name], captions, cache=cache, progress=False)  # the cached totals
+    encoded = []
+
+    def recording(bundle, slot_name, names, texts, *args, **kwargs):
+        encoded.extend(texts)
+        return running_sums(bundle, slot_name, names, texts, *args, **kwargs)
+
+    running_sums = stats.running_sums
+    monkeypatch.setattr(stats, "running_sums", recording)
+    second_moments(sd1, [name], captions, cache=cache, progress=False, without=["tench"])
+    assert encoded == ["a photo of a tench"]
+
+
 def test_statistics_without_sources_leave_out_the_captions_that_name_them(sd1, tmp_path, monkeypatch):
     import emcid
     from emcid.editors import emcid as emcid_editor
@@ -119,7 +154,7 @@ def test_statistics_without_sources_leave_out_the_captions_that_name_them(sd1, t
     seen = {}
 
     def recording(bundle, names, captions, *args, **kwargs):
-        seen["captions"] = captions
+        seen["without"] = kwargs["without"]
         return second_moments(bundle, names, captions, *args, **kwargs)
 
     monkeypatch.setattr(emcid_editor, "second_moments", recording)
@@ -128,10 +163,9 @@ def test_statistics_without_sources_leave_out_the_captions_that_name_them(sd1, t
     options = {"steps": 1, "layers": {"text_encoder": [1]}, "corpus": str(corpus), "lam": 1.0}
     emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False,
                stats_without_sources=True, **options)
-    assert seen["captions"] == ["a red car on a road", "a dog on grass"]
+    assert seen["without"] == ["tench"]
     emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False, **options)
-    assert seen["captions"] == ["a photo of a tench", "a red car on a road", "tench in a net",
-                                "a dog on grass"]
+    assert seen["without"] == []
     corpus.write_text("a photo of a tench\ntench in a net\n")
     with pytest.raises(OptionError, match="every statistics caption names an edited source"):
         emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False,

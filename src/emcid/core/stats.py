@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import StatsMismatchError
+from ..errors import OptionError, StatsMismatchError
 from .bundle import ModelBundle
 from .cache import TensorCache, content_key
 from .corpus import read_corpus as read_corpus  # re-exported: the editors read captions from here
@@ -42,14 +42,28 @@ def default_corpus(bundle: ModelBundle, count: int) -> list[str]:
     return builtin_caption_corpus(count)
 
 
+def _name_pattern(names: Sequence[str]) -> re.Pattern:
+    """Any of ``names`` as a whole word (longest first, so "sea lion" wins over "lion")."""
+    alternatives = sorted({n.casefold() for n in names}, key=len, reverse=True)
+    return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, alternatives)) + r")(?!\w)")
+
+
+def split_captions(captions: Sequence[str], names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the captions that name none of ``names``, those that name one), whole words, any case."""
+    if not names:
+        return list(captions), []
+    pattern = _name_pattern(names)
+    kept: list[str] = []
+    named: list[str] = []
+    for caption in captions:
+        (named if pattern.search(caption.casefold()) else kept).append(caption)
+    return kept, named
+
+
 def captions_without(captions: Sequence[str], names: Sequence[str]) -> list[str]:
     """The captions that name none of ``names`` (whole words, any case), so statistics over
     them preserve what an edit of those names keeps rather than the names themselves."""
-    if not names:
-        return list(captions)
-    pattern = re.compile(r"(?<!\w)(?:" + "|".join(
-        re.escape(n.casefold()) for n in sorted(set(names), key=len, reverse=True)) + r")(?!\w)")
-    return [c for c in captions if not pattern.search(c.casefold())]
+    return split_captions(captions, names)[0]
 
 
 def corpus_hash(captions: Sequence[str]) -> str:
@@ -101,19 +115,78 @@ def running_sums(bundle: ModelBundle, slot_name: str, names: list[str], captions
         yield start + len(batch), sums, count
 
 
-def _accumulate(bundle: ModelBundle, names: list[str], captions: Sequence[str],
-                batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
-    """E[k k^T] over all non-padding tokens, per module, each divided by its own encoder's
-    token count (SDXL's two tokenizers may count differently)."""
+def _sums(bundle: ModelBundle, names: list[str], captions: Sequence[str], batch_size: int,
+          progress: bool) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per module: (float64 sum of k k^T on the CPU, its own encoder's token count); SDXL's
+    two tokenizers may count differently."""
     by_slot: dict[str, list[str]] = {}
     for name in names:
         by_slot.setdefault(name.split(".")[0], []).append(name)
-    result: dict[str, torch.Tensor] = {}
+    result: dict[str, tuple[torch.Tensor, int]] = {}
     for slot_name, slot_names in by_slot.items():
         *_, (_, sums, count) = running_sums(bundle, slot_name, slot_names, captions, batch_size,
                                             progress)  # the totals after the last batch
-        result.update({n: (s / count).float().cpu() for n, s in sums.items()})
+        result.update({n: (s.cpu(), count) for n, s in sums.items()})
     return {n: result[n] for n in names}
+
+
+def _accumulate(bundle: ModelBundle, names: list[str], captions: Sequence[str],
+                batch_size: int, progress: bool) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per module: (E[k k^T] over all non-padding tokens as float32, the token count)."""
+    return {n: ((s / count).float(), count)
+            for n, (s, count) in _sums(bundle, names, captions, batch_size, progress).items()}
+
+
+def _cached_moments(bundle: ModelBundle, module_names: Sequence[str], captions: list[str],
+                    batch_size: int, cache: TensorCache, progress: bool,
+                    ) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per module: (C, token count), from the cache where possible. An entry without its token
+    count (written before counts were kept) is recomputed: subtracting needs the count."""
+    corpus = corpus_hash(captions)
+    models = {n: encoder_fingerprint(bundle, n) for n in module_names}
+    keys = {n: content_key(model=models[n], module=n, corpus=corpus, samples=len(captions))
+            for n in module_names}
+    result: dict[str, tuple[torch.Tensor, int]] = {}
+    for name, key in keys.items():
+        entry = cache.load(key)
+        if entry is not None and "tokens" in entry[1]:
+            _check(name, entry[0]["second_moment"], entry[1], bundle, bundle.module(name).in_features)
+            result[name] = entry[0]["second_moment"], int(entry[1]["tokens"])
+    missing = [n for n in module_names if n not in result]
+    if missing:
+        log.info("computing statistics for %d modules over %d captions", len(missing), len(captions))
+        fresh = _accumulate(bundle, missing, captions, batch_size, progress)
+        for name, (matrix, tokens) in fresh.items():
+            cache.save(keys[name], {"second_moment": matrix},
+                       {"fingerprint": models[name], "module": name, "corpus": corpus,
+                        "samples": len(captions), "tokens": str(tokens)})
+            result[name] = matrix, tokens
+    return result
+
+
+def _moments_without(bundle: ModelBundle, module_names: list[str], captions: list[str],
+                     names: Sequence[str], batch_size: int, cache: TensorCache, progress: bool,
+                     ) -> dict[str, torch.Tensor]:
+    """C over the captions that name none of ``names``: the cached totals of the whole corpus
+    less the sums of the captions left out, so a new set of names costs only those captions'
+    encoder passes (or the kept ones', where fewer stay than go). Not cached itself."""
+    kept, named = split_captions(captions, names)
+    log.info("statistics: %d of %d captions name no edited source", len(kept), len(captions))
+    if not kept:
+        raise OptionError("stats_without_sources: every statistics caption names an edited source; "
+                          "give a corpus with other captions (--corpus)")
+    if len(named) >= len(kept):
+        return {n: m for n, (m, _) in _accumulate(bundle, module_names, kept, batch_size,
+                                                   progress).items()}
+    whole = _cached_moments(bundle, module_names, captions, batch_size, cache, progress)
+    if not named:
+        return {n: m for n, (m, _) in whole.items()}
+    left_out = _sums(bundle, module_names, named, batch_size, progress)
+    result = {}
+    for name in module_names:
+        (moment, tokens), (named_sum, named_tokens) = whole[name], left_out[name]
+        result[name] = ((moment.double() * tokens - named_sum) / (tokens - named_tokens)).float()
+    return result
 
 
 def second_moments(
@@ -124,29 +197,15 @@ def second_moments(
     batch_size: int = 256,
     cache: TensorCache | None = None,
     progress: bool = True,
+    without: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """C = E[k k^T] of each module's input, from the cache where possible."""
+    """C = E[k k^T] of each module's input, from the cache where possible; with ``without``,
+    over the captions (of the first ``sample_count``) that name none of those names."""
     captions = list(captions) if captions is not None else default_corpus(bundle, sample_count)
     captions = captions[:sample_count]
     cache = cache or TensorCache("stats")
-    corpus = corpus_hash(captions)
-    models = {n: encoder_fingerprint(bundle, n) for n in module_names}
-    keys = {n: content_key(model=models[n], module=n, corpus=corpus, samples=len(captions))
-            for n in module_names}
-    result: dict[str, torch.Tensor] = {}
-    for name, key in keys.items():
-        entry = cache.load(key)
-        if entry is not None:
-            _check(name, entry[0]["second_moment"], entry[1], bundle, bundle.module(name).in_features)
-            result[name] = entry[0]["second_moment"]
-    missing = [n for n in module_names if n not in result]
-    if missing:
-        log.info("computing statistics for %d modules over %d captions", len(missing), len(captions))
-        fresh = _accumulate(bundle, missing, captions, batch_size, progress)
-        for name, matrix in fresh.items():
-            cache.save(keys[name], {"second_moment": matrix},
-                       {"fingerprint": models[name], "module": name, "corpus": corpus,
-                        "samples": len(captions)})
-            result[name] = matrix
-    return {n: result[n] for n in module_names}
-
+    if without:
+        return _moments_without(bundle, list(module_names), captions, without, batch_size, cache,
+                                progress)
+    return {n: m for n, (m, _) in _cached_moments(bundle, module_names, captions, batch_size, cache,
+                                                   progress).items()}

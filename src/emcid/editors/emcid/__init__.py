@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +11,7 @@ from ...core.bundle import ModelBundle
 from ...core.cache import TensorCache
 from ...core.chain import base_weights, edited_requests
 from ...core.config import check_corpus
-from ...core.stats import captions_without, default_corpus, read_corpus, second_moments
+from ...core.stats import read_corpus, second_moments
 from ...errors import OptionError
 from ...requests.edit import EditRequest
 from ..base import ConfiguredEditor
@@ -22,8 +21,6 @@ from .contexts import style_context_prompts, with_written_contexts, written_cont
 from .stage1 import compute_targets
 from .stage1.report import unconverged
 from .stage2 import compute_deltas
-
-log = logging.getLogger(__name__)
 
 __all__ = ["STAGE1_KEYS", "STAGE2_KEYS", "EMCIDConfig", "EMCIDEditor", "MEMITEditor", "Stage1Config",
            "Stage2Config", "compute_deltas", "compute_targets", "distributed_state"]
@@ -169,17 +166,10 @@ class EMCIDEditor(ConfiguredEditor):
         config = self.config
         names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
-        samples = config.stats_samples
-        if config.stats_without_sources and requests:
-            taken = (corpus or default_corpus(bundle, samples))[:samples]
-            corpus = captions_without(taken, [r.source for r in requests])
-            log.info("statistics: %d of %d captions name no edited source", len(corpus), len(taken))
-            if not corpus:
-                raise OptionError("stats_without_sources: every statistics caption names an edited "
-                                  "source; give a corpus with other captions (--corpus)")
+        without = [r.source for r in requests] if config.stats_without_sources else []
         with base_weights(bundle):  # a patched model's statistics are its base model's
-            return second_moments(bundle, names, corpus, samples,
-                                  cache=self.cache("stats"), progress=progress)
+            return second_moments(bundle, names, corpus, config.stats_samples,
+                                  cache=self.cache("stats"), progress=progress, without=without)
 
     def _stage1(self, bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
                 caches: tuple[TensorCache, TensorCache], progress: bool) -> list:
