@@ -52,21 +52,24 @@ def test_keys_read_without_padding_equal_the_padded_encoding(sdxl):
         assert torch.allclose(current, c["c"][0], atol=1e-5)
 
 
+def _three_targets():
+    import emcid
+    from emcid.editors.emcid.stage1 import ConceptTarget
+
+    torch.manual_seed(0)
+    return [ConceptTarget(emcid.EditRequest(source, "crab"), {"text_encoder": 2},
+                          {"text_encoder": torch.randn(32)}, {"text_encoder": torch.randn(3, 32)}, 0.0)
+            for source in ("lobster", "owl", "otter")]
+
+
 def test_replaying_the_unchanged_blocks_changes_no_delta(sd1, monkeypatch):
     """Stage II reruns only the blocks from the last updated one; the full encoder agrees."""
     from contextlib import nullcontext
 
-    import emcid
     from emcid.editors.emcid import stage2
-    from emcid.editors.emcid.stage1 import ConceptTarget
 
-    torch.manual_seed(0)
     layers = {"text_encoder": [0, 1, 2]}
-    targets = []
-    for source in ("lobster", "owl", "otter"):
-        request = emcid.EditRequest(source, "crab")
-        targets.append(ConceptTarget(request, {"text_encoder": 2}, {"text_encoder": torch.randn(32)},
-                                     {"text_encoder": torch.randn(3, 32)}, 0.0))
+    targets = _three_targets()
     width = sd1.slot("text_encoder").fc2(0).in_features
     moments = {sd1.slot("text_encoder").fc2_name(i): torch.eye(width) for i in range(3)}
     for residual in ("memit", "release"):
@@ -116,3 +119,43 @@ def test_holding_earlier_keys_makes_two_batches_solve_as_one():
     assert torch.allclose(first + then, together, atol=1e-10)
     alone = closed_form_update(k2, r2 - first @ k2, second, lam, alpha)
     assert not torch.allclose(first + alone, together, atol=1e-3)  # without holding, it is not
+
+
+def test_lam_per_edit_weighs_the_statistics_by_the_number_of_edits(sd1):
+    from emcid.editors.emcid import stage2
+
+    layers = {"text_encoder": [1, 2]}
+    width = sd1.slot("text_encoder").fc2(0).in_features
+    moments = {sd1.slot("text_encoder").fc2_name(i): torch.eye(width) for i in (1, 2)}
+    targets = _three_targets()
+
+    def deltas(**options):
+        config = stage2.Stage2Config(**options)
+        return stage2.compute_deltas(sd1, targets, layers, moments, config, progress=False)
+
+    scaled = deltas(lam=0.5, lam_per_edit=2.0)  # three edits: lam 6
+    fixed = deltas(lam=6.0)
+    floor = deltas(lam=0.5)
+    for name, delta in scaled.items():
+        assert torch.allclose(delta, fixed[name], atol=1e-6), name
+        assert not torch.allclose(delta, floor[name], atol=1e-4), name
+    assert stage2.Stage2Config(lam=10.0, lam_per_edit=2.0).lam_for(3) == 10.0  # lam is the floor
+
+
+def test_lam_per_edit_is_recorded_in_the_patch_and_refused_below_zero(sd1):
+    import pytest
+
+    from emcid import EditRequest
+    from emcid.editors import get_editor
+    from emcid.errors import OptionError
+    from emcid.tasks.edit import edit_patch
+
+    options = {"layers": {"text_encoder": [1]}, "stats_samples": 8, "cache": False, "steps": 1}
+    requests = [EditRequest("lobster", "crab"), EditRequest("owl", "hawk")]
+    patch = edit_patch(get_editor("emcid", sd1, lam=1.0, lam_per_edit=3.0, **options), sd1, requests,
+                       progress=False)
+    assert patch.metadata["stage2_lam"] == 6.0
+    patch = edit_patch(get_editor("emcid", sd1, lam=1.0, **options), sd1, requests, progress=False)
+    assert "stage2_lam" not in patch.metadata
+    with pytest.raises(OptionError, match="lam_per_edit"):
+        get_editor("emcid", sd1, lam_per_edit=-1.0, **options)

@@ -20,7 +20,7 @@ from .config import STAGE1_KEYS, STAGE2_KEYS, EMCIDConfig, Stage1Config, Stage2C
 from .contexts import style_context_prompts, with_written_contexts, written_context_prompts
 from .stage1 import compute_targets
 from .stage1.report import unconverged
-from .stage2 import compute_deltas
+from .stage2 import compute_deltas, preservation_weight
 
 __all__ = ["STAGE1_KEYS", "STAGE2_KEYS", "EMCIDConfig", "EMCIDEditor", "MEMITEditor", "Stage1Config",
            "Stage2Config", "compute_deltas", "compute_targets", "distributed_state"]
@@ -117,9 +117,10 @@ class EMCIDEditor(ConfiguredEditor):
         self._unconverged = [t.request.source for t in unconverged(targets)] \
             if any(t.converged is not None for t in targets) else None
         moments = self.second_moments(bundle, layers, progress, requests)
+        protected = self.protected_requests(bundle, requests)
+        self._lam = preservation_weight(self.config.stage2, len(targets), len(protected))
         return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress,
-                              protected=self.protected_requests(bundle, requests),
-                              cache=self.cache("eigen"))
+                              protected=protected, cache=self.cache("eigen"))
 
     def report(self) -> dict:
         """The Stage I steps each request's target took (the stopping rule's, or all) and,
@@ -129,6 +130,8 @@ class EMCIDEditor(ConfiguredEditor):
         found = {"stage1_steps": steps} if steps and None not in steps else {}
         if getattr(self, "_unconverged", None) is not None:
             found["stage1_unconverged"] = self._unconverged
+        if self.config.stage2.lam_per_edit and getattr(self, "_lam", None) is not None:
+            found["stage2_lam"] = self._lam  # what lam_per_edit made of this batch
         return found
 
     def protected_requests(self, bundle: ModelBundle, requests: list[EditRequest]) -> list[EditRequest]:

@@ -19,6 +19,7 @@ output and ``m^l`` block ``l``'s fc2 output at the subject token of prompt ``j``
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -154,6 +155,12 @@ def _layer_update(name: str, keys: torch.Tensor, residual: torch.Tensor, second_
     return projected_update(keys, residual, basis, reduced, config.lam, config.alpha)
 
 
+def preservation_weight(config: Stage2Config, concepts: int, protected: int) -> float:
+    """This batch's lam: with ``lam_per_edit``, the concepts held from earlier patches count as
+    edits too (the closed form holds them; the null space only leaves them out)."""
+    return config.lam_for(concepts + (protected if config.projection == "none" else 0))
+
+
 def compute_deltas(
     bundle: ModelBundle,
     targets: list[ConceptTarget],
@@ -173,6 +180,7 @@ def compute_deltas(
     The model is updated in place while the layers are processed and restored at the end.
     """
     deltas: dict[str, torch.Tensor] = {}
+    config = replace(config, lam=preservation_weight(config, len(targets), len(protected)))
     edited = [bundle.slot(s).fc2_name(layer) for s, slot_layers in layers.items() for layer in slot_layers]
     guarded = list(protected)
     with restored(bundle, edited):
