@@ -6,7 +6,7 @@ one line. Prints Source2Dest and Holdout Delta per label and scale and draws eve
 against the number of edits (emcid.bench.report's plot, one line per label):
 
     python benchmarks/scale_plot.py --run "release lambda=runs/base" \\
-        --run "lam_per_edit 80=runs/rule80" --out runs/scale_plot.png
+        --run "lam_edits 50=runs/rule50" --out runs/scale_plot.png
 """
 
 from __future__ import annotations

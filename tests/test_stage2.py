@@ -121,7 +121,7 @@ def test_holding_earlier_keys_makes_two_batches_solve_as_one():
     assert not torch.allclose(first + alone, together, atol=1e-3)  # without holding, it is not
 
 
-def test_lam_per_edit_weighs_the_statistics_by_the_number_of_edits(sd1):
+def test_lam_edits_weighs_the_statistics_by_the_number_of_edits(sd1):
     from emcid.editors.emcid import stage2
 
     layers = {"text_encoder": [1, 2]}
@@ -133,16 +133,18 @@ def test_lam_per_edit_weighs_the_statistics_by_the_number_of_edits(sd1):
         config = stage2.Stage2Config(**options)
         return stage2.compute_deltas(sd1, targets, layers, moments, config, progress=False)
 
-    scaled = deltas(lam=0.5, lam_per_edit=2.0)  # three edits: lam 6
-    fixed = deltas(lam=6.0)
+    scaled = deltas(lam=0.5, lam_edits=1)  # three edits, lam calibrated for one: lam 1.5
+    fixed = deltas(lam=1.5)
+    unscaled = deltas(lam=0.5, lam_edits=3)  # lam holds for up to three edits
     floor = deltas(lam=0.5)
     for name, delta in scaled.items():
         assert torch.allclose(delta, fixed[name], atol=1e-6), name
+        assert torch.equal(unscaled[name], floor[name]), name
         assert not torch.allclose(delta, floor[name], atol=1e-4), name
-    assert stage2.Stage2Config(lam=10.0, lam_per_edit=2.0).lam_for(3) == 10.0  # lam is the floor
+    assert stage2.Stage2Config(lam=4000.0, lam_edits=50).lam_for(1000) == 80000.0
 
 
-def test_lam_per_edit_is_recorded_in_the_patch_and_refused_below_zero(sd1):
+def test_lam_edits_is_recorded_in_the_patch_and_refused_below_zero(sd1):
     import pytest
 
     from emcid import EditRequest
@@ -152,10 +154,12 @@ def test_lam_per_edit_is_recorded_in_the_patch_and_refused_below_zero(sd1):
 
     options = {"layers": {"text_encoder": [1]}, "stats_samples": 8, "cache": False, "steps": 1}
     requests = [EditRequest("lobster", "crab"), EditRequest("owl", "hawk")]
-    patch = edit_patch(get_editor("emcid", sd1, lam=1.0, lam_per_edit=3.0, **options), sd1, requests,
+    patch = edit_patch(get_editor("emcid", sd1, lam=1.0, lam_edits=1, **options), sd1, requests,
                        progress=False)
-    assert patch.metadata["stage2_lam"] == 6.0
-    patch = edit_patch(get_editor("emcid", sd1, lam=1.0, **options), sd1, requests, progress=False)
+    assert patch.metadata["stage2_lam"] == 2.0
+    patch = edit_patch(get_editor("emcid", sd1, lam=1.0, lam_edits=0, **options), sd1, requests,
+                       progress=False)
     assert "stage2_lam" not in patch.metadata
-    with pytest.raises(OptionError, match="lam_per_edit"):
-        get_editor("emcid", sd1, lam_per_edit=-1.0, **options)
+    for bad in (-1, 2.5):
+        with pytest.raises(OptionError, match="lam_edits"):
+            get_editor("emcid", sd1, lam_edits=bad, **options)

@@ -102,10 +102,11 @@ class Stage2Config:
     """Stage II hyperparameters; defaults are the release values (docs/method.md)."""
 
     lam: float = 4000.0  # release: preservation weight 4000 (6000 for RoAD)
-    # > 0: the preservation weight grows with the edits, max(lam, lam_per_edit x edits), the
-    # edits counting this batch's concepts and those held from earlier patches: C's weight
-    # against the edits' a K K^T then stays the same at any scale (docs/method.md)
-    lam_per_edit: float = 0.0
+    # > 0: lam holds for up to this many edits and grows in proportion beyond them,
+    # lam x max(1, edits / lam_edits), the edits counting this batch's concepts and those held
+    # from earlier patches: C's weight against the edits' a K K^T then stays the same at any
+    # scale (docs/method.md); 0: lam at any scale (the release)
+    lam_edits: int = 0
     alpha: float = 0.5  # release: editing strength 0.5 (0.6 for arbitrary editing)
     # memit: per-prompt targets against block l*'s output; release: the EMCID release's one
     # target per concept against the mean fc2 output (stage2.py)
@@ -127,7 +128,7 @@ class Stage2Config:
     def __post_init__(self) -> None:
         # lam = 0 leaves a K K^T, singular for fewer edits than key width: refused.
         check_float("Stage II", "lam", self.lam, low=0, low_open=True)
-        check_float("Stage II", "lam_per_edit", self.lam_per_edit, low=0)
+        check_int("Stage II", "lam_edits", self.lam_edits, minimum=0)
         check_float("Stage II", "alpha", self.alpha, low=0, high=1, low_open=True, high_open=True)
         check_choice("Stage II", "residual", self.residual, ("memit", "release"))
         check_choice("Stage II", "projection", self.projection, ("none", "nullspace"))
@@ -141,7 +142,7 @@ class Stage2Config:
 
     def lam_for(self, edits: int) -> float:
         """The preservation weight for ``edits`` edited concepts (held ones included)."""
-        return max(self.lam, self.lam_per_edit * edits)
+        return self.lam * max(1.0, edits / self.lam_edits) if self.lam_edits else self.lam
 
 
 MAX_STYLE_CONTEXTS = 64

@@ -156,7 +156,7 @@ def _layer_update(name: str, keys: torch.Tensor, residual: torch.Tensor, second_
 
 
 def preservation_weight(config: Stage2Config, concepts: int, protected: int) -> float:
-    """This batch's lam: with ``lam_per_edit``, the concepts held from earlier patches count as
+    """This batch's lam: with ``lam_edits``, the concepts held from earlier patches count as
     edits too (the closed form holds them; the null space only leaves them out)."""
     return config.lam_for(concepts + (protected if config.projection == "none" else 0))
 
