@@ -142,3 +142,31 @@ def test_an_unknown_earlier_edits_choice_is_refused():
 
     with pytest.raises(OptionError, match="earlier_edits"):
         get_editor("emcid", earlier_edits="keep")
+
+
+def test_a_grown_weight_re_solves_the_earlier_batch_with_what_it_wrote(sd1, monkeypatch):
+    """With lam_edits, the second batch of a chain weighs three edits where the first weighed
+    two: its closed form gets the growth and the delta the first patch wrote (docs/method.md)."""
+    from emcid.editors.emcid import stage2
+
+    first = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("volcano", "beacon")]
+    options = {**FAST, "steps": 5, "layers": {"text_encoder": [1]}, "lam": 0.05, "lam_edits": 1}
+    earlier = emcid.edit(sd1, first, progress=False, **options)
+    assert earlier.metadata["stage2_lam"] == pytest.approx(0.1)
+    earlier.apply(sd1)
+    calls = []
+    solve = stage2.closed_form_update
+    monkeypatch.setattr(stage2, "closed_form_update", lambda *args: calls.append(args) or solve(*args))
+    later = emcid.edit(sd1, [emcid.EditRequest("church", "castle")], progress=False, **options)
+    assert later.metadata["stage2_lam"] == pytest.approx(0.15)  # one edit and two held
+    (args,) = calls
+    growth, written = args[6]
+    assert growth == pytest.approx(0.05)
+    name = sd1.slot("text_encoder").fc2_name(1)
+    assert torch.allclose(written, earlier.deltas[name].dense().float(), atol=1e-6)
+    calls.clear()
+    emcid.edit(sd1, [emcid.EditRequest("church", "castle")], progress=False, **{**options, "lam_edits": 0})
+    assert calls[0][6][0] == pytest.approx(-0.05)  # a fixed lam 0.05 re-solves them at 0.05
+    calls.clear()
+    emcid.edit(sd1, [emcid.EditRequest("church", "castle")], progress=False, **{**options, "lam": 0.1, "lam_edits": 3})
+    assert calls[0][6] is None  # the weight the first patch used: nothing to re-solve

@@ -182,7 +182,8 @@ def write_history(bundle: ModelBundle, folder: Path) -> None:
         save_tensors_atomic(history / name, replaced)
         steps.append({"sha256": patch.checksum, "method": patch.metadata.get("method"),
                       "sources": patch.sources, "scale": scale, "originals": name,
-                      "requests": patch.metadata.get("requests", [])})
+                      "requests": patch.metadata.get("requests", []),
+                      "stage2_lam": patch.metadata.get("stage2_lam")})
     if steps:
         chain = {"model_fingerprint": bundle.fingerprint(), "steps": steps}
         (history / HISTORY_FILE).write_text(json.dumps(chain, indent=2))
@@ -194,6 +195,14 @@ def edited_requests(bundle: ModelBundle) -> list[dict]:
     before requests were kept in the chain contribute none."""
     recorded = [r for step in bundle.chain.history for r in step.get("requests", [])]
     return recorded + [r for patch, _ in bundle.chain.applied for r in patch.metadata.get("requests", [])]
+
+
+def last_stage2_lam(bundle: ModelBundle) -> float | None:
+    """The preservation weight the chain's last patch recorded (``stage2_lam``; None where it
+    recorded none): a later batch whose weight differs re-solves the earlier ones at its own."""
+    if bundle.chain.applied:
+        return bundle.chain.applied[-1][0].metadata.get("stage2_lam")
+    return bundle.chain.history[-1].get("stage2_lam") if bundle.chain.history else None
 
 
 def _describe(step: dict, number: int, total: int) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ...concepts import OBJECT_PROMPTS
 from ...core.bundle import ModelBundle
 from ...core.cache import TensorCache
-from ...core.chain import base_weights, edited_requests
+from ...core.chain import base_weights, edited_requests, last_stage2_lam
 from ...core.config import check_corpus
 from ...core.stats import read_corpus, second_moments
 from ...errors import OptionError
@@ -120,7 +120,21 @@ class EMCIDEditor(ConfiguredEditor):
         protected = self.protected_requests(bundle, requests)
         self._lam = preservation_weight(self.config.stage2, len(targets), len(protected))
         return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress,
-                              protected=protected, cache=self.cache("eigen"))
+                              protected=protected, cache=self.cache("eigen"),
+                              earlier=self.reweighing(bundle, list(moments), protected))
+
+    def reweighing(self, bundle: ModelBundle, names: list[str],
+                   protected: list[EditRequest]) -> tuple[float, dict] | None:
+        """(the chain's last lam, the edited modules' base weights) where this batch holds
+        earlier edits at a lam other than theirs: it then re-solves them at its own, so the
+        chain keeps solving one batch's objective as ``lam_edits`` grows the weight."""
+        previous = last_stage2_lam(bundle)
+        if not protected or previous is None or previous == self._lam or \
+                self.config.stage2.projection != "none":
+            return None
+        with base_weights(bundle):
+            base = {n: bundle.module(n).weight.detach().float().cpu().clone() for n in names}
+        return previous, base
 
     def report(self) -> dict:
         """The Stage I steps each request's target took (the stopping rule's, or all) and,

@@ -145,11 +145,14 @@ def _protected_keys(reader: _KeyReader | None, owner: torch.Tensor, count: int, 
 
 def _layer_update(name: str, keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor,
                   config: Stage2Config, protected: torch.Tensor | None,
-                  cache: TensorCache | None) -> torch.Tensor:
-    """One block's delta: the closed form (holding the ``protected`` keys), or the closed form
-    within the free space (which leaves them out)."""
+                  cache: TensorCache | None,
+                  reweighed: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
+    """One block's delta: the closed form (holding the ``protected`` keys, re-solving the
+    earlier delta where ``reweighed``), or the closed form within the free space (which leaves
+    them out)."""
     if config.projection == "none":
-        return closed_form_update(keys, residual, second_moment, config.lam, config.alpha, protected)
+        return closed_form_update(keys, residual, second_moment, config.lam, config.alpha, protected,
+                                  reweighed)
     values, vectors = eigen_decomposition(second_moment, cache)
     basis, reduced = free_space(name, values, vectors, config.nullspace_threshold, protected)
     return projected_update(keys, residual, basis, reduced, config.lam, config.alpha)
@@ -171,12 +174,15 @@ def compute_deltas(
     progress: bool = True,
     protected: list[EditRequest] = (),
     cache: TensorCache | None = None,
+    earlier: tuple[float, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weight delta of every edited fc2, by module name (float32, (d_out, d_in)).
 
     ``protected``: the requests earlier patches of the chain made, whose keys the update leaves
     alone (held in the closed form, or outside the null space's free space); ``cache``: where
-    C's eigenvectors are kept.
+    C's eigenvectors are kept; ``earlier``: (the lam the chain's last patch used, the base
+    weights of the edited modules), so a batch whose lam differs re-solves the earlier
+    batches' delta at its own (held keys, closed form only).
     The model is updated in place while the layers are processed and restored at the end.
     """
     deltas: dict[str, torch.Tensor] = {}
@@ -211,8 +217,12 @@ def compute_deltas(
                 residual = _residuals(z, current, owner, count, config.residual)
                 residual = residual.T / (len(ordered) - i)
                 kept = _protected_keys(guard_reader, guard_owner, len(guarded), layer, slot)
+                reweighed = None
+                if earlier is not None and kept is not None:  # D0: what the chain wrote here
+                    previous_lam, base = earlier[0], earlier[1][name]
+                    reweighed = (config.lam - previous_lam, fc2.weight.detach().float().cpu() - base)
                 delta = _layer_update(name, keys, residual, second_moments[name], config, kept,
-                                      cache).float()
+                                      cache, reweighed).float()
                 add_weights(bundle, {name: delta})
                 deltas[name] = delta
     return deltas
