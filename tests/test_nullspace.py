@@ -144,9 +144,9 @@ def test_an_unknown_earlier_edits_choice_is_refused():
         get_editor("emcid", earlier_edits="keep")
 
 
-def test_a_grown_weight_re_solves_the_earlier_batch_with_what_it_wrote(sd1, monkeypatch):
+def test_a_grown_weight_re_solves_the_earlier_batch_with_what_it_wrote(sd1, monkeypatch, tmp_path):
     """With lam_edits, the second batch of a chain weighs three edits where the first weighed
-    two: its closed form gets the growth and the delta the first patch wrote (docs/method.md)."""
+    two: its closed form gets the first patch's lam and the delta it wrote (docs/method.md)."""
     from emcid.editors.emcid import stage2
 
     first = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("volcano", "beacon")]
@@ -160,13 +160,18 @@ def test_a_grown_weight_re_solves_the_earlier_batch_with_what_it_wrote(sd1, monk
     later = emcid.edit(sd1, [emcid.EditRequest("church", "castle")], progress=False, **options)
     assert later.metadata["stage2_lam"] == pytest.approx(0.15)  # one edit and two held
     (args,) = calls
-    growth, written = args[6]
-    assert growth == pytest.approx(0.05)
+    lam0, moment0, written = args[6]
     name = sd1.slot("text_encoder").fc2_name(1)
+    assert lam0 == pytest.approx(0.1) and torch.equal(moment0, args[2])  # the same statistics
     assert torch.allclose(written, earlier.deltas[name].dense().float(), atol=1e-6)
     calls.clear()
-    emcid.edit(sd1, [emcid.EditRequest("church", "castle")], progress=False, **{**options, "lam_edits": 0})
-    assert calls[0][6][0] == pytest.approx(-0.05)  # a fixed lam 0.05 re-solves them at 0.05
+    emcid.edit(sd1, [emcid.EditRequest("church", "castle")], progress=False,
+               **{**options, "lam": 0.1, "lam_edits": 3})
+    assert calls[0][6] is None  # lam 0.1 for three edits: the weight the first patch used
     calls.clear()
-    emcid.edit(sd1, [emcid.EditRequest("church", "castle")], progress=False, **{**options, "lam": 0.1, "lam_edits": 3})
-    assert calls[0][6] is None  # the weight the first patch used: nothing to re-solve
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a photo of a tench\na church at night\na red car on a road\na dog on grass\n")
+    emcid.edit(sd1, [emcid.EditRequest("church", "castle")], progress=False, stats_without_sources=True,
+               corpus=str(corpus), **{**options, "lam": 0.1, "lam_edits": 3})
+    lam0, moment0, _ = calls[0][6]  # other statistics: the first patch's are re-read, without tench
+    assert lam0 == pytest.approx(0.1) and not torch.equal(moment0, calls[0][2])

@@ -116,25 +116,32 @@ class EMCIDEditor(ConfiguredEditor):
         # None: the stopping rule was off for every request (nothing to report)
         self._unconverged = [t.request.source for t in unconverged(targets)] \
             if any(t.converged is not None for t in targets) else None
-        moments = self.second_moments(bundle, layers, progress, requests)
+        earlier_sources = [data["source"] for data in edited_requests(bundle)]
+        moments = self.second_moments(bundle, layers, progress,
+                                      [r.source for r in requests] + earlier_sources)
         protected = self.protected_requests(bundle, requests)
         self._lam = preservation_weight(self.config.stage2, len(targets), len(protected))
         return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress,
                               protected=protected, cache=self.cache("eigen"),
-                              earlier=self.reweighing(bundle, list(moments), protected))
+                              earlier=self.reweighing(bundle, layers, moments, protected, earlier_sources))
 
-    def reweighing(self, bundle: ModelBundle, names: list[str],
-                   protected: list[EditRequest]) -> tuple[float, dict] | None:
-        """(the chain's last lam, the edited modules' base weights) where this batch holds
-        earlier edits at a lam other than theirs: it then re-solves them at its own, so the
-        chain keeps solving one batch's objective as ``lam_edits`` grows the weight."""
+    def reweighing(self, bundle: ModelBundle, layers: dict[str, list[int]], moments: dict,
+                   protected: list[EditRequest], earlier_sources: list[str]) -> tuple | None:
+        """(the chain's last lam, its statistics, the edited modules' base weights) where this
+        batch holds earlier edits under another weight or other statistics than theirs (a lam
+        that ``lam_edits`` grew, statistics without more sources): it then re-solves them with
+        its own, so the chain keeps solving one batch's objective. Assumes the chain's patches
+        left the same kind of captions out as this one."""
         previous = last_stage2_lam(bundle)
-        if not protected or previous is None or previous == self._lam or \
-                self.config.stage2.projection != "none":
+        same_statistics = not self.config.stats_without_sources
+        if not protected or previous is None or self.config.stage2.projection != "none" or \
+                (previous == self._lam and same_statistics):
             return None
+        before = moments if same_statistics else self.second_moments(bundle, layers, False,
+                                                                     earlier_sources)
         with base_weights(bundle):
-            base = {n: bundle.module(n).weight.detach().float().cpu().clone() for n in names}
-        return previous, base
+            base = {n: bundle.module(n).weight.detach().float().cpu().clone() for n in moments}
+        return previous, before, base
 
     def report(self) -> dict:
         """The Stage I steps each request's target took (the stopping rule's, or all) and,
@@ -145,8 +152,8 @@ class EMCIDEditor(ConfiguredEditor):
         found = {"stage1_steps": steps} if steps and None not in steps else {}
         if getattr(self, "_unconverged", None) is not None:
             found["stage1_unconverged"] = self._unconverged
-        if self.config.stage2.lam_edits and getattr(self, "_lam", None) is not None:
-            found["stage2_lam"] = self._lam  # what lam_edits made of this batch
+        if getattr(self, "_lam", None) is not None:
+            found["stage2_lam"] = self._lam  # what lam_edits made of this batch's lam
         return found
 
     def protected_requests(self, bundle: ModelBundle, requests: list[EditRequest]) -> list[EditRequest]:
@@ -178,13 +185,15 @@ class EMCIDEditor(ConfiguredEditor):
         return self._stage1(bundle, requests, z_layer, caches, progress)
 
     def second_moments(self, bundle: ModelBundle, layers: dict[str, list[int]],
-                       progress: bool, requests: list[EditRequest] = ()) -> dict:
+                       progress: bool, sources: list[str] = ()) -> dict:
         """The preservation statistics of every edited fc2, cached on disk; with
-        ``stats_without_sources``, over the captions that name none of the requests' sources."""
+        ``stats_without_sources``, over the captions that name none of ``sources`` (the
+        requests' and, in a chain, those earlier patches edited: one batch of them all would
+        leave those out too)."""
         config = self.config
         names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
-        without = [r.source for r in requests] if config.stats_without_sources else []
+        without = list(sources) if config.stats_without_sources else []
         with base_weights(bundle):  # a patched model's statistics are its base model's
             return second_moments(bundle, names, corpus, config.stats_samples,
                                   cache=self.cache("stats"), progress=progress, without=without)

@@ -146,7 +146,7 @@ def _protected_keys(reader: _KeyReader | None, owner: torch.Tensor, count: int, 
 def _layer_update(name: str, keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor,
                   config: Stage2Config, protected: torch.Tensor | None,
                   cache: TensorCache | None,
-                  reweighed: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
+                  reweighed: tuple | None = None) -> torch.Tensor:
     """One block's delta: the closed form (holding the ``protected`` keys, re-solving the
     earlier delta where ``reweighed``), or the closed form within the free space (which leaves
     them out)."""
@@ -174,15 +174,15 @@ def compute_deltas(
     progress: bool = True,
     protected: list[EditRequest] = (),
     cache: TensorCache | None = None,
-    earlier: tuple[float, dict[str, torch.Tensor]] | None = None,
+    earlier: tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weight delta of every edited fc2, by module name (float32, (d_out, d_in)).
 
     ``protected``: the requests earlier patches of the chain made, whose keys the update leaves
     alone (held in the closed form, or outside the null space's free space); ``cache``: where
-    C's eigenvectors are kept; ``earlier``: (the lam the chain's last patch used, the base
-    weights of the edited modules), so a batch whose lam differs re-solves the earlier
-    batches' delta at its own (held keys, closed form only).
+    C's eigenvectors are kept; ``earlier``: (the lam and the statistics the chain's last
+    patch used, the base weights of the edited modules), so a batch whose lam or statistics
+    differ re-solves the earlier batches' delta with its own (held keys, closed form only).
     The model is updated in place while the layers are processed and restored at the end.
     """
     deltas: dict[str, torch.Tensor] = {}
@@ -219,8 +219,9 @@ def compute_deltas(
                 kept = _protected_keys(guard_reader, guard_owner, len(guarded), layer, slot)
                 reweighed = None
                 if earlier is not None and kept is not None:  # D0: what the chain wrote here
-                    previous_lam, base = earlier[0], earlier[1][name]
-                    reweighed = (config.lam - previous_lam, fc2.weight.detach().float().cpu() - base)
+                    previous_lam, previous_moments, base = earlier
+                    reweighed = (previous_lam, previous_moments[name],
+                                 fc2.weight.detach().float().cpu() - base[name])
                 delta = _layer_update(name, keys, residual, second_moments[name], config, kept,
                                       cache, reweighed).float()
                 add_weights(bundle, {name: delta})
