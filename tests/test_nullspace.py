@@ -166,7 +166,7 @@ def test_a_grown_weight_re_solves_the_earlier_batch_with_what_it_wrote(sd1, monk
     assert torch.allclose(written, earlier.deltas[name].dense().float(), atol=1e-6)
     calls.clear()
     emcid.edit(sd1, [emcid.EditRequest("church", "castle")], progress=False,
-               **{**options, "lam": 0.1, "lam_edits": 3})
+               stats_without_sources=False, **{**options, "lam": 0.1, "lam_edits": 3})
     assert calls[0][6] is None  # lam 0.1 for three edits: the weight the first patch used
     calls.clear()
     corpus = tmp_path / "captions.txt"

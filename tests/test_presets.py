@@ -49,6 +49,19 @@ def test_memit_keeps_its_own_rows_over_its_parents(sd1):
     assert get_editor("emcid", sd1, task="aice").config.stage2.alpha == 0.6
 
 
+@pytest.mark.parametrize("method, task, profile, scaled", [
+    ("emcid", "object", None, True), ("emcid", "aice", None, True), ("emcid", "artist", None, False),
+    ("emcid", "object", "release", False), ("memit", "aice", None, False)])
+def test_statistics_without_sources_and_a_growing_lam_where_measured(sd1, method, task, profile, scaled):
+    """Object edits and ICEB leave the sources out of C and grow lam past 50 edits; the artist
+    task (measured: a trade), MEMIT's own update and the release profile keep the release's."""
+    options = {"profile": profile} if profile else {}
+    config = get_editor(method, sd1, task=task, **options).config
+    assert config.stats_without_sources is scaled
+    assert config.stage2.lam_edits == (50 if scaled else 0)
+    assert config.stage2.lam_for(1000) == config.stage2.lam * (20 if scaled else 1)
+
+
 def test_artist_task_wires_steps_layers_and_prompts(sd1):
     editor = get_editor("emcid", sd1, task="artist", **FAST)
     assert editor.config.stage1.steps == 20  # the caller's value wins over the preset's 100

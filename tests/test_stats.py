@@ -161,10 +161,10 @@ def test_statistics_without_sources_leave_out_the_captions_that_name_them(sd1, t
     corpus = tmp_path / "captions.txt"
     corpus.write_text("a photo of a tench\na red car on a road\ntench in a net\na dog on grass\n")
     options = {"steps": 1, "layers": {"text_encoder": [1]}, "corpus": str(corpus), "lam": 1.0}
-    emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False,
-               stats_without_sources=True, **options)
+    emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False, **options)  # the default
     assert seen["without"] == ["tench"]
-    emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False, **options)
+    emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False,
+               stats_without_sources=False, **options)
     assert seen["without"] == []
     corpus.write_text("a photo of a tench\ntench in a net\n")
     with pytest.raises(OptionError, match="every statistics caption names an edited source"):

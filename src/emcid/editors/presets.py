@@ -50,15 +50,21 @@ PRESETS: tuple[Preset, ...] = (
     Preset("emcid", {"style_contexts": 4}, task="artist",
            why="emcid: four '<caption> in the style of X' prompts as well, since users draw objects "
                "in a style and the release's prompts alone never reach them (docs/method.md section 8)"),
+    Preset("emcid", {"stats_without_sources": False, "lam_edits": 0}, task="artist",
+           why="emcid: erasing styles keeps the release's statistics and lam; without the erased "
+               "styles' captions and with lam grown past 50 styles, embedded:tasks traded "
+               "efficacy (0.73 -> 0.69 at 10 styles) for the other styles (-0.20 -> -0.17 at 100): "
+               "not a win (docs/mini.md)"),
     Preset("emcid", {"alpha": 0.6}, task="aice", why="release: a = 0.6 for arbitrary editing"),
     Preset("emcid", {"reference_stage1": {"target": "noise", "align_weight": 0.0}},
            task="rectification",
            why="undrawable classes: reference images, true-noise target, no text alignment"),
     Preset("memit", {"noise_weight": 0.0, "align_weight": 1.0, "alpha": 0.5, "reference_stage1": {},
-                     "init": "zero", "stop_tolerance": 0.0},
+                     "init": "zero", "stop_tolerance": 0.0, "stats_without_sources": False,
+                     "lam_edits": 0},
            why="MEMIT-style: pooled-text targets only (reference images play no part), found "
-               "from zero in fixed steps as MEMIT's compute_z does, and MEMIT's own update (a = 0.5) "
-               "on every task"),
+               "from zero in fixed steps as MEMIT's compute_z does, and MEMIT's own update (a = 0.5, "
+               "statistics over every caption, one lam at any scale) on every task"),
 )
 
 
@@ -75,7 +81,8 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "release": Profile(
         {"init": "zero", "residual": "release", "conditioning": "release", "latents": "release",
-         "stop_tolerance": 0.0, "style_contexts": 0, "written_contexts": 0, "earlier_edits": "free"},
+         "stop_tolerance": 0.0, "style_contexts": 0, "written_contexts": 0, "earlier_edits": "free",
+         "stats_without_sources": False, "lam_edits": 0},
         families=("sd1", "sd2"),
         why="the EMCID release's Stage I and Stage II where emcid departs from them (docs/method.md "
             "section 9); its other values are the defaults and the rows above already. Its SDXL "

@@ -105,8 +105,8 @@ class Stage2Config:
     # > 0: lam holds for up to this many edits and grows in proportion beyond them,
     # lam x max(1, edits / lam_edits), the edits counting this batch's concepts and those held
     # from earlier patches: C's weight against the edits' a K K^T then stays the same at any
-    # scale (docs/method.md); 0: lam at any scale (the release)
-    lam_edits: int = 0
+    # scale (docs/method.md; 50: measured on ICEB, docs/iceb.md); 0: lam at any scale (the release)
+    lam_edits: int = 50
     alpha: float = 0.5  # release: editing strength 0.5 (0.6 for arbitrary editing)
     # memit: per-prompt targets against block l*'s output; release: the EMCID release's one
     # target per concept against the mean fc2 output (stage2.py)
@@ -162,8 +162,9 @@ class EMCIDConfig:
     stats_samples: int = DEFAULT_SAMPLES
     corpus: str | None = None  # caption file for the statistics; None: the default corpus
     # Leave out of the statistics every caption that names an edited source (core/stats.py's
-    # captions_without): C then preserves what the edit keeps, not what it changes.
-    stats_without_sources: bool = False
+    # captions_without): C then preserves what the edit keeps, not what it changes. False: the
+    # release's statistics over every caption.
+    stats_without_sources: bool = True
     # Stage I options for requests with reference images (ICEB's undrawable classes: true-noise
     # target, text alignment off); all requests still share one Stage II solve.
     reference_stage1: dict = field(default_factory=dict)
