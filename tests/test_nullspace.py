@@ -145,12 +145,14 @@ def test_an_unknown_earlier_edits_choice_is_refused():
 
 
 def test_a_grown_weight_re_solves_the_earlier_batch_with_what_it_wrote(sd1, monkeypatch, tmp_path):
-    """With lam_edits, the second batch of a chain weighs three edits where the first weighed
-    two: its closed form gets the first patch's lam and the delta it wrote (docs/method.md)."""
+    """With lam_edits and earlier_edits="resolve", the second batch of a chain weighs three
+    edits where the first weighed two: its closed form gets the first patch's lam and the
+    delta it wrote (docs/method.md)."""
     from emcid.editors.emcid import stage2
 
     first = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("volcano", "beacon")]
-    options = {**FAST, "steps": 5, "layers": {"text_encoder": [1]}, "lam": 0.05, "lam_edits": 1}
+    options = {**FAST, "steps": 5, "layers": {"text_encoder": [1]}, "lam": 0.05, "lam_edits": 1,
+               "earlier_edits": "resolve"}
     earlier = emcid.edit(sd1, first, progress=False, **options)
     assert earlier.metadata["stage2_lam"] == pytest.approx(0.1)
     earlier.apply(sd1)
@@ -175,3 +177,7 @@ def test_a_grown_weight_re_solves_the_earlier_batch_with_what_it_wrote(sd1, monk
                corpus=str(corpus), **{**options, "lam": 0.1, "lam_edits": 3})
     lam0, moment0, _ = calls[0][6]  # other statistics: the first patch's are re-read, without tench
     assert lam0 == pytest.approx(0.1) and not torch.equal(moment0, calls[0][2])
+    calls.clear()
+    emcid.edit(sd1, [emcid.EditRequest("church", "castle")], progress=False,
+               **{**options, "earlier_edits": "hold"})
+    assert calls[0][6] is None  # the default holds the earlier keys and re-solves nothing

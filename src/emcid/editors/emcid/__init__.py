@@ -116,7 +116,8 @@ class EMCIDEditor(ConfiguredEditor):
         # None: the stopping rule was off for every request (nothing to report)
         self._unconverged = [t.request.source for t in unconverged(targets)] \
             if any(t.converged is not None for t in targets) else None
-        earlier_sources = [data["source"] for data in edited_requests(bundle)]
+        resolve = self.config.stage2.earlier_edits == "resolve"
+        earlier_sources = [data["source"] for data in edited_requests(bundle)] if resolve else []
         moments = self.second_moments(bundle, layers, progress,
                                       [r.source for r in requests] + earlier_sources)
         protected = self.protected_requests(bundle, requests)
@@ -127,14 +128,15 @@ class EMCIDEditor(ConfiguredEditor):
 
     def reweighing(self, bundle: ModelBundle, layers: dict[str, list[int]], moments: dict,
                    protected: list[EditRequest], earlier_sources: list[str]) -> tuple | None:
-        """(the chain's last lam, its statistics, the edited modules' base weights) where this
-        batch holds earlier edits under another weight or other statistics than theirs (a lam
-        that ``lam_edits`` grew, statistics without more sources): it then re-solves them with
-        its own, so the chain keeps solving one batch's objective. Assumes the chain's patches
-        left the same kind of captions out as this one."""
+        """With ``earlier_edits="resolve"``: (the chain's last lam, its statistics, the edited
+        modules' base weights) where this batch holds earlier edits under another weight or
+        other statistics than theirs (a lam that ``lam_edits`` grew, statistics without more
+        sources); it then re-solves them with its own, one batch's objective for one block.
+        Assumes the chain's patches left the same kind of captions out as this one."""
         previous = last_stage2_lam(bundle)
         same_statistics = not self.config.stats_without_sources
-        if not protected or previous is None or self.config.stage2.projection != "none" or \
+        if self.config.stage2.earlier_edits != "resolve" or not protected or previous is None or \
+                self.config.stage2.projection != "none" or \
                 (previous == self._lam and same_statistics):
             return None
         before = moments if same_statistics else self.second_moments(bundle, layers, False,
@@ -161,7 +163,7 @@ class EMCIDEditor(ConfiguredEditor):
         keys stay out of the null space's free space, or are held by the closed form
         (``earlier_edits="hold"``)."""
         stage2 = self.config.stage2
-        if stage2.projection != "nullspace" and stage2.earlier_edits != "hold":
+        if stage2.projection != "nullspace" and stage2.earlier_edits == "free":
             return []
         now = {r.source.casefold() for r in requests}
         earlier = [EditRequest(data["source"], data.get("destination", ""), tuple(data["prompts"]))
@@ -188,8 +190,8 @@ class EMCIDEditor(ConfiguredEditor):
                        progress: bool, sources: list[str] = ()) -> dict:
         """The preservation statistics of every edited fc2, cached on disk; with
         ``stats_without_sources``, over the captions that name none of ``sources`` (the
-        requests' and, in a chain, those earlier patches edited: one batch of them all would
-        leave those out too)."""
+        requests' and, with ``earlier_edits="resolve"``, those earlier patches edited: one batch
+        of them all would leave those out too)."""
         config = self.config
         names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None

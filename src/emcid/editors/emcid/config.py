@@ -120,7 +120,10 @@ class Stage2Config:
     # enter the closed form with the edits' weight, so a chain of batches solves one batch's
     # objective (recursive least squares; docs/method.md); free: each batch alone (emcid
     # before 2026-12-06). The null space removes those keys from its space either way.
-    earlier_edits: Literal["hold", "free"] = "hold"
+    # resolve: hold, and re-solve the chain's delta where this batch's lam or statistics differ
+    # from the last patch's (exact for one block; measured to wash the earlier batches out over
+    # eleven, docs/iceb.md)
+    earlier_edits: Literal["hold", "resolve", "free"] = "hold"
     # concept: one key per concept, the mean over its prompts (the release); prompt: one key
     # per prompt, for prompts whose keys differ too much to share one (style contexts)
     keys: Literal["concept", "prompt"] = "concept"
@@ -132,7 +135,7 @@ class Stage2Config:
         check_float("Stage II", "alpha", self.alpha, low=0, high=1, low_open=True, high_open=True)
         check_choice("Stage II", "residual", self.residual, ("memit", "release"))
         check_choice("Stage II", "projection", self.projection, ("none", "nullspace"))
-        check_choice("Stage II", "earlier_edits", self.earlier_edits, ("hold", "free"))
+        check_choice("Stage II", "earlier_edits", self.earlier_edits, ("hold", "resolve", "free"))
         check_choice("Stage II", "keys", self.keys, ("concept", "prompt"))
         if self.keys == "prompt" and self.residual == "release":
             raise OptionError("Stage II keys='prompt' needs residual='memit': the release's residual "
