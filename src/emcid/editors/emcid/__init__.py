@@ -148,14 +148,14 @@ class EMCIDEditor(ConfiguredEditor):
     def report(self) -> dict:
         """The Stage I steps each request's target took (the stopping rule's, or all) and,
         where the rule was on, the sources of those it never stopped (``stage1_unconverged``,
-        in the requests' order): their delta had not settled; with ``lam_edits``, the
-        preservation weight Stage II used (``stage2_lam``)."""
+        in the requests' order): their delta had not settled; and the preservation weight
+        Stage II used (``stage2_lam``: lam as ``lam_edits`` scaled it for this batch)."""
         steps = getattr(self, "_steps", None)
         found = {"stage1_steps": steps} if steps and None not in steps else {}
         if getattr(self, "_unconverged", None) is not None:
             found["stage1_unconverged"] = self._unconverged
         if getattr(self, "_lam", None) is not None:
-            found["stage2_lam"] = self._lam  # what lam_edits made of this batch's lam
+            found["stage2_lam"] = self._lam
         return found
 
     def protected_requests(self, bundle: ModelBundle, requests: list[EditRequest]) -> list[EditRequest]:
