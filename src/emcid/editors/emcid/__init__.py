@@ -124,10 +124,12 @@ class EMCIDEditor(ConfiguredEditor):
         self._lam = preservation_weight(self.config.stage2, len(targets), len(protected))
         return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress,
                               protected=protected, cache=self.cache("eigen"),
-                              earlier=self.reweighing(bundle, layers, moments, protected, earlier_sources))
+                              earlier=self.reweighing(bundle, layers, moments, protected, earlier_sources,
+                                                      self._lam))
 
     def reweighing(self, bundle: ModelBundle, layers: dict[str, list[int]], moments: dict,
-                   protected: list[EditRequest], earlier_sources: list[str]) -> tuple | None:
+                   protected: list[EditRequest], earlier_sources: list[str],
+                   lam: float) -> tuple | None:
         """With ``earlier_edits="resolve"``: (the chain's last lam, its statistics, the edited
         modules' base weights) where this batch holds earlier edits under another weight or
         other statistics than theirs (a lam that ``lam_edits`` grew, statistics without more
@@ -137,7 +139,7 @@ class EMCIDEditor(ConfiguredEditor):
         same_statistics = not self.config.stats_without_sources
         if self.config.stage2.earlier_edits != "resolve" or not protected or previous is None or \
                 self.config.stage2.projection != "none" or \
-                (previous == self._lam and same_statistics):
+                (previous == lam and same_statistics):
             return None
         before = moments if same_statistics else self.second_moments(bundle, layers, False,
                                                                      earlier_sources)

@@ -99,7 +99,8 @@ def resolve_precision(precision: Precision, device: torch.device) -> str:
 
 @dataclass
 class Stage2Config:
-    """Stage II hyperparameters; defaults are the release values (docs/method.md)."""
+    """Stage II hyperparameters; defaults are the release values where the comments do not
+    say emcid's own (docs/method.md, section 9)."""
 
     lam: float = 4000.0  # release: preservation weight 4000 (6000 for RoAD)
     # > 0: lam holds for up to this many edits and grows in proportion beyond them,
