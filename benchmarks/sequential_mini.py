@@ -4,8 +4,10 @@ one batch of N*M edits (by default 10 sequential batches of 100 against one batc
     python benchmarks/sequential_mini.py                      # N=10, M=100 (hours on a CPU)
     python benchmarks/sequential_mini.py --batches 3 --batch-size 5 --holdout-eval 20 --steps 50
 
-Each sequential batch is edited on the model carrying the earlier batches' patches (Stage I
-on that model, statistics from the base model) and applied on top. Both runs use the same
+Each sequential batch is edited on the model carrying the earlier batches' patches and applied
+on top, with the chain handled as ``earlier_edits`` says (``--option earlier_edits=hold``:
+Stage I on that model, the earlier keys held; the default ``replay``: the chain's requests
+solved again with the batch's, on the base model). Both runs use the same
 AICE edits (ICEB's split, destinations among the 5 nearest holdout classes, alpha 0.6) and
 are scored with ICEB's metrics on the same prompts and seeds: Source Forget and Source2Dest
 of the first batch's edits and of all edits, and Holdout Delta, all measured at the end.

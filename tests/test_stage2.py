@@ -163,22 +163,3 @@ def test_lam_edits_is_recorded_in_the_patch_and_refused_below_zero(sd1):
     for bad in (-1, 2.5):
         with pytest.raises(OptionError, match="lam_edits"):
             get_editor("emcid", sd1, lam_edits=bad, **options)
-
-
-def test_a_grown_lam_and_new_statistics_re_solve_the_earlier_batches_too():
-    """With lam_edits the weight grows along a chain, and statistics without the sources lose
-    more captions: batch 2, holding batch 1's keys and re-solving batch 1's delta with its own
-    lam and C, gives one batch's update with them."""
-    torch.manual_seed(3)
-    d_in, d_out, alpha = 10, 4, 0.6
-    samples = torch.randn(30, d_in, dtype=torch.float64)
-    second, fewer = samples.T @ samples / 30, samples[:20].T @ samples[:20] / 20
-    k1, k2 = torch.randn(d_in, 3, dtype=torch.float64), torch.randn(d_in, 2, dtype=torch.float64)
-    r1, r2 = torch.randn(d_out, 3, dtype=torch.float64), torch.randn(d_out, 2, dtype=torch.float64)
-    together = closed_form_update(torch.cat([k1, k2], 1), torch.cat([r1, r2], 1), fewer, 9.0, alpha)
-    first = closed_form_update(k1, r1, second, 3.0, alpha)
-    then = closed_form_update(k2, r2 - first @ k2, fewer, 9.0, alpha, held=k1,
-                              reweighed=(3.0, second, first))
-    assert torch.allclose(first + then, together, atol=1e-10)
-    held_only = closed_form_update(k2, r2 - first @ k2, fewer, 9.0, alpha, held=k1)
-    assert not torch.allclose(first + held_only, together, atol=1e-3)

@@ -46,6 +46,7 @@ class PatchChain:
     # path of the weights it replaced, and the fingerprint the folder had when written.
     history: list[dict] = field(default_factory=list)
     recorded_fingerprint: str | None = None
+    at_base: bool = False  # inside base_weights: a nested call has nothing to swap
 
     @classmethod
     def read(cls, folder: Path) -> PatchChain:
@@ -141,15 +142,22 @@ def base_weights(bundle: ModelBundle) -> Iterator[ModelBundle]:
     statistics here, so every batch is solved against the same record of which key directions
     the base model's other concepts use (not one that counts earlier edits' keys as in use),
     cached once under the base model's fingerprint. The edited weights are put back, bit for
-    bit, on leaving.
+    bit, on leaving. Inside the block, a nested call changes nothing.
     """
+    if bundle.chain.at_base:
+        yield bundle
+        return
     chain = _chain_base(bundle) if bundle.chain.history else {}
     with restored(bundle, set(bundle.chain.originals) | set(chain)):
         load_weights(bundle, bundle.chain.originals)
         if chain:
             _check_recorded(bundle)
         load_weights(bundle, chain)
-        yield bundle
+        bundle.chain.at_base = True
+        try:
+            yield bundle
+        finally:
+            bundle.chain.at_base = False
 
 
 def base_fingerprint(bundle: ModelBundle) -> str:
@@ -181,9 +189,10 @@ def write_history(bundle: ModelBundle, folder: Path) -> None:
         name = f"step-{len(steps) + 1:03d}.safetensors"
         save_tensors_atomic(history / name, replaced)
         steps.append({"sha256": patch.checksum, "method": patch.metadata.get("method"),
-                      "sources": patch.sources, "scale": scale, "originals": name,
+                      "task": patch.metadata.get("task"), "sources": patch.sources,
+                      "scale": scale, "originals": name,
                       "requests": patch.metadata.get("requests", []),
-                      "stage2_lam": patch.metadata.get("stage2_lam")})
+                      "erase_destination": patch.metadata.get("erase_destination")})
     if steps:
         chain = {"model_fingerprint": bundle.fingerprint(), "steps": steps}
         (history / HISTORY_FILE).write_text(json.dumps(chain, indent=2))
@@ -197,12 +206,20 @@ def edited_requests(bundle: ModelBundle) -> list[dict]:
     return recorded + [r for patch, _ in bundle.chain.applied for r in patch.metadata.get("requests", [])]
 
 
-def last_stage2_lam(bundle: ModelBundle) -> float | None:
-    """The preservation weight the chain's last patch recorded (``stage2_lam``; None where it
-    recorded none): a later batch whose weight differs re-solves the earlier ones at its own."""
-    if bundle.chain.applied:
-        return bundle.chain.applied[-1][0].metadata.get("stage2_lam")
-    return bundle.chain.history[-1].get("stage2_lam") if bundle.chain.history else None
+def chain_steps(bundle: ModelBundle) -> list[dict]:
+    """Every patch the model carries, oldest first: its ``method``, ``task``, ``scale``,
+    ``requests`` and ``erase_destination`` (what its erases became; each None where the record
+    has none)."""
+    keys = ("method", "task", "requests", "erase_destination")
+    steps = [{**{k: step.get(k) for k in keys}, "scale": step.get("scale", 1.0)}
+             for step in bundle.chain.history]
+    return steps + [{**{k: patch.metadata.get(k) for k in keys}, "scale": scale}
+                    for patch, scale in bundle.chain.applied]
+
+
+def chain_modules(bundle: ModelBundle) -> set[str]:
+    """The modules the patches the model carries changed."""
+    return set(bundle.chain.originals) | (set(_chain_base(bundle)) if bundle.chain.history else set())
 
 
 def _describe(step: dict, number: int, total: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -9,21 +10,25 @@ from pathlib import Path
 from ...concepts import OBJECT_PROMPTS
 from ...core.bundle import ModelBundle
 from ...core.cache import TensorCache
-from ...core.chain import base_weights, edited_requests, last_stage2_lam
+from ...core.chain import base_weights, chain_checksums, edited_requests
 from ...core.config import check_corpus
 from ...core.stats import read_corpus, second_moments
+from ...core.weights import current_weights
 from ...errors import OptionError
 from ...requests.edit import EditRequest
 from ..base import ConfiguredEditor
 from ..presets import PROFILES, preset_options, resolve_layers
 from .config import STAGE1_KEYS, STAGE2_KEYS, EMCIDConfig, Stage1Config, Stage2Config
 from .contexts import style_context_prompts, with_written_contexts, written_context_prompts
+from .replay import chain_difference, earlier_requests, replay_problem
 from .stage1 import compute_targets
 from .stage1.report import unconverged
 from .stage2 import compute_deltas, preservation_weight
 
 __all__ = ["STAGE1_KEYS", "STAGE2_KEYS", "EMCIDConfig", "EMCIDEditor", "MEMITEditor", "Stage1Config",
            "Stage2Config", "compute_deltas", "compute_targets", "distributed_state"]
+
+log = logging.getLogger(__name__)
 
 
 def distributed_state():
@@ -57,8 +62,13 @@ class EMCIDEditor(ConfiguredEditor):
         return {k: v for k, v in found.items() if profile is None or k not in profile.options}
 
     def check(self, bundle: ModelBundle) -> None:
-        self.layers_for(bundle)
+        layers = self.layers_for(bundle)
         check_corpus(self.config.corpus)
+        if self.replays(bundle):
+            problem = replay_problem(bundle, self.name, self.task, set(self.fc2_names(bundle, layers)))
+            if problem:
+                raise OptionError(f"earlier_edits='replay' re-solves the patches this model carries, "
+                                  f"but {problem}: use earlier_edits='hold'")
         profile = PROFILES.get(self.config.profile)
         if profile is not None and bundle.family not in profile.families:
             raise OptionError(f"profile {self.config.profile!r} is exact for {', '.join(profile.families)} "
@@ -109,43 +119,43 @@ class EMCIDEditor(ConfiguredEditor):
             layers[slot_name] = sorted(set(indices))
         return layers
 
+    def replays(self, bundle: ModelBundle) -> bool:
+        """Whether this batch re-solves the chain the model carries (``earlier_edits="replay"``)."""
+        return self.config.stage2.earlier_edits == "replay" and bool(chain_checksums(bundle))
+
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         layers = self.layers_for(bundle)
+        self._replayed = None
+        if not self.replays(bundle):
+            return self.solve(bundle, requests, layers, progress)
+        earlier = earlier_requests(bundle, requests)
+        log.info("earlier_edits=replay: the chain's %d earlier requests solved on the base model "
+                 "with these %d", len(earlier), len(requests))
+        names = self.fc2_names(bundle, layers)
+        with base_weights(bundle):
+            base = current_weights(bundle, names)
+            solved = self.solve(bundle, earlier + requests, layers, progress)
+        self._replayed = len(earlier)
+        if self._steps is not None:
+            self._steps = self._steps[len(earlier):]
+        if self._unconverged is not None:
+            now = {r.source for r in requests}
+            self._unconverged = [source for source in self._unconverged if source in now]
+        return chain_difference(solved, base, current_weights(bundle, names))
+
+    def solve(self, bundle: ModelBundle, requests: list[EditRequest], layers: dict[str, list[int]],
+              progress: bool) -> dict:
+        """Stage I and Stage II for ``requests`` on the model as it is."""
         targets = self.written_contexts(bundle, self.stage1_targets(bundle, requests, layers, progress))
         self._steps = [t.steps for t in targets]
         # None: the stopping rule was off for every request (nothing to report)
         self._unconverged = [t.request.source for t in unconverged(targets)] \
             if any(t.converged is not None for t in targets) else None
-        resolve = self.config.stage2.earlier_edits == "resolve"
-        earlier_sources = [data["source"] for data in edited_requests(bundle)] if resolve else []
-        moments = self.second_moments(bundle, layers, progress,
-                                      [r.source for r in requests] + earlier_sources)
+        moments = self.second_moments(bundle, layers, progress, [r.source for r in requests])
         protected = self.protected_requests(bundle, requests)
         self._lam = preservation_weight(self.config.stage2, len(targets), len(protected))
         return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress,
-                              protected=protected, cache=self.cache("eigen"),
-                              earlier=self.reweighing(bundle, layers, moments, protected, earlier_sources,
-                                                      self._lam))
-
-    def reweighing(self, bundle: ModelBundle, layers: dict[str, list[int]], moments: dict,
-                   protected: list[EditRequest], earlier_sources: list[str],
-                   lam: float) -> tuple | None:
-        """With ``earlier_edits="resolve"``: (the chain's last lam, its statistics, the edited
-        modules' base weights) where this batch holds earlier edits under another weight or
-        other statistics than theirs (a lam that ``lam_edits`` grew, statistics without more
-        sources); it then re-solves them with its own, one batch's objective for one block.
-        Assumes the chain's patches left the same kind of captions out as this one."""
-        previous = last_stage2_lam(bundle)
-        same_statistics = not self.config.stats_without_sources
-        if self.config.stage2.earlier_edits != "resolve" or not protected or previous is None or \
-                self.config.stage2.projection != "none" or \
-                (previous == lam and same_statistics):
-            return None
-        before = moments if same_statistics else self.second_moments(bundle, layers, False,
-                                                                     earlier_sources)
-        with base_weights(bundle):
-            base = {n: bundle.module(n).weight.detach().float().cpu().clone() for n in moments}
-        return previous, before, base
+                              protected=protected, cache=self.cache("eigen"))
 
     def report(self) -> dict:
         """The Stage I steps each request's target took (the stopping rule's, or all) and,
@@ -158,6 +168,8 @@ class EMCIDEditor(ConfiguredEditor):
             found["stage1_unconverged"] = self._unconverged
         if getattr(self, "_lam", None) is not None:
             found["stage2_lam"] = self._lam
+        if getattr(self, "_replayed", None) is not None:
+            found["stage2_replayed"] = self._replayed
         return found
 
     def protected_requests(self, bundle: ModelBundle, requests: list[EditRequest]) -> list[EditRequest]:
@@ -165,7 +177,7 @@ class EMCIDEditor(ConfiguredEditor):
         keys stay out of the null space's free space, or are held by the closed form
         (``earlier_edits="hold"``)."""
         stage2 = self.config.stage2
-        if stage2.projection != "nullspace" and stage2.earlier_edits == "free":
+        if (stage2.projection != "nullspace" and stage2.earlier_edits == "free") or self.replays(bundle):
             return []
         now = {r.source.casefold() for r in requests}
         earlier = [EditRequest(data["source"], data.get("destination", ""), tuple(data["prompts"]))
@@ -191,16 +203,20 @@ class EMCIDEditor(ConfiguredEditor):
     def second_moments(self, bundle: ModelBundle, layers: dict[str, list[int]],
                        progress: bool, sources: list[str] = ()) -> dict:
         """The preservation statistics of every edited fc2, cached on disk; with
-        ``stats_without_sources``, over the captions that name none of ``sources`` (the
-        requests' and, with ``earlier_edits="resolve"``, those earlier patches edited: one batch
-        of them all would leave those out too)."""
+        ``stats_without_sources``, over the captions that name none of ``sources`` (the edited
+        ones; in a replayed chain, every concept the chain edits)."""
         config = self.config
-        names = [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
+        names = self.fc2_names(bundle, layers)
         corpus = read_corpus(Path(config.corpus)) if config.corpus else None
         without = list(sources) if config.stats_without_sources else []
         with base_weights(bundle):  # a patched model's statistics are its base model's
             return second_moments(bundle, names, corpus, config.stats_samples,
                                   cache=self.cache("stats"), progress=progress, without=without)
+
+    @staticmethod
+    def fc2_names(bundle: ModelBundle, layers: dict[str, list[int]]) -> list[str]:
+        """The module names of the edited fc2 weights."""
+        return [bundle.slot(s).fc2_name(i) for s, indices in layers.items() for i in indices]
 
     def _stage1(self, bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
                 caches: tuple[TensorCache, TensorCache], progress: bool) -> list:

@@ -117,14 +117,14 @@ class Stage2Config:
     # in the chain edited (nullspace.py; docs/method.md)
     projection: Literal["none", "nullspace"] = "none"
     nullspace_threshold: float = 1e-2
-    # hold: in a sequential edit, the keys of the concepts earlier patches in the chain edited
-    # enter the closed form with the edits' weight, so a chain of batches solves one batch's
-    # objective (recursive least squares; docs/method.md); free: each batch alone (emcid
-    # before 2026-12-06). The null space removes those keys from its space either way.
-    # resolve: hold, and re-solve the chain's delta where this batch's lam or statistics differ
-    # from the last patch's (exact for one block; measured to wash the earlier batches out over
-    # eleven, docs/iceb.md)
-    earlier_edits: Literal["hold", "resolve", "free"] = "hold"
+    # In a sequential edit (a model carrying patches): replay: solve this batch with every
+    # request the chain's patches made, on the base model, and add the difference to what the
+    # chain added, so the chain holds one batch of all its concepts (replay.py; earlier
+    # targets from the Stage I cache; a chain of this editor's patches only); hold: the keys
+    # of the concepts the chain edited enter the closed form with the edits' weight (one
+    # batch's objective for one block; docs/method.md); free: each batch alone (emcid before
+    # 2026-12-06). The null space removes the held keys from its space with hold or free.
+    earlier_edits: Literal["replay", "hold", "free"] = "replay"
     # concept: one key per concept, the mean over its prompts (the release); prompt: one key
     # per prompt, for prompts whose keys differ too much to share one (style contexts)
     keys: Literal["concept", "prompt"] = "concept"
@@ -136,7 +136,7 @@ class Stage2Config:
         check_float("Stage II", "alpha", self.alpha, low=0, high=1, low_open=True, high_open=True)
         check_choice("Stage II", "residual", self.residual, ("memit", "release"))
         check_choice("Stage II", "projection", self.projection, ("none", "nullspace"))
-        check_choice("Stage II", "earlier_edits", self.earlier_edits, ("hold", "resolve", "free"))
+        check_choice("Stage II", "earlier_edits", self.earlier_edits, ("replay", "hold", "free"))
         check_choice("Stage II", "keys", self.keys, ("concept", "prompt"))
         if self.keys == "prompt" and self.residual == "release":
             raise OptionError("Stage II keys='prompt' needs residual='memit': the release's residual "

@@ -10,26 +10,18 @@ SOLVE_RTOL = 1e-10  # eigenvalues of a singular system below this fraction of it
 def closed_form_update(
     keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor, lam: float,
     alpha: float, held: torch.Tensor | None = None,
-    reweighed: tuple[float, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``(a R K^T - (1-a) D0 (lam C - lam0 C0)) (lam (1-a) C + a K K^T + a P P^T)^{-1}`` by a
-    float64 linear solve (Cholesky).
+    """``a R K^T (lam (1-a) C + a K K^T + a P P^T)^{-1}`` by a float64 linear solve (Cholesky).
 
     keys: (d_in, e); residuals: (d_out, e); second_moment: (d_in, d_in); ``held`` (d_in, p):
     keys ``P`` whose outputs the update keeps, weighed as edits are (earlier batches' keys in
-    a sequential edit); ``reweighed`` ``(lam0, C0, D0)``: the earlier batches' delta ``D0`` of
-    this block was solved with lam0 and C0, and is re-solved with this lam and C (docs/method.md,
-    "Sequential edits"); without it the term is 0. Returns (d_out, d_in).
+    a sequential edit). Returns (d_out, d_in).
     """
     k = keys.double()
     system = lam * (1 - alpha) * second_moment.double() + alpha * k @ k.T
     if held is not None and held.numel():
         system = system + alpha * held.double() @ held.double().T
     rhs = k @ residuals.double().T
-    if reweighed is not None:
-        lam0, moment0, earlier = reweighed
-        change = lam * second_moment.double() - lam0 * moment0.double()
-        rhs = rhs - (1 - alpha) / alpha * change @ earlier.double().T
     # The system is symmetric, so Delta^T = a * system^{-1} K R^T. It is positive definite
     # unless C is singular there (lam > 0 always): Cholesky where it succeeds, else the
     # minimum-norm solution (directions that hold neither keys nor statistics stay unwritten).

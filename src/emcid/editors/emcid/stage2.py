@@ -145,14 +145,11 @@ def _protected_keys(reader: _KeyReader | None, owner: torch.Tensor, count: int, 
 
 def _layer_update(name: str, keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor,
                   config: Stage2Config, protected: torch.Tensor | None,
-                  cache: TensorCache | None,
-                  reweighed: tuple | None = None) -> torch.Tensor:
-    """One block's delta: the closed form (holding the ``protected`` keys, re-solving the
-    earlier delta where ``reweighed``), or the closed form within the free space (which leaves
-    them out)."""
+                  cache: TensorCache | None) -> torch.Tensor:
+    """One block's delta: the closed form (holding the ``protected`` keys), or the closed form
+    within the free space (which leaves them out)."""
     if config.projection == "none":
-        return closed_form_update(keys, residual, second_moment, config.lam, config.alpha, protected,
-                                  reweighed)
+        return closed_form_update(keys, residual, second_moment, config.lam, config.alpha, protected)
     values, vectors = eigen_decomposition(second_moment, cache)
     basis, reduced = free_space(name, values, vectors, config.nullspace_threshold, protected)
     return projected_update(keys, residual, basis, reduced, config.lam, config.alpha)
@@ -174,15 +171,12 @@ def compute_deltas(
     progress: bool = True,
     protected: list[EditRequest] = (),
     cache: TensorCache | None = None,
-    earlier: tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weight delta of every edited fc2, by module name (float32, (d_out, d_in)).
 
     ``protected``: the requests earlier patches of the chain made, whose keys the update leaves
     alone (held in the closed form, or outside the null space's free space); ``cache``: where
-    C's eigenvectors are kept; ``earlier``: (the lam and the statistics the chain's last
-    patch used, the base weights of the edited modules), so a batch whose lam or statistics
-    differ re-solves the earlier batches' delta with its own (held keys, closed form only).
+    C's eigenvectors are kept.
     The model is updated in place while the layers are processed and restored at the end.
     """
     deltas: dict[str, torch.Tensor] = {}
@@ -217,13 +211,8 @@ def compute_deltas(
                 residual = _residuals(z, current, owner, count, config.residual)
                 residual = residual.T / (len(ordered) - i)
                 kept = _protected_keys(guard_reader, guard_owner, len(guarded), layer, slot)
-                reweighed = None
-                if earlier is not None and kept is not None:  # D0: what the chain wrote here
-                    previous_lam, previous_moments, base = earlier
-                    reweighed = (previous_lam, previous_moments[name],
-                                 fc2.weight.detach().float().cpu() - base[name])
                 delta = _layer_update(name, keys, residual, second_moments[name], config, kept,
-                                      cache, reweighed).float()
+                                      cache).float()
                 add_weights(bundle, {name: delta})
                 deltas[name] = delta
     return deltas

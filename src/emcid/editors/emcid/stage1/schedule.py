@@ -136,6 +136,8 @@ def compute_targets(
     size = fitting_batch(bundle, [requests[i] for i in missing], z_layer, config, image_cache, runtime) \
         if missing else 1
     cached = len(requests) - len(missing)
+    log.info("Stage I: %d of %d concepts read from the cache, %d to compute", cached, len(requests),
+             len(missing))
     # Counted in concept-steps, so a batch that holds every concept (as on a GPU) still moves.
     resumed = sum(int(saved[i]["step"]) for i in missing if i in saved)
     with tqdm(total=len(missing) * config.steps, initial=resumed, desc="Stage I",
