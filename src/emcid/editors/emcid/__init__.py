@@ -161,7 +161,9 @@ class EMCIDEditor(ConfiguredEditor):
         """The Stage I steps each request's target took (the stopping rule's, or all) and,
         where the rule was on, the sources of those it never stopped (``stage1_unconverged``,
         in the requests' order): their delta had not settled; and the preservation weight
-        Stage II used (``stage2_lam``: lam as ``lam_edits`` scaled it for this batch)."""
+        Stage II used (``stage2_lam``: lam as ``lam_edits`` scaled it for this batch); in a
+        replayed chain, how many of the chain's requests were solved again with this batch's
+        (``stage2_replayed``)."""
         steps = getattr(self, "_steps", None)
         found = {"stage1_steps": steps} if steps and None not in steps else {}
         if getattr(self, "_unconverged", None) is not None:
