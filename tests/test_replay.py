@@ -78,19 +78,24 @@ def test_a_chain_replay_cannot_redo_is_refused_before_any_work(sd1, made_by, mon
 
 
 def test_the_replayed_requests_keep_each_sources_last_patch_and_its_erase_destination():
-    """A source edited by several patches keeps the last one's requests (every destination it
-    gave, as debias-like batches may); erases take the destination their patch recorded."""
+    """A source edited by several patches keeps the last one's request (names compared as a
+    batch compares them); erases take the destination their patch recorded; a chain across
+    batches (A -> B, then B -> C) is refused as one batch refuses it."""
     from types import SimpleNamespace
 
     from emcid.core.chain import PatchChain
     from emcid.editors.emcid.replay import earlier_requests
+    from emcid.errors import RequestError
 
     def step(requests, erase_destination="canvas"):
         return {"method": "emcid", "task": "edit", "scale": 1.0, "erase_destination": erase_destination,
                 "requests": [emcid.EditRequest(s, d).to_dict() for s, d in requests]}
 
-    chain = PatchChain(history=[step([("tench", "goldfish"), ("volcano", "")]),
-                                step([("Tench", "castle"), ("tench", "beacon"), ("church", "")], "plain")])
-    found = earlier_requests(SimpleNamespace(chain=chain), [emcid.EditRequest("church", "tower")])
+    chain = PatchChain(history=[step([("tench", "goldfish"), ("volcano", ""), ("church", "castle")]),
+                                step([("Tench ", "beacon"), ("sea lion", "")], "plain")])
+    bundle = SimpleNamespace(chain=chain)
+    found = earlier_requests(bundle, [emcid.EditRequest("church", "tower")])
     assert [(r.source, r.destination) for r in found] == [
-        ("volcano", "canvas"), ("Tench", "castle"), ("tench", "beacon")]
+        ("volcano", "canvas"), ("Tench", "beacon"), ("sea lion", "plain")]
+    with pytest.raises(RequestError, match="earlier_edits='replay'.*chain.*'hold'"):
+        earlier_requests(bundle, [emcid.EditRequest("beacon", "tower")])

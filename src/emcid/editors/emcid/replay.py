@@ -16,7 +16,9 @@ import torch
 
 from ...core.bundle import ModelBundle
 from ...core.chain import chain_modules, chain_steps
-from ...requests.edit import EditRequest
+from ...core.tokens import normalise
+from ...errors import RequestError
+from ...requests.edit import EditRequest, validate_requests
 
 
 def replay_problem(bundle: ModelBundle, method: str, task: str, edited: set[str]) -> str | None:
@@ -41,17 +43,28 @@ def replay_problem(bundle: ModelBundle, method: str, task: str, edited: set[str]
 
 def earlier_requests(bundle: ModelBundle, requests: list[EditRequest]) -> list[EditRequest]:
     """The requests of the chain's patches, oldest first, less the sources edited again later
-    (by a later patch, or by ``requests``): a source keeps the requests of the last patch that
+    (by a later patch, or by ``requests``): a source keeps the request of the last patch that
     edited it. Erases take the destination their patch recorded for them, as when they were
-    made."""
-    seen = {r.source.casefold() for r in requests}
-    kept: list[list[EditRequest]] = []
-    for step in reversed(chain_steps(bundle)):
+    made. Refused where they and ``requests`` are not a valid batch together (a chain A -> B,
+    B -> C across batches): replay solves them as one."""
+    seen = {normalise(r.source) for r in requests}
+    kept: list[list[tuple[EditRequest, str]]] = []
+    steps = chain_steps(bundle)
+    for number, step in reversed(list(enumerate(steps, 1))):
         found = [EditRequest.from_dict(data) for data in step["requests"]]
-        kept.append([replace(r, destination=step["erase_destination"]) if r.is_erase else r
-                     for r in found if r.source.casefold() not in seen])
-        seen |= {r.source.casefold() for r in found}
-    return [r for step in reversed(kept) for r in step]
+        kept.append([(replace(r, destination=step["erase_destination"]) if r.is_erase else r,
+                      f"request {index} of patch {number} of the chain")
+                     for index, r in enumerate(found, 1) if normalise(r.source) not in seen])
+        seen |= {normalise(r.source) for r in found}
+    earlier = [pair for step in reversed(kept) for pair in step]
+    labels = [label for _, label in earlier] + [f"request {i} of this batch"
+                                                for i in range(1, len(requests) + 1)]
+    try:
+        validate_requests([r for r, _ in earlier] + list(requests), labels)
+    except RequestError as exc:
+        raise RequestError(f"earlier_edits='replay' solves the chain's requests and this batch's as one "
+                           f"batch: {exc} (earlier_edits='hold' edits the patched model instead)") from None
+    return [r for r, _ in earlier]
 
 
 def chain_difference(solved: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
