@@ -173,3 +173,25 @@ def test_statistics_without_sources_leave_out_the_captions_that_name_them(sd1, t
     with pytest.raises(OptionError, match="stats_without_sources"):
         emcid.edit(sd1, [emcid.EditRequest("tench", "goldfish")], progress=False,
                    stats_without_sources="yes", **options)
+
+
+def test_token_neighbours_of_the_sources_count_as_often_as_asked(sd1):
+    """With neighbour_weight 3, C is the kept captions' with every caption that shares a word
+    piece with a source (but names none) three times; common word pieces ("a") do not count."""
+    from emcid.core.stats import captions_without, neighbour_captions
+
+    captions = ["a photo of a goldfish", "a red car on a road", "goldfish in a bowl", "a dog on grass",
+                "a castle at night", "a goldfinch on a branch", "a car park", "a fish market", "a cat"]
+    sources = ["goldfish", "fish"]
+    kept = captions_without(captions, sources)
+    near = neighbour_captions(sd1, kept, sources)
+    assert "a dog on grass" not in near and "a cat" not in near  # "a" is in most captions
+    assert near, "the tiny tokenizer splits no caption's words into the sources' pieces"
+    name = sd1.slot("text_encoder").fc2_name(1)
+    weighed = second_moments(sd1, [name], captions, cache=TensorCache("stats-neighbours"), progress=False,
+                             without=sources, neighbours=sources, neighbour_weight=3.0)
+    repeated = kept + near + near
+    assert torch.allclose(weighed[name].double(), _direct_moment(sd1, name, repeated), rtol=1e-4, atol=1e-6)
+    plain = second_moments(sd1, [name], captions, cache=TensorCache("stats-neighbours"), progress=False,
+                           without=sources)
+    assert not torch.allclose(weighed[name], plain[name], rtol=1e-3)

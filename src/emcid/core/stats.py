@@ -164,29 +164,61 @@ def _cached_moments(bundle: ModelBundle, module_names: Sequence[str], captions: 
     return result
 
 
+def neighbour_captions(bundle: ModelBundle, captions: Sequence[str], names: Sequence[str],
+                       common: float = 0.02) -> list[str]:
+    """The captions that share a word piece with one of ``names`` (the first encoder's
+    tokenizer), word pieces found in more than ``common`` of the captions ("a", "photo of")
+    left out: where the keys of other concepts lie next to the named ones'."""
+    tokenizer = bundle.slots()[0].tokenizer
+    pieces = [set(ids) for ids in tokenizer(list(captions), add_special_tokens=False)["input_ids"]]
+    counts: dict[int, int] = {}
+    for found in pieces:
+        for piece in found:
+            counts[piece] = counts.get(piece, 0) + 1
+    named = {piece for ids in tokenizer(list(names), add_special_tokens=False)["input_ids"] for piece in ids
+             if counts.get(piece, 0) <= max(common * len(captions), 1)}
+    return [caption for caption, found in zip(captions, pieces, strict=True) if found & named]
+
+
+def _kept_sums(bundle: ModelBundle, module_names: list[str], captions: list[str], kept: list[str],
+               named: list[str], batch_size: int, cache: TensorCache, progress: bool,
+               ) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per module: (float64 sum of k k^T over ``kept``, its tokens): the cached totals of the
+    whole corpus less the ``named`` captions' sums, or the kept ones summed where fewer stay."""
+    if len(named) >= len(kept):
+        return _sums(bundle, module_names, kept, batch_size, progress)
+    whole = _cached_moments(bundle, module_names, captions, batch_size, cache, progress)
+    left_out = _sums(bundle, module_names, named, batch_size, progress) if named else {}
+    result = {}
+    for name in module_names:
+        moment, tokens = whole[name]
+        named_sum, named_tokens = left_out.get(name, (0.0, 0))
+        result[name] = moment.double() * tokens - named_sum, tokens - named_tokens
+    return result
+
+
 def _moments_without(bundle: ModelBundle, module_names: list[str], captions: list[str],
                      names: Sequence[str], batch_size: int, cache: TensorCache, progress: bool,
+                     neighbours: Sequence[str] = (), neighbour_weight: float = 1.0,
                      ) -> dict[str, torch.Tensor]:
-    """C over the captions that name none of ``names``: the cached totals of the whole corpus
-    less the sums of the captions left out, so a new set of names costs only those captions'
-    encoder passes (or the kept ones', where fewer stay than go). Not cached itself."""
+    """C over the captions that name none of ``names``, where the captions that share a word
+    piece with one of ``neighbours`` (and name none of ``names``) count ``neighbour_weight``
+    times. A new set of names costs only their captions' encoder passes. Not cached itself."""
     kept, named = split_captions(captions, names)
     log.info("statistics: %d of %d captions name no edited source", len(kept), len(captions))
     if not kept:
         raise OptionError("stats_without_sources: every statistics caption names an edited source; "
                           "give a corpus with other captions (--corpus)")
-    if len(named) >= len(kept):
-        return {n: m for n, (m, _) in _accumulate(bundle, module_names, kept, batch_size,
-                                                   progress).items()}
-    whole = _cached_moments(bundle, module_names, captions, batch_size, cache, progress)
-    if not named:
-        return {n: m for n, (m, _) in whole.items()}
-    left_out = _sums(bundle, module_names, named, batch_size, progress)
-    result = {}
-    for name in module_names:
-        (moment, tokens), (named_sum, named_tokens) = whole[name], left_out[name]
-        result[name] = ((moment.double() * tokens - named_sum) / (tokens - named_tokens)).float()
-    return result
+    sums = _kept_sums(bundle, module_names, captions, kept, named, batch_size, cache, progress)
+    near = neighbour_captions(bundle, kept, neighbours) if neighbours and neighbour_weight != 1.0 else []
+    if near:
+        log.info("statistics: %d captions share a word piece with an edited source, weighed %g",
+                 len(near), neighbour_weight)
+        extra = _sums(bundle, module_names, near, batch_size, progress)
+        more = neighbour_weight - 1
+        sums = {n: (total + more * extra[n][0], tokens + more * extra[n][1])
+                for n, (total, tokens) in sums.items()}
+    return {n: (total / tokens).float() for n, (total, tokens) in sums.items()}
 
 
 def second_moments(
@@ -198,14 +230,18 @@ def second_moments(
     cache: TensorCache | None = None,
     progress: bool = True,
     without: Sequence[str] = (),
+    neighbours: Sequence[str] = (),
+    neighbour_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """C = E[k k^T] of each module's input, from the cache where possible; with ``without``,
-    over the captions (of the first ``sample_count``) that name none of those names."""
+    over the captions (of the first ``sample_count``) that name none of those names; with
+    ``neighbours`` and a ``neighbour_weight`` other than 1, the captions that share a word piece
+    with one of those names count that many times."""
     captions = list(captions) if captions is not None else default_corpus(bundle, sample_count)
     captions = captions[:sample_count]
     cache = cache or TensorCache("stats")
-    if without:
+    if without or (neighbours and neighbour_weight != 1.0):
         return _moments_without(bundle, list(module_names), captions, without, batch_size, cache,
-                                progress)
+                                progress, neighbours, neighbour_weight)
     return {n: m for n, (m, _) in _cached_moments(bundle, module_names, captions, batch_size, cache,
                                                    progress).items()}

@@ -213,7 +213,8 @@ class EMCIDEditor(ConfiguredEditor):
         without = list(sources) if config.stats_without_sources else []
         with base_weights(bundle):  # a patched model's statistics are its base model's
             return second_moments(bundle, names, corpus, config.stats_samples,
-                                  cache=self.cache("stats"), progress=progress, without=without)
+                                  cache=self.cache("stats"), progress=progress, without=without,
+                                  neighbours=list(sources), neighbour_weight=config.neighbour_weight)
 
     @staticmethod
     def fc2_names(bundle: ModelBundle, layers: dict[str, list[int]]) -> list[str]:

@@ -169,6 +169,10 @@ class EMCIDConfig:
     # captions_without): C then preserves what the edit keeps, not what it changes. False: the
     # release's statistics over every caption.
     stats_without_sources: bool = True
+    # The captions that share a word piece with an edited source but name none (its token
+    # neighbours, core/stats.py) count this many times in the statistics: the keys of those
+    # concepts lie next to the sources', where an edit spills (docs/iceb.md). 1: as any caption.
+    neighbour_weight: float = 1.0
     # Stage I options for requests with reference images (ICEB's undrawable classes: true-noise
     # target, text alignment off); all requests still share one Stage II solve.
     reference_stage1: dict = field(default_factory=dict)
@@ -186,6 +190,7 @@ class EMCIDConfig:
     def __post_init__(self) -> None:
         check_int("EMCID", "stats_samples", self.stats_samples)
         check_bool("EMCID", "stats_without_sources", self.stats_without_sources)
+        check_float("EMCID", "neighbour_weight", self.neighbour_weight, low=1)
         for key in ("style_contexts", "written_contexts"):
             count = getattr(self, key)
             check_int("EMCID", key, count, minimum=0)
