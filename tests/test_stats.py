@@ -176,8 +176,9 @@ def test_statistics_without_sources_leave_out_the_captions_that_name_them(sd1, t
 
 
 def test_token_neighbours_of_the_sources_count_as_often_as_asked(sd1):
-    """With neighbour_weight 3, C is the kept captions' with every caption that shares a word
-    piece with a source (but names none) three times; common word pieces ("a") do not count."""
+    """With neighbour_weight 3, C is the kept captions' plus twice the sums of those that share
+    a word piece with a source (but name none) over the kept tokens; common word pieces ("a")
+    do not count."""
     from emcid.core.stats import captions_without, neighbour_captions
 
     captions = ["a photo of a goldfish", "a red car on a road", "goldfish in a bowl", "a dog on grass",
@@ -190,8 +191,11 @@ def test_token_neighbours_of_the_sources_count_as_often_as_asked(sd1):
     name = sd1.slot("text_encoder").fc2_name(1)
     weighed = second_moments(sd1, [name], captions, cache=TensorCache("stats-neighbours"), progress=False,
                              without=sources, neighbours=sources, neighbour_weight=3.0)
-    repeated = kept + near + near
-    assert torch.allclose(weighed[name].double(), _direct_moment(sd1, name, repeated), rtol=1e-4, atol=1e-6)
+    tokens = {c: sd1.tokenizer([c], return_tensors="pt").input_ids.shape[1] for c in kept}
+    kept_tokens, near_tokens = sum(tokens.values()), sum(tokens[c] for c in near)
+    added = 2 * _direct_moment(sd1, name, near) * near_tokens / kept_tokens
+    expected = _direct_moment(sd1, name, kept) + added
+    assert torch.allclose(weighed[name].double(), expected, rtol=1e-4, atol=1e-6)
     plain = second_moments(sd1, [name], captions, cache=TensorCache("stats-neighbours"), progress=False,
                            without=sources)
     assert not torch.allclose(weighed[name], plain[name], rtol=1e-3)

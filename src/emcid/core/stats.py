@@ -201,9 +201,10 @@ def _moments_without(bundle: ModelBundle, module_names: list[str], captions: lis
                      names: Sequence[str], batch_size: int, cache: TensorCache, progress: bool,
                      neighbours: Sequence[str] = (), neighbour_weight: float = 1.0,
                      ) -> dict[str, torch.Tensor]:
-    """C over the captions that name none of ``names``, where the captions that share a word
-    piece with one of ``neighbours`` (and name none of ``names``) count ``neighbour_weight``
-    times. A new set of names costs only their captions' encoder passes. Not cached itself."""
+    """C over the captions that name none of ``names``, plus ``neighbour_weight - 1`` times
+    the sums of those that share a word piece with one of ``neighbours`` over the same token
+    count (their directions weigh more, the others' no less). A new set of names costs only
+    their captions' encoder passes. Not cached itself."""
     kept, named = split_captions(captions, names)
     log.info("statistics: %d of %d captions name no edited source", len(kept), len(captions))
     if not kept:
@@ -215,9 +216,8 @@ def _moments_without(bundle: ModelBundle, module_names: list[str], captions: lis
         log.info("statistics: %d captions share a word piece with an edited source, weighed %g",
                  len(near), neighbour_weight)
         extra = _sums(bundle, module_names, near, batch_size, progress)
-        more = neighbour_weight - 1
-        sums = {n: (total + more * extra[n][0], tokens + more * extra[n][1])
-                for n, (total, tokens) in sums.items()}
+        more = neighbour_weight - 1  # added, not averaged in: the other captions keep their weight
+        sums = {n: (total + more * extra[n][0], tokens) for n, (total, tokens) in sums.items()}
     return {n: (total / tokens).float() for n, (total, tokens) in sums.items()}
 
 

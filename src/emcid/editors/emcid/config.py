@@ -170,8 +170,9 @@ class EMCIDConfig:
     # release's statistics over every caption.
     stats_without_sources: bool = True
     # The captions that share a word piece with an edited source but name none (its token
-    # neighbours, core/stats.py) count this many times in the statistics: the keys of those
-    # concepts lie next to the sources', where an edit spills (docs/iceb.md). 1: as any caption.
+    # neighbours, core/stats.py) weigh this many times as much in the statistics, the others
+    # no less: the keys of those concepts lie next to the sources', where an edit spills
+    # (docs/iceb.md). 1: as any caption.
     neighbour_weight: float = 1.0
     # Stage I options for requests with reference images (ICEB's undrawable classes: true-noise
     # target, text alignment off); all requests still share one Stage II solve.
