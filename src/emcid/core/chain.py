@@ -202,8 +202,7 @@ def edited_requests(bundle: ModelBundle) -> list[dict]:
     """The requests (as stored in patch metadata) of every patch the model carries, oldest
     first: what a null-space Stage II keeps untouched in a sequential edit. Steps recorded
     before requests were kept in the chain contribute none."""
-    recorded = [r for step in bundle.chain.history for r in step.get("requests", [])]
-    return recorded + [r for patch, _ in bundle.chain.applied for r in patch.metadata.get("requests", [])]
+    return [r for step in chain_steps(bundle) for r in step["requests"] or []]
 
 
 def chain_steps(bundle: ModelBundle) -> list[dict]:
