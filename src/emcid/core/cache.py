@@ -142,6 +142,14 @@ def read_metadata(path: Path) -> dict[str, str]:
         return handle.metadata() or {}
 
 
+def read_tensor_names(path: Path) -> list[str]:
+    """The names of the tensors a safetensors file holds, from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
 def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a file written by :func:`save_tensors_atomic`; ValueError if it is corrupted."""
     try:

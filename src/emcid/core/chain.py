@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ModelLoadError, PatchFileError, PatchMismatchError
-from .cache import read_checked, save_tensors_atomic
+from .cache import read_checked, read_tensor_names, save_tensors_atomic
 from .weights import load_weights, restored
 
 if TYPE_CHECKING:
@@ -217,8 +217,16 @@ def chain_steps(bundle: ModelBundle) -> list[dict]:
 
 
 def chain_modules(bundle: ModelBundle) -> set[str]:
-    """The modules the patches the model carries changed."""
-    return set(bundle.chain.originals) | (set(_chain_base(bundle)) if bundle.chain.history else set())
+    """The modules the patches the model carries changed (a recorded step's from its file's
+    header: its weights are read, and checked, only when they are put back)."""
+    names = set(bundle.chain.originals)
+    for number, step in enumerate(bundle.chain.history, 1):
+        try:
+            names.update(read_tensor_names(Path(step["originals"])))
+        except Exception as exc:  # safetensors raises several types for truncated/garbled files
+            raise PatchFileError(f"{step['originals']} (the weights step {number} replaced): "
+                                 f"{' '.join(str(exc).split())}") from None
+    return names
 
 
 def _describe(step: dict, number: int, total: int) -> str:
