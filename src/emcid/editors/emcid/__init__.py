@@ -22,6 +22,7 @@ from .config import STAGE1_KEYS, STAGE2_KEYS, EMCIDConfig, Stage1Config, Stage2C
 from .contexts import style_context_prompts, with_written_contexts, written_context_prompts
 from .replay import chain_difference, earlier_requests, replay_problem
 from .stage1 import compute_targets
+from .stage1.objective import check_timesteps
 from .stage1.report import unconverged
 from .stage2 import compute_deltas, preservation_weight
 
@@ -64,6 +65,8 @@ class EMCIDEditor(ConfiguredEditor):
     def check(self, bundle: ModelBundle) -> None:
         layers = self.layers_for(bundle)
         check_corpus(self.config.corpus)
+        check_timesteps(bundle, replace(self.config.stage1, **self.config.reference_stage1))
+        check_timesteps(bundle, self.config.stage1)
         if self.replays(bundle):
             problem = replay_problem(bundle, self.name, self.task, set(self.fc2_names(bundle, layers)))
             if problem:

@@ -47,6 +47,9 @@ class Stage1Config:
     # "release": each image flipped left-right with probability 1/2 once, then a fresh draw
     # from the posterior at every step (latents.py).
     latents: Literal["mean", "release"] = "mean"
+    # The noise prediction loss's timesteps are drawn uniformly from [min_timestep, DDPM's
+    # training steps); release: 0.
+    min_timestep: int = 0
     # Stopping rule (stopping.py): from min_steps on, a concept stops at the end of the first
     # window of stop_window steps whose mean loss fell by less than stop_tolerance of the
     # previous window's; steps stays the most it runs (a rule that could stop nothing within
@@ -68,6 +71,7 @@ class Stage1Config:
         check_choice("Stage I", "conditioning", self.conditioning, ("pipeline", "release"))
         check_choice("Stage I", "latents", self.latents, ("mean", "release"))
         check_float("Stage I", "stop_tolerance", self.stop_tolerance, low=0, high=1, high_open=True)
+        check_int("Stage I", "min_timestep", self.min_timestep, minimum=0)
         check_int("Stage I", "stop_window", self.stop_window)
         check_int("Stage I", "min_steps", self.min_steps)
         if self.stop_tolerance > 0 and self.earliest_stop > self.steps:

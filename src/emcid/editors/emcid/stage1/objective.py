@@ -29,6 +29,7 @@ from ....core.config import Runtime
 from ....core.generation import resolve_settings
 from ....core.hooks import add_at_positions, gather_positions, replay_prefix
 from ....core.tokens import subject_positions
+from ....errors import OptionError
 from ....requests.edit import EditRequest
 from ..config import FP16_LOSS_SCALE, Stage1Config, resolve_precision
 from ..targets import ConceptTarget
@@ -105,7 +106,7 @@ def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, 
 
 
 def draw_noise(batch: Batch, generators: list[torch.Generator], train_steps: int,
-                count: int) -> tuple[torch.Tensor, torch.Tensor]:
+                count: int, low: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps (count, rows) and noise (count, rows, ...; with drawn latents the posterior's
     draw beside it, :func:`.latents.step_draws`) for the next ``count`` steps, each concept from
     its own generator in step order (so independent of batch and of ``count``), moved to the
@@ -114,7 +115,7 @@ def draw_noise(batch: Batch, generators: list[torch.Generator], train_steps: int
     timesteps, noise = [], []
     for index, generator in enumerate(generators):
         rows = int((batch.owner == index).sum())
-        draws = [(torch.randint(0, train_steps, (rows,), generator=generator),
+        draws = [(torch.randint(low, train_steps, (rows,), generator=generator),
                   step_draws(rows, shape, generator, batch.spread is not None)) for _ in range(count)]
         timesteps.append(torch.stack([t for t, _ in draws]))
         noise.append(torch.stack([n for _, n in draws]))
@@ -273,6 +274,14 @@ class Objective:
         return {name: self.config.clamp_factor * norm for name, norm in self.v_norm.items()}
 
 
+def check_timesteps(bundle: ModelBundle, config: Stage1Config) -> None:
+    """Refuse a ``min_timestep`` the model's scheduler never trains on, before any work."""
+    train_steps = bundle.scheduler.config.num_train_timesteps
+    if config.noise_weight > 0 and config.min_timestep >= train_steps:
+        raise OptionError(f"Stage I option min_timestep={config.min_timestep}: the model's scheduler "
+                          f"trains on timesteps 0 to {train_steps - 1}")
+
+
 def compute_z(
     bundle: ModelBundle,
     requests: list[EditRequest],
@@ -341,7 +350,7 @@ def compute_z(
             if objective.noising is not None:
                 if (index - first) % every == 0:  # the next draws, up to the next checkpoint
                     draws = draw_noise(batch, generators, objective.train_steps,
-                                       min(every, config.steps - index))
+                                       min(every, config.steps - index), config.min_timestep)
                 t, noise = (d[(index - first) % every] for d in draws)
             run_step(t, noise)
             done = index + 1
