@@ -28,6 +28,9 @@ class Stage1Config:
 
     steps: int = 200  # release: 200 (100 for artists, 100 for SDXL)
     lr: float = 0.2  # release: Adam 0.2 (SDXL 0.1)
+    # "constant" (release): lr at every step; "cosine": from lr down to 0 over the steps
+    # (schedule.py's learning_rate), large steps first and settled ones at the end.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     noise_weight: float = 1.0  # release: weight of the diffusion noise prediction loss
     align_weight: float = 0.01  # release: 0.01 for SD 1.x, 0.005 for SDXL
     norm_decay: float = 5e-4  # release: 5e-4 * ||delta|| / ||v_src||^2
@@ -67,6 +70,7 @@ class Stage1Config:
             check_float("Stage I", name, getattr(self, name), low=0)
         check_float("Stage I", "clamp_factor", self.clamp_factor, low=0, low_open=True)
         check_choice("Stage I", "target", self.target, ("teacher", "noise"))
+        check_choice("Stage I", "lr_schedule", self.lr_schedule, ("constant", "cosine"))
         check_choice("Stage I", "init", self.init, ("text", "zero"))
         check_choice("Stage I", "conditioning", self.conditioning, ("pipeline", "release"))
         check_choice("Stage I", "latents", self.latents, ("mean", "release"))

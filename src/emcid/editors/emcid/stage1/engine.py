@@ -9,6 +9,7 @@ not, gives the same results bit for bit.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -124,6 +125,23 @@ def backward(loss: torch.Tensor, deltas: dict[str, torch.Tensor], loss_scale: fl
 
 ProgressHook = Callable[[list[dict[str, torch.Tensor]]], None]
 StepFunction = Callable[[torch.Tensor | None, torch.Tensor | None], None]
+
+
+def learning_rate(lr: float, schedule: str, step: int, steps: int) -> float:
+    """Adam's rate at 0-based ``step`` of ``steps``: ``lr`` throughout (the release's), or a
+    cosine from ``lr`` down towards 0, so the last steps settle the delta the first ones moved."""
+    if schedule == "constant":
+        return lr
+    return 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+
+
+def set_rate(optimiser: torch.optim.Optimizer, value: float) -> None:
+    """Set Adam's rate in place (a tensor rate, as a captured CUDA graph reads it, is filled)."""
+    for group in optimiser.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
 
 
 class Stepper:

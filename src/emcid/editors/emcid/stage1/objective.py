@@ -314,7 +314,11 @@ def compute_z(
     deltas = initial_deltas(bundle, requests, z_layer, batch.hidden, config.init, limits)
     starts = {name: delta.detach().clone() for name, delta in deltas.items()}
     # capturable: Adam keeps its step count on the device, so a CUDA graph can replay it.
-    optimiser = torch.optim.Adam(list(deltas.values()), lr=config.lr, capturable=graphs)
+    # A scheduled rate is a tensor under CUDA graphs, so that each replay reads the new value.
+    first_rate = engine.learning_rate(config.lr, config.lr_schedule, 0, config.steps)
+    scheduled = graphs and config.lr_schedule != "constant"
+    optimiser = torch.optim.Adam(list(deltas.values()), capturable=graphs,
+                                 lr=torch.tensor(first_rate, device=device) if scheduled else first_rate)
     first = engine.restore(resume, deltas, optimiser, generators) if resume else 0
     loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
     health, losses = engine.Health(count, first, device), torch.zeros(count, device=device)
@@ -352,6 +356,9 @@ def compute_z(
                     draws = draw_noise(batch, generators, objective.train_steps,
                                        min(every, config.steps - index), config.min_timestep)
                 t, noise = (d[(index - first) % every] for d in draws)
+            if config.lr_schedule != "constant":
+                engine.set_rate(optimiser, engine.learning_rate(config.lr, config.lr_schedule, index,
+                                                                config.steps))
             run_step(t, noise)
             done = index + 1
             checked = stopping.is_check(done)

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Stage I options added after keys were first made, with the value every earlier key had.
 BEFORE_OPTIONS = {"init": "zero", "conditioning": "pipeline", "latents": "mean", "stop_tolerance": 0.0,
-                  "min_timestep": 0}
+                  "min_timestep": 0, "lr_schedule": "constant"}
 # Options that only matter where another is set: left out of a key where it is not.
 MATTERS_ONLY_WITH = {"stop_window": "stop_tolerance", "min_steps": "stop_tolerance"}
 
