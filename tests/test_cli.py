@@ -152,6 +152,19 @@ def test_multi_line_errors_print_as_one_line(tmp_path, capsys):
     assert "bad.json:3: malformed JSON" in _error_line(capsys)
 
 
+def test_edit_lr_schedule_reaches_stage1_and_the_patch(tmp_path, sd1_dir, request_file, capsys):
+    from emcid import EditPatch
+
+    patch_path = tmp_path / "cosine.safetensors"
+    assert main(["edit", "--model", str(sd1_dir), "--requests", str(request_file), "--out",
+                 str(patch_path), "--layers", "1-2", *FAST_ARGS, "--lr-schedule", "cosine"]) == 0
+    assert EditPatch.load(patch_path).metadata["hparams"]["stage1"]["lr_schedule"] == "cosine"
+    with pytest.raises(SystemExit):
+        main(["edit", "--requests", str(request_file), "--out", str(tmp_path / "p"),
+              "--lr-schedule", "linear"])
+    assert "invalid choice: 'linear'" in capsys.readouterr().err
+
+
 def test_edit_stop_tolerance_stops_stage1_early_and_says_so(tmp_path, sd1_dir, request_file, caplog):
     from emcid import EditPatch
 

@@ -99,3 +99,34 @@ def test_the_replayed_requests_keep_each_sources_last_patch_and_its_erase_destin
         ("volcano", "canvas"), ("Tench", "beacon"), ("sea lion", "plain")]
     with pytest.raises(RequestError, match="earlier_edits='replay'.*chain.*'hold'"):
         earlier_requests(bundle, [emcid.EditRequest("beacon", "tower")])
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_chain_folder_keeps_its_stage1_targets_for_a_replay_on_another_machine(tmp_path, sd1, monkeypatch,
+                                                                                damaged):
+    from emcid.editors.emcid.stage1 import schedule
+
+    later = [emcid.EditRequest("church", "castle")]
+    first = emcid.edit(sd1, FIRST, progress=False, **OPTIONS)
+    assert len(first.metadata["stage1_keys"]) == len(FIRST)
+    first.apply(sd1)
+    folder = save_pipeline(sd1, tmp_path / "one")
+    first.revert(sd1)
+    kept = folder / "emcid_history" / "stage1"
+    assert sorted(p.stem for p in kept.glob("*.safetensors")) == sorted(first.metadata["stage1_keys"])
+    expected = emcid.edit(emcid.load_model(folder), later, progress=False, **OPTIONS)
+    if damaged:
+        (kept / f"{first.metadata['stage1_keys'][1]}.safetensors").write_bytes(b"not safetensors")
+    monkeypatch.setenv("EMCID_CACHE", str(tmp_path / "another-machine"))
+    computed = []
+    compute_z = schedule.compute_z
+
+    def counting(bundle, requests, *args, **kwargs):
+        computed.extend(r.source for r in requests)
+        return compute_z(bundle, requests, *args, **kwargs)
+
+    monkeypatch.setattr(schedule, "compute_z", counting)
+    second = emcid.edit(emcid.load_model(folder), later, progress=False, **OPTIONS)
+    assert computed == (["volcano", "church"] if damaged else ["church"])
+    for name, delta in expected.deltas.items():
+        assert torch.allclose(second.deltas[name].dense(), delta.dense(), atol=1e-6)

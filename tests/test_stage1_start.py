@@ -63,7 +63,8 @@ def test_release_start_keeps_the_cache_keys_made_before_the_option(sd1):
     device = torch.device("cpu")
     before = asdict(zero)
     # the fields keys made before them lacked
-    for name in ("init", "conditioning", "latents", "stop_tolerance", "stop_window", "min_steps"):
+    for name in ("init", "conditioning", "latents", "stop_tolerance", "stop_window", "min_steps",
+                 "min_timestep", "lr_schedule"):
         del before[name]
     assert cache_key_for("m", request, LAYER, zero, settings, device) == content_key(
         model="m", request=request.to_dict(), images=[], z_layer=LAYER, config=before,

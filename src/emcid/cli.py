@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--steps", type=int, help="Stage I optimisation steps (release: 200; esd: "
                                                 "iterations per concept, paper 1000)")
     edit.add_argument("--lr", type=float, help="Stage I learning rate (release: 0.2)")
+    edit.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                      help="Stage I rate over the steps: constant (default, the release's) or "
+                           "cosine (from --lr down towards 0)")
     edit.add_argument("--stop-tolerance", type=float,
                       help="Stage I stopping rule: a concept stops once its 25-step mean loss falls "
                            "by less than this share, e.g. 0.1 (0, the default: every concept runs "

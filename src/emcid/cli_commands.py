@@ -117,7 +117,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from .requests import is_debias_batch
 
     options = editor_options(args, {
-        "steps": args.steps, "lr": args.lr, "stop_tolerance": args.stop_tolerance, "init": args.init,
+        "steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule,
+        "stop_tolerance": args.stop_tolerance, "init": args.init,
         "lam": args.lam, "alpha": args.alpha,
         "residual": args.residual, "layers": parse_layers(args.layers), "task": args.task,
         "profile": args.profile, "stats_samples": args.stats_samples, "corpus": args.corpus,

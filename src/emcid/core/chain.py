@@ -15,6 +15,7 @@ module needs nothing from :mod:`emcid.patch`.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,14 +26,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ModelLoadError, PatchFileError, PatchMismatchError
-from .cache import read_checked, read_tensor_names, save_tensors_atomic
+from .cache import TensorCache, cache_root, read_checked, read_tensor_names, save_tensors_atomic
 from .weights import load_weights, restored
 
 if TYPE_CHECKING:
     from .bundle import ModelBundle
 
+log = logging.getLogger(__name__)
+
 HISTORY_DIR = "emcid_history"  # a patched pipeline folder's patch chain (written by apply)
 HISTORY_FILE = "chain.json"
+STAGE1_DIR = "stage1"  # the cache namespace of Stage I's targets, and its copy in the history
 
 
 @dataclass
@@ -176,15 +180,31 @@ def chain_record(bundle: ModelBundle) -> dict:
     return {"chain": {"base_fingerprint": base_fingerprint(bundle), "patches": checksums}}
 
 
+def _keep_stage1(keys: list[str], found_in: Path, history: Path) -> list[str]:
+    """Copy the Stage I cache entries of ``keys`` that ``found_in`` holds into
+    ``history/stage1``; the keys kept (replaying the chain elsewhere reads them, not Stage I)."""
+    kept = []
+    for key in keys:
+        entry = found_in / f"{key}.safetensors"
+        if entry.is_file():
+            (history / STAGE1_DIR).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(entry, history / STAGE1_DIR / entry.name)
+            kept.append(key)
+    return kept
+
+
 def write_history(bundle: ModelBundle, folder: Path) -> None:
-    """``folder/emcid_history``: the chain (oldest first) and the weights each step replaced."""
+    """``folder/emcid_history``: the chain (oldest first), the weights each step replaced and
+    the Stage I targets its patches recorded, where the default cache still holds them."""
     history = folder / HISTORY_DIR
     steps = []
     for step in bundle.chain.history:
         name = f"step-{len(steps) + 1:03d}.safetensors"
         history.mkdir(exist_ok=True)
         shutil.copyfile(step["originals"], history / name)
-        steps.append({**step, "originals": name})
+        kept = _keep_stage1(step.get("stage1_keys", []), Path(step["originals"]).parent / STAGE1_DIR, history)
+        steps.append({**step, "originals": name, "stage1_keys": kept})
+    cached = cache_root() / STAGE1_DIR
     for (patch, scale), replaced in zip(bundle.chain.applied, bundle.chain.step_originals(), strict=True):
         name = f"step-{len(steps) + 1:03d}.safetensors"
         save_tensors_atomic(history / name, replaced)
@@ -192,7 +212,8 @@ def write_history(bundle: ModelBundle, folder: Path) -> None:
                       "task": patch.metadata.get("task"), "sources": patch.sources,
                       "scale": scale, "originals": name,
                       "requests": patch.metadata.get("requests", []),
-                      "erase_destination": patch.metadata.get("erase_destination")})
+                      "erase_destination": patch.metadata.get("erase_destination"),
+                      "stage1_keys": _keep_stage1(patch.metadata.get("stage1_keys", []), cached, history)})
     if steps:
         chain = {"model_fingerprint": bundle.fingerprint(), "steps": steps}
         (history / HISTORY_FILE).write_text(json.dumps(chain, indent=2))
@@ -227,6 +248,24 @@ def chain_modules(bundle: ModelBundle) -> set[str]:
             raise PatchFileError(f"{step['originals']} (the weights step {number} replaced): "
                                  f"{' '.join(str(exc).split())}") from None
     return names
+
+
+def adopt_stage1(bundle: ModelBundle, cache: TensorCache) -> int:
+    """Copy the Stage I targets a recorded chain kept into ``cache`` where it lacks them (each
+    read checked first; a missing or damaged one is left to Stage I); how many it copied."""
+    adopted = 0
+    for step in bundle.chain.history:
+        kept = Path(step["originals"]).parent / STAGE1_DIR
+        for key in step.get("stage1_keys", []):
+            if cache.path(key).exists():
+                continue
+            try:
+                cache.save(key, *read_checked(kept / f"{key}.safetensors"))
+            except (OSError, ValueError) as exc:
+                log.warning("%s: %s; Stage I computes it again", kept / f"{key}.safetensors", exc)
+                continue
+            adopted += 1
+    return adopted
 
 
 def _describe(step: dict, number: int, total: int) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from ...concepts import OBJECT_PROMPTS
 from ...core.bundle import ModelBundle
 from ...core.cache import TensorCache
-from ...core.chain import base_weights, chain_checksums, edited_requests
+from ...core.chain import adopt_stage1, base_weights, chain_checksums, edited_requests
 from ...core.config import check_corpus
 from ...core.stats import read_corpus, second_moments
 from ...core.weights import current_weights
@@ -128,12 +128,14 @@ class EMCIDEditor(ConfiguredEditor):
 
     def compute(self, bundle: ModelBundle, requests: list[EditRequest], progress: bool) -> dict:
         layers = self.layers_for(bundle)
-        self._replayed = None
+        self._replayed = self._keys = None
         if not self.replays(bundle):
             return self.solve(bundle, requests, layers, progress)
         earlier = earlier_requests(bundle, requests)
         log.info("earlier_edits=replay: the chain's %d earlier requests solved on the base model "
                  "with these %d", len(earlier), len(requests))
+        if self.runtime.cache and (adopted := adopt_stage1(bundle, self.cache("stage1"))):
+            log.info("earlier_edits=replay: %d Stage I targets read from the chain's folder", adopted)
         names = self.fc2_names(bundle, layers)
         with base_weights(bundle):
             base = current_weights(bundle, names)
@@ -149,7 +151,9 @@ class EMCIDEditor(ConfiguredEditor):
     def solve(self, bundle: ModelBundle, requests: list[EditRequest], layers: dict[str, list[int]],
               progress: bool) -> dict:
         """Stage I and Stage II for ``requests`` on the model as it is."""
-        targets = self.written_contexts(bundle, self.stage1_targets(bundle, requests, layers, progress))
+        found = self.stage1_targets(bundle, requests, layers, progress)
+        self._keys = [t.key for t in found]  # every target solved, replayed ones included
+        targets = self.written_contexts(bundle, found)
         self._steps = [t.steps for t in targets]
         # None: the stopping rule was off for every request (nothing to report)
         self._unconverged = [t.request.source for t in unconverged(targets)] \
@@ -166,7 +170,8 @@ class EMCIDEditor(ConfiguredEditor):
         in the requests' order): their delta had not settled; and the preservation weight
         Stage II used (``stage2_lam``: lam as ``lam_edits`` scaled it for this batch); in a
         replayed chain, how many of the chain's requests were solved again with this batch's
-        (``stage2_replayed``)."""
+        (``stage2_replayed``); and the Stage I cache keys of every target solved
+        (``stage1_keys``), whose entries a chain folder keeps (``emcid_history/stage1``)."""
         steps = getattr(self, "_steps", None)
         found = {"stage1_steps": steps} if steps and None not in steps else {}
         if getattr(self, "_unconverged", None) is not None:
@@ -175,6 +180,9 @@ class EMCIDEditor(ConfiguredEditor):
             found["stage2_lam"] = self._lam
         if getattr(self, "_replayed", None) is not None:
             found["stage2_replayed"] = self._replayed
+        keys = getattr(self, "_keys", None)
+        if keys and None not in keys:
+            found["stage1_keys"] = keys
         return found
 
     def protected_requests(self, bundle: ModelBundle, requests: list[EditRequest]) -> list[EditRequest]:

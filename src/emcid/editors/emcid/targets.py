@@ -22,6 +22,9 @@ class ConceptTarget:
     # whether the stopping rule stopped it (False: it ran all steps without; None: the rule was
     # off, or an entry cached before this was recorded)
     converged: bool | None = None
+    # its Stage I cache key (schedule.cache_key_for): a patch records them, and a chain folder
+    # keeps the entries, so replaying the chain elsewhere need not compute them again
+    key: str | None = None
 
     def targets(self, slot: str) -> torch.Tensor:
         """z = h + delta at l* for every source prompt: (n_prompts, width)."""

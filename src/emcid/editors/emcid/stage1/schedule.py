@@ -189,7 +189,7 @@ def compute_targets(
                     results[index] = target
                 show()
                 group = group[len(chunk):]
-    found = [results[i] for i in range(len(requests))]
+    found = [replace(results[i], key=keys[i]) for i in range(len(requests))]
     log_unconverged(config, found)
     return found
 
