@@ -130,3 +130,10 @@ def test_a_chain_folder_keeps_its_stage1_targets_for_a_replay_on_another_machine
     assert computed == (["volcano", "church"] if damaged else ["church"])
     for name, delta in expected.deltas.items():
         assert torch.allclose(second.deltas[name].dense(), delta.dense(), atol=1e-6)
+    # a folder written from the chained folder carries the recorded step's targets forward (the
+    # new step's come from the cache, empty here)
+    chained = emcid.load_model(folder)
+    second.apply(chained)
+    monkeypatch.setenv("EMCID_CACHE", str(tmp_path / "a-third-machine"))
+    again = save_pipeline(chained, tmp_path / "two") / "emcid_history" / "stage1"
+    assert {p.stem for p in again.glob("*.safetensors")} == set(first.metadata["stage1_keys"])
