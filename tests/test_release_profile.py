@@ -205,7 +205,8 @@ def test_default_options_keep_the_cache_keys_made_before_them():
     # the stopping rule's default (0.1) makes other targets: off, it keeps the earlier keys
     config, settings, device = Stage1Config(stop_tolerance=0.0), {"height": 32}, torch.device("cpu")
     before = asdict(config)
-    for name in ("conditioning", "latents", "stop_tolerance", "stop_window", "min_steps"):
+    for name in ("conditioning", "latents", "stop_tolerance", "stop_window", "min_steps", "min_timestep",
+                 "lr_schedule"):
         del before[name]
     assert cache_key_for("m", request, Z_LAYER, config, settings, device) == content_key(
         model="m", request=request.to_dict(), images=[], z_layer=Z_LAYER, config=before,
