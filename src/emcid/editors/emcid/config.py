@@ -29,7 +29,7 @@ class Stage1Config:
     steps: int = 200  # release: 200 (100 for artists, 100 for SDXL)
     lr: float = 0.2  # release: Adam 0.2 (SDXL 0.1)
     # "constant" (release): lr at every step; "cosine": from lr down to 0 over the steps
-    # (schedule.py's learning_rate), large steps first and settled ones at the end.
+    # (stage1/engine.py's learning_rate), large steps first and settled ones at the end.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     noise_weight: float = 1.0  # release: weight of the diffusion noise prediction loss
     align_weight: float = 0.01  # release: 0.01 for SD 1.x, 0.005 for SDXL

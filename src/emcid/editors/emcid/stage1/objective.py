@@ -314,11 +314,11 @@ def compute_z(
     deltas = initial_deltas(bundle, requests, z_layer, batch.hidden, config.init, limits)
     starts = {name: delta.detach().clone() for name, delta in deltas.items()}
     # capturable: Adam keeps its step count on the device, so a CUDA graph can replay it.
-    # A scheduled rate is a tensor under CUDA graphs, so that each replay reads the new value.
-    first_rate = engine.learning_rate(config.lr, config.lr_schedule, 0, config.steps)
-    scheduled = graphs and config.lr_schedule != "constant"
-    optimiser = torch.optim.Adam(list(deltas.values()), capturable=graphs,
-                                 lr=torch.tensor(first_rate, device=device) if scheduled else first_rate)
+    # A scheduled rate (set before every step below) is a tensor under CUDA graphs, so that
+    # each replay reads the new value.
+    scheduled = config.lr_schedule != "constant"
+    rate = torch.tensor(config.lr, device=device) if graphs and scheduled else config.lr
+    optimiser = torch.optim.Adam(list(deltas.values()), lr=rate, capturable=graphs)
     first = engine.restore(resume, deltas, optimiser, generators) if resume else 0
     loss_scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
     health, losses = engine.Health(count, first, device), torch.zeros(count, device=device)
@@ -356,7 +356,7 @@ def compute_z(
                     draws = draw_noise(batch, generators, objective.train_steps,
                                        min(every, config.steps - index), config.min_timestep)
                 t, noise = (d[(index - first) % every] for d in draws)
-            if config.lr_schedule != "constant":
+            if scheduled:
                 engine.set_rate(optimiser, engine.learning_rate(config.lr, config.lr_schedule, index,
                                                                 config.steps))
             run_step(t, noise)
