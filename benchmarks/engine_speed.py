@@ -1,6 +1,7 @@
 """Engine timings: Stage I per concept (one at a time vs side by side), Stage II and statistics.
 
     python benchmarks/engine_speed.py [--model M] [--device cpu] [--steps 50] [--edits 1,10,100]
+        [--batches 1,8,64] [--inits text,zero] [--distil-on both,source]
 
 Without --model it runs on the embedded model (or the tiny random model where that is
 absent). Prints one line per measurement; numbers depend on the machine, so say which.
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--stats-samples", type=int, default=2000)
     parser.add_argument("--batches", default="1,8,64", help="Stage I concept_batch values to time")
     parser.add_argument("--inits", default="text", help="Stage I starts to time (text, zero)")
+    parser.add_argument("--distil-on", default="both",
+                        help="Stage I images to time (both, source, destination): rows per step")
     args = parser.parse_args()
     os.environ.setdefault("EMCID_CACHE", tempfile.mkdtemp(prefix="emcid-bench-"))
     bundle = emcid.load_model(args.model, device=args.device)
@@ -70,11 +73,12 @@ def main() -> None:
     moments = second_moments(bundle, names, None, args.stats_samples, progress=False)
 
     batches = [int(b) for b in args.batches.split(",")]
-    for batch, init in ((b, i) for b in batches for i in args.inits.split(",")):
+    sides = args.distil_on.split(",")
+    for batch, init, side in ((b, i, d) for b in batches for i in args.inits.split(",") for d in sides):
         # at least 8 concepts per measurement; one at a time needs no more to be steady
         probe = requests_for(max(batch, 8))
         config = Stage1Config(steps=args.steps, stop_tolerance=0.0, image_guidance_scale=None,
-                              image_steps=None, init=init)
+                              image_steps=None, init=init, distil_on=side)
         runtime = Runtime(concept_batch=batch)
         # Warm-up: every probe concept's source images are generated and cached here, so the
         # timed run measures only the optimisation.
@@ -82,7 +86,7 @@ def main() -> None:
                         progress=False, runtime=runtime)
         seconds, cpu = cpu_timed(compute_targets, bundle, probe, z_layer, config,
                                  TensorCache("s1", enabled=False), progress=False, runtime=runtime)
-        print(f"Stage I ({init} start), {args.steps} steps, concept_batch {batch}: "
+        print(f"Stage I ({init} start, distil_on {side}), {args.steps} steps, concept_batch {batch}: "
               f"{seconds / len(probe):.2f} s/concept ({cpu / len(probe):.2f} s of CPU time)")
 
     largest = max(int(e) for e in args.edits.split(","))

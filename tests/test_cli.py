@@ -165,6 +165,16 @@ def test_edit_lr_schedule_reaches_stage1_and_the_patch(tmp_path, sd1_dir, reques
     assert "invalid choice: 'linear'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("side", ["source", "both"])
+def test_edit_distil_on_reaches_stage1_and_the_patch(tmp_path, sd1_dir, request_file, side):
+    from emcid import EditPatch
+
+    patch_path = tmp_path / f"{side}.safetensors"
+    assert main(["edit", "--model", str(sd1_dir), "--requests", str(request_file), "--out",
+                 str(patch_path), "--layers", "1-2", *FAST_ARGS, "--distil-on", side]) == 0
+    assert EditPatch.load(patch_path).metadata["hparams"]["stage1"]["distil_on"] == side
+
+
 def test_edit_stop_tolerance_stops_stage1_early_and_says_so(tmp_path, sd1_dir, request_file, caplog):
     from emcid import EditPatch
 

@@ -207,9 +207,9 @@ def test_sd2_v_prediction_edit(tmp_path_factory, target):
 
 
 def test_memit_variant_uses_text_targets_only(sd1, monkeypatch):
-    from emcid.editors.emcid.stage1 import objective as stage1
+    from emcid.editors.emcid.stage1 import latents
 
-    monkeypatch.setattr(stage1, "source_latents", lambda *a, **k: pytest.fail("images generated"))
+    monkeypatch.setattr(latents, "image_pixels", lambda *a, **k: pytest.fail("images generated"))
     patch = emcid.edit(sd1, REQUESTS, method="memit", progress=False, **FAST)
     assert patch.metadata["method"] == "memit"
     assert patch.metadata["hparams"]["stage1"]["noise_weight"] == 0.0

@@ -38,7 +38,7 @@ from emcid.errors import OptionError
 LAYER = 2
 Z_LAYER = {"text_encoder": LAYER}
 PROMPTS = ("{}", "a photo of {}", "a painting of a {} on a hill by the sea at night")
-RELEASE = {"init": "zero", "conditioning": "release", "latents": "release"}
+RELEASE = {"init": "zero", "conditioning": "release", "latents": "release", "distil_on": "source"}
 
 
 def _images(folder: Path, count: int, seed: int) -> tuple[str, ...]:
@@ -154,7 +154,7 @@ def request_with_images(tmp_path):
 
 @pytest.mark.parametrize("release", [True, False], ids=["release", "pipeline"])
 def test_stage1_loss_and_steps_follow_the_equations(sd1, request_with_images, release):
-    options = RELEASE if release else {"init": "zero"}
+    options = RELEASE if release else {"init": "zero", "distil_on": "source"}
     coins = torch.rand(3, generator=torch.Generator().manual_seed(request_with_images.seed)) < 0.5
     assert coins.any() and not coins.all()  # some images flipped, some not
     delta, losses = _reference(sd1, request_with_images, release, steps=3)
@@ -202,18 +202,19 @@ def test_release_stage1_resumes_bit_identically(sd1, monkeypatch):
 
 def test_default_options_keep_the_cache_keys_made_before_them():
     request = emcid.EditRequest("castle", "tower")
-    # the stopping rule's default (0.1) makes other targets: off, it keeps the earlier keys
-    config, settings, device = Stage1Config(stop_tolerance=0.0), {"height": 32}, torch.device("cpu")
+    # at the values every key made before these options had, the key is the same
+    config = Stage1Config(stop_tolerance=0.0, distil_on="source")
+    settings, device = {"height": 32}, torch.device("cpu")
     before = asdict(config)
     for name in ("conditioning", "latents", "stop_tolerance", "stop_window", "min_steps", "min_timestep",
-                 "lr_schedule"):
+                 "lr_schedule", "distil_on"):
         del before[name]
     assert cache_key_for("m", request, Z_LAYER, config, settings, device) == content_key(
         model="m", request=request.to_dict(), images=[], z_layer=Z_LAYER, config=before,
         image_settings=settings)
     for option in ({"conditioning": "release"}, {"latents": "release"}):
-        assert cache_key_for("m", request, Z_LAYER, Stage1Config(stop_tolerance=0.0, **option), settings,
-                             device) != \
+        changed = Stage1Config(stop_tolerance=0.0, distil_on="source", **option)
+        assert cache_key_for("m", request, Z_LAYER, changed, settings, device) != \
             cache_key_for("m", request, Z_LAYER, config, settings, device)
 
 

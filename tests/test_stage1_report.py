@@ -17,8 +17,9 @@ from emcid.tasks.edit import edit_patch
 REQUESTS = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=4),
             emcid.EditRequest("castle", "tower", ("{}", "a {} on a hill"), seed=2)]
 LAYER = {"text_encoder": 2}
-# On the tiny model, tench and castle settle by step 6 at this tolerance; zebra does not by step 8.
-MIXED = {"steps": 8, "stop_tolerance": 0.001, "stop_window": 2, "min_steps": 2}
+# On the tiny model, on the source images alone (the release's), tench and castle settle by step 6
+# at this tolerance; zebra does not by step 8.
+MIXED = {"steps": 8, "stop_tolerance": 0.001, "stop_window": 2, "min_steps": 2, "distil_on": "source"}
 STAGE1 = "emcid.editors.emcid.stage1"
 
 

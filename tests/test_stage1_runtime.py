@@ -204,7 +204,7 @@ def test_a_failed_graph_capture_goes_on_with_eager_steps(sd1, monkeypatch, caplo
         assert torch.equal(a, b) and a.norm() > 0
 
 
-def test_source_images_are_drawn_under_a_bar_before_their_batch(sd1, monkeypatch):
+def test_the_images_are_drawn_under_a_bar_before_their_batch(sd1, monkeypatch):
     images = TensorCache("drawn-first")
     seen = []
     original = schedule.compute_z
@@ -216,4 +216,5 @@ def test_source_images_are_drawn_under_a_bar_before_their_batch(sd1, monkeypatch
     monkeypatch.setattr(schedule, "compute_z", counting)
     compute_targets(sd1, REQUESTS[:2], LAYER, Stage1Config(steps=1), TensorCache("drawn-targets"),
                     images, progress=True, runtime=Runtime(concept_batch=2))
-    assert seen == [sum(len(r.prompts) for r in REQUESTS[:2])]
+    # each prompt's source image and the unedited model's image of its destination
+    assert seen == [2 * sum(len(r.prompts) for r in REQUESTS[:2])]

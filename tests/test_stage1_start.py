@@ -58,13 +58,14 @@ def test_the_start_stays_inside_the_norm_clamp(sd1):
 
 def test_release_start_keeps_the_cache_keys_made_before_the_option(sd1):
     request = emcid.EditRequest("castle", "tower")
-    zero, text = Stage1Config(init="zero", stop_tolerance=0.0), Stage1Config(stop_tolerance=0.0)
+    zero = Stage1Config(init="zero", stop_tolerance=0.0, distil_on="source")
+    text = Stage1Config(stop_tolerance=0.0, distil_on="source")
     settings = {"height": 32}
     device = torch.device("cpu")
     before = asdict(zero)
     # the fields keys made before them lacked
     for name in ("init", "conditioning", "latents", "stop_tolerance", "stop_window", "min_steps",
-                 "min_timestep", "lr_schedule"):
+                 "min_timestep", "lr_schedule", "distil_on"):
         del before[name]
     assert cache_key_for("m", request, LAYER, zero, settings, device) == content_key(
         model="m", request=request.to_dict(), images=[], z_layer=LAYER, config=before,

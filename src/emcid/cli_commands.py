@@ -118,7 +118,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
     options = editor_options(args, {
         "steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule,
-        "stop_tolerance": args.stop_tolerance, "init": args.init,
+        "stop_tolerance": args.stop_tolerance, "init": args.init, "distil_on": args.distil_on,
         "lam": args.lam, "alpha": args.alpha,
         "residual": args.residual, "layers": parse_layers(args.layers), "task": args.task,
         "profile": args.profile, "stats_samples": args.stats_samples, "corpus": args.corpus,

@@ -56,9 +56,10 @@ PRESETS: tuple[Preset, ...] = (
                "efficacy (0.73 -> 0.69 at 10 styles) for the other styles (-0.20 -> -0.17 at 100): "
                "not a win (docs/mini.md)"),
     Preset("emcid", {"alpha": 0.6}, task="aice", why="release: a = 0.6 for arbitrary editing"),
-    Preset("emcid", {"reference_stage1": {"target": "noise", "align_weight": 0.0}},
+    Preset("emcid", {"reference_stage1": {"target": "noise", "align_weight": 0.0, "distil_on": "source"}},
            task="rectification",
-           why="undrawable classes: reference images, true-noise target, no text alignment"),
+           why="undrawable classes: reference images, true-noise target, no text alignment, and "
+               "no destination images (the model cannot draw what the references show)"),
     Preset("memit", {"noise_weight": 0.0, "align_weight": 1.0, "alpha": 0.5, "reference_stage1": {},
                      "init": "zero", "stop_tolerance": 0.0, "stats_without_sources": False,
                      "lam_edits": 0},
@@ -81,6 +82,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "release": Profile(
         {"init": "zero", "residual": "release", "conditioning": "release", "latents": "release",
+         "distil_on": "source",
          "stop_tolerance": 0.0, "style_contexts": 0, "written_contexts": 0, "earlier_edits": "free",
          "stats_without_sources": False, "lam_edits": 0},
         families=("sd1", "sd2"),

@@ -50,6 +50,11 @@ class Stage1Config:
     # "release": each image flipped left-right with probability 1/2 once, then a fresh draw
     # from the posterior at every step (latents.py).
     latents: Literal["mean", "release"] = "mean"
+    # Whose images the noise prediction loss noises (latents.py): "both" (emcid) each prompt's
+    # source image and the unedited model's image of its destination prompt, a row each (twice
+    # a source-only step's rows; attribute edits otherwise stop half way, docs/method.md);
+    # "source" the release's; "destination" the destination's alone.
+    distil_on: Literal["source", "destination", "both"] = "both"
     # The noise prediction loss's timesteps are drawn uniformly from [min_timestep, DDPM's
     # training steps); release: 0.
     min_timestep: int = 0
@@ -74,6 +79,7 @@ class Stage1Config:
         check_choice("Stage I", "init", self.init, ("text", "zero"))
         check_choice("Stage I", "conditioning", self.conditioning, ("pipeline", "release"))
         check_choice("Stage I", "latents", self.latents, ("mean", "release"))
+        check_choice("Stage I", "distil_on", self.distil_on, ("source", "destination", "both"))
         check_float("Stage I", "stop_tolerance", self.stop_tolerance, low=0, high=1, high_open=True)
         check_int("Stage I", "min_timestep", self.min_timestep, minimum=0)
         check_int("Stage I", "stop_window", self.stop_window)

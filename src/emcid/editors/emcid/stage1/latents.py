@@ -1,4 +1,8 @@
-"""The source images' VAE latents that Stage I noises: the posterior mean, or the release's draws.
+"""The images' VAE latents that Stage I noises: the posterior mean, or the release's draws.
+
+Whose images (``distil_on``): the source's (the release), the destination's (drawn by the
+unedited model from the destination prompts, with the same seeds), or both, each a row of its
+own (:mod:`.objective`).
 
 ``latents="mean"`` (emcid's default): each image's posterior mean, encoded once, so a
 concept's result depends only on its request and seed. ``latents="release"``: as the EMCID
@@ -32,36 +36,48 @@ def _reference_images(request: EditRequest, height: int, width: int) -> torch.Te
     return pil_to_tensor(chosen, height, width)
 
 
-def _drawn_images(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
-                  image_cache: TensorCache, progress: bool) -> torch.Tensor | None:
-    """The generated source images of the requests without reference images, uint8, cached."""
+def _generated(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+               image_cache: TensorCache, progress: bool, side: str) -> torch.Tensor | None:
+    """The generated images (uint8, cached) of one side's prompts: the source's, for requests
+    without reference images, or the destination's, for every request (the unedited model draws
+    the destination, whatever stands for the source)."""
     settings = resolve_settings(bundle, guidance_scale=config.image_guidance_scale,
                                 num_inference_steps=config.image_steps)
-    drawn = [r for r in requests if not r.reference_images]
-    prompts = [p for r in drawn for p in r.source_prompts()]
+    drawn = [r for r in requests if side == "destination" or not r.reference_images]
+    prompts = [p for r in drawn
+               for p in (r.source_prompts() if side == "source" else r.destination_prompts())]
     seeds = [r.seed + i for r in drawn for i in range(len(r.prompts))]
     return generate_cached(bundle, prompts, seeds, image_cache, progress=progress, **settings) \
         if drawn else None
 
 
-def draw_source_images(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
-                       image_cache: TensorCache) -> None:
-    """Generate (and cache) the requests' source images with a progress bar, before the batch
+def image_sides(config: Stage1Config) -> tuple[str, ...]:
+    """Whose images Stage I noises: the source's (the release), the destination's, or both
+    (the first side's images set the rows)."""
+    if not config.noise_weight:
+        return ()
+    return ("source", "destination") if config.distil_on == "both" else (config.distil_on,)
+
+
+def draw_images(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+                image_cache: TensorCache) -> None:
+    """Generate (and cache) the images Stage I distils on with a progress bar, before the batch
     that needs them: drawing thousands of them is Stage I's first silent stretch otherwise."""
-    if config.noise_weight:
-        _drawn_images(bundle, requests, config, image_cache, progress=True)
+    for side in image_sides(config):
+        _generated(bundle, requests, config, image_cache, True, side)
 
 
-def source_pixels(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
-                  image_cache: TensorCache) -> list[torch.Tensor]:
-    """Each request's source images in [-1, 1]: the user's references, or generated once and
-    cached (one cache lookup for all requests, so the model is fingerprinted once)."""
+def image_pixels(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+                 image_cache: TensorCache, side: str = "source") -> list[torch.Tensor]:
+    """Each request's images of one side in [-1, 1]: the user's references (source side), or
+    generated once and cached (one cache lookup for all requests, so the model is fingerprinted
+    once), one per prompt."""
     settings = resolve_settings(bundle, guidance_scale=config.image_guidance_scale,
                                 num_inference_steps=config.image_steps)
-    arrays = _drawn_images(bundle, requests, config, image_cache, progress=False)
+    arrays = _generated(bundle, requests, config, image_cache, False, side)
     pixels, start = [], 0
     for request in requests:
-        if request.reference_images:
+        if side == "source" and request.reference_images:
             pixels.append(_reference_images(request, settings["height"], settings["width"]))
         else:
             count = len(request.prompts)
@@ -71,28 +87,35 @@ def source_pixels(bundle: ModelBundle, requests: list[EditRequest], config: Stag
 
 
 def source_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
-                   image_cache: TensorCache) -> list[torch.Tensor]:
-    """VAE posterior means (scaled) of each request's source images."""
+                   image_cache: TensorCache, side: str = "source") -> list[torch.Tensor]:
+    """VAE posterior means (scaled) of each request's source images (or ``side``'s)."""
     return [encode_images(bundle, pixels)
-            for pixels in source_pixels(bundle, requests, config, image_cache)]
+            for pixels in image_pixels(bundle, requests, config, image_cache, side)]
 
 
 @torch.no_grad()
-def release_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
-                    image_cache: TensorCache, generators: list[torch.Generator]
+def release_latents(bundle: ModelBundle, pixels: list[torch.Tensor], generators: list[torch.Generator]
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per request, the scaled VAE posterior mean and standard deviation of its source images,
-    each image flipped left-right where its concept's generator's coin says so."""
+    """Per request, the scaled VAE posterior mean and standard deviation of its images
+    (``pixels``), each image flipped left-right where its concept's generator's coin says so."""
     means, spreads = [], []
     scale = bundle.vae.config.scaling_factor
-    for pixels, generator in zip(source_pixels(bundle, requests, config, image_cache), generators,
-                                 strict=True):
-        flip = torch.rand(pixels.shape[0], generator=generator) < 0.5
-        pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
-        posterior = bundle.vae.encode(pixels.to(bundle.device, bundle.dtype)).latent_dist
+    for images, generator in zip(pixels, generators, strict=True):
+        flip = torch.rand(images.shape[0], generator=generator) < 0.5
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        posterior = bundle.vae.encode(images.to(bundle.device, bundle.dtype)).latent_dist
         means.append(posterior.mean * scale)
         spreads.append(posterior.std * scale)
     return means, spreads
+
+
+def side_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+                 image_cache: TensorCache, generators: list[torch.Generator], side: str
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per request, one side's image latents (posterior means) and, for drawn latents, their spread."""
+    if config.latents == "mean":
+        return source_latents(bundle, requests, config, image_cache, side), None
+    return release_latents(bundle, image_pixels(bundle, requests, config, image_cache, side), generators)
 
 
 def step_draws(rows: int, shape: torch.Size, generator: torch.Generator, posterior: bool) -> torch.Tensor:

@@ -35,7 +35,7 @@ from ..config import FP16_LOSS_SCALE, Stage1Config, resolve_precision
 from ..targets import ConceptTarget
 from . import engine
 from .conditioning import Tokens, prompt_tokens
-from .latents import release_latents, sampled, source_latents, step_draws
+from .latents import image_sides, sampled, side_latents, step_draws
 from .start import initial_deltas, record_block_outputs
 from .stopping import StoppingRule
 
@@ -56,16 +56,19 @@ class Batch:
     spread: torch.Tensor | None = None  # the posterior's std where latents are drawn from it
 
 
-def _latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
-             image_cache: TensorCache, generators: list[torch.Generator] | None
-             ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Per request, its images' latents (posterior means) and, for drawn latents, their spread."""
-    if not config.noise_weight:
+def _image_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+                   image_cache: TensorCache, generators: list[torch.Generator]
+                   ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]] | None]:
+    """Per request, the latents of each side's images (``distil_on``), and their spreads where
+    latents are drawn from the posterior; ``[]`` when the noise prediction loss is off."""
+    sides = [side_latents(bundle, requests, config, image_cache, generators, side)
+             for side in image_sides(config)]
+    if not sides:
         return [], None
-    if config.latents == "mean":
-        return source_latents(bundle, requests, config, image_cache), None
-    generators = generators or [torch.Generator().manual_seed(r.seed) for r in requests]
-    return release_latents(bundle, requests, config, image_cache, generators)
+    latents = [[means[index] for means, _ in sides] for index in range(len(requests))]
+    if sides[0][1] is None:
+        return latents, None
+    return latents, [[spread[index] for _, spread in sides] for index in range(len(requests))]
 
 
 def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
@@ -73,17 +76,21 @@ def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, 
             generators: list[torch.Generator] | None = None) -> Batch:
     """Rows of every concept, with the unedited states of block l* read in one pass.
 
-    A concept's rows cycle through its prompts and there are at least as many rows as
-    prompts, so its first rows hold the states at the subject of each prompt in turn.
+    A concept's rows are its images, side by side (``distil_on``: the source's, the
+    destination's, or the source's then the destination's), each side's cycling through the
+    prompts; there are at least as many as prompts, so the first rows hold the states at the
+    subject of each prompt in turn.
     ``generators``: each concept's, for the release's flips (None: fresh from its seed).
     """
-    latents, spreads = _latents(bundle, requests, config, image_cache, generators)
+    generators = generators or [torch.Generator().manual_seed(r.seed) for r in requests]
+    latents, spreads = _image_latents(bundle, requests, config, image_cache, generators)
     owner, src, dst, firsts = [], [], [], []
     positions: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
     for index, request in enumerate(requests):
         count = len(request.prompts)
-        # text-only targets need no images: one row per prompt
-        rows = torch.arange(latents[index].shape[0] if config.noise_weight else count) % count
+        # each side's images cycle through the prompts; text-only targets: one row per prompt
+        sizes = [side.shape[0] for side in latents[index]] if latents else [count]
+        rows = torch.cat([torch.arange(size) % count for size in sizes])
         firsts.append(torch.arange(count) + len(owner))
         owner += [index] * len(rows)
         src += [request.source_prompts()[i] for i in rows]
@@ -101,8 +108,8 @@ def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, 
         at_subject = gather_positions(states, row_positions[name])
         hidden[name] = [at_subject[rows] for rows in firsts]
     return Batch(requests, rows_owner, src, dst, row_positions,
-                  torch.cat(latents) if latents else None, prefix, hidden, source,
-                  torch.cat(spreads) if spreads else None)
+                  torch.cat([x for sides in latents for x in sides]) if latents else None, prefix, hidden,
+                  source, torch.cat([x for sides in spreads for x in sides]) if spreads else None)
 
 
 def draw_noise(batch: Batch, generators: list[torch.Generator], train_steps: int,

@@ -23,7 +23,7 @@ from ....requests.edit import EditRequest
 from ..config import Precision, Stage1Config, resolve_precision
 from ..targets import ConceptTarget
 from .engine import TimingHook
-from .latents import draw_source_images
+from .latents import draw_images
 from .objective import compute_z
 from .report import log_cost, log_unconverged
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Stage I options added after keys were first made, with the value every earlier key had.
 BEFORE_OPTIONS = {"init": "zero", "conditioning": "pipeline", "latents": "mean", "stop_tolerance": 0.0,
-                  "min_timestep": 0, "lr_schedule": "constant"}
+                  "min_timestep": 0, "lr_schedule": "constant", "distil_on": "source"}
 # Options that only matter where another is set: left out of a key where it is not.
 MATTERS_ONLY_WITH = {"stop_window": "stop_tolerance", "min_steps": "stop_tolerance"}
 
@@ -167,7 +167,7 @@ def compute_targets(
             while group:
                 chunk = group[:size]
                 if progress:
-                    draw_source_images(bundle, [requests[i] for i in chunk], config, image_cache)
+                    draw_images(bundle, [requests[i] for i in chunk], config, image_cache)
                 try:
                     targets = _run_chunk(bundle, requests, keys, chunk, z_layer, config, runtime,
                                          image_cache, progress_cache, saved, report,

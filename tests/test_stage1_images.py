@@ -1,0 +1,81 @@
+"""Stage I's ``distil_on``: the noise prediction loss noises the source's images (the
+release), the destination's (drawn by the unedited model from the destination prompts), or
+both, a row each; the result does not depend on the batch or on an interruption, and each
+choice has its own cache key."""
+
+import pytest
+import torch
+from edit_helpers import interrupt_at_the_end
+
+import emcid
+from emcid.cache import TensorCache
+from emcid.config import Runtime
+from emcid.editors.emcid.stage1 import Stage1Config, compute_targets, objective, schedule
+from emcid.editors.emcid.stage1.latents import source_latents
+
+REQUESTS = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=4)]
+LAYER = {"text_encoder": 2}
+BOTH = Stage1Config(steps=4, distil_on="both")
+
+
+def _sides(sd1, cache: TensorCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    config = Stage1Config(steps=4, distil_on="source")
+    return (source_latents(sd1, REQUESTS, config, cache),
+            source_latents(sd1, REQUESTS, config, cache, side="destination"))
+
+
+def test_both_gives_each_prompt_a_source_row_and_a_destination_row(sd1):
+    cache = TensorCache("images-both")
+    batch = objective.layout(sd1, REQUESTS, LAYER, BOTH, cache)
+    sources, destinations = _sides(sd1, cache)
+    assert not torch.allclose(sources[0], destinations[0])  # the unedited model draws two things
+    expected = torch.cat([side[i] for i in range(len(REQUESTS)) for side in (sources, destinations)])
+    assert torch.equal(batch.latents, expected)
+    rows = [(r.source_prompts() * 2, r.destination_prompts() * 2) for r in REQUESTS]
+    assert batch.src_prompts == [p for src, _ in rows for p in src]  # the student reads the source
+    assert batch.dst_prompts == [p for _, dst in rows for p in dst]  # the teacher the destination
+    assert batch.owner.tolist() == [i for i, r in enumerate(REQUESTS) for _ in range(2 * len(r.prompts))]
+
+
+def test_both_with_the_release_latents_draws_each_row_from_its_own_posterior(sd1):
+    batch = objective.layout(sd1, REQUESTS, LAYER, Stage1Config(steps=4, distil_on="both", latents="release"),
+                             TensorCache("images-both-release"))
+    rows = sum(2 * len(r.prompts) for r in REQUESTS)
+    assert batch.latents.shape[0] == batch.spread.shape[0] == rows
+    first = len(REQUESTS[0].prompts)  # tench's source rows, then its destination rows
+    assert not torch.allclose(batch.latents[:first], batch.latents[first:2 * first])
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_one_side_gives_a_row_per_prompt_of_its_images(sd1, side):
+    cache = TensorCache(f"images-{side}")
+    batch = objective.layout(sd1, REQUESTS, LAYER, Stage1Config(steps=4, distil_on=side), cache)
+    sources, destinations = _sides(sd1, cache)
+    assert torch.equal(batch.latents, torch.cat(sources if side == "source" else destinations))
+    assert batch.src_prompts == [p for r in REQUESTS for p in r.source_prompts()]
+
+
+def test_both_sides_move_the_targets_and_not_with_the_batch_or_an_interruption(sd1, monkeypatch):
+    runtime = Runtime(checkpoint_every=3)
+    together = compute_targets(sd1, REQUESTS, LAYER, BOTH, TensorCache("both-together"), progress=False,
+                               runtime=runtime)
+    alone = [compute_targets(sd1, [r], LAYER, BOTH, TensorCache(f"both-alone-{i}"), progress=False)[0]
+             for i, r in enumerate(REQUESTS)]
+    source = compute_targets(sd1, REQUESTS, LAYER, Stage1Config(steps=4, distil_on="source"),
+                             TensorCache("source-only"), progress=False)
+    cache = TensorCache("both-resumed")
+    interrupt_at_the_end(sd1, REQUESTS, LAYER, BOTH, cache, runtime, monkeypatch)
+    resumed = compute_targets(sd1, REQUESTS, LAYER, BOTH, cache, progress=False, runtime=runtime)
+    for a, b, c, d in zip(together, alone, resumed, source, strict=True):
+        assert torch.allclose(a.deltas["text_encoder"], b.deltas["text_encoder"], atol=1e-5)
+        assert torch.equal(a.deltas["text_encoder"], c.deltas["text_encoder"])
+        assert not torch.allclose(a.deltas["text_encoder"], d.deltas["text_encoder"])
+
+
+def test_the_images_are_part_of_the_cache_key_and_a_bad_choice_is_refused():
+    cpu = torch.device("cpu")
+    keys = {side: schedule.cache_key_for("model", REQUESTS[0], LAYER, Stage1Config(steps=4, distil_on=side),
+                                         {}, cpu) for side in ("source", "destination", "both")}
+    assert len(set(keys.values())) == 3
+    with pytest.raises(emcid.EmcidError, match="distil_on"):
+        Stage1Config(distil_on="target")
