@@ -62,6 +62,19 @@ def test_statistics_without_sources_and_a_growing_lam_where_measured(sd1, method
     assert config.stage2.lam_for(1000) == config.stage2.lam * (20 if scaled else 1)
 
 
+@pytest.mark.parametrize("method, task, profile, both", [
+    ("emcid", "object", None, True), ("emcid", "aice", None, True), ("emcid", "rectification", None, True),
+    ("emcid", "artist", None, False), ("emcid", "object", "release", False)])
+def test_stage1_distils_on_both_sides_where_measured(sd1, method, task, profile, both):
+    """Objects and ICEB distil on the destination's images too; the artist task (measured: no
+    gain), the release profile and rectification's reference-image requests keep the source's."""
+    options = {"profile": profile} if profile else {}
+    config = get_editor(method, sd1, task=task, **options).config
+    assert config.stage1.distil_on == ("both" if both else "source")
+    if task == "rectification":  # its undrawable classes' references: the model cannot draw them
+        assert config.reference_stage1["distil_on"] == "source"
+
+
 def test_artist_task_wires_steps_layers_and_prompts(sd1):
     editor = get_editor("emcid", sd1, task="artist", **FAST)
     assert editor.config.stage1.steps == 20  # the caller's value wins over the preset's 100
