@@ -11,7 +11,7 @@ import emcid
 from emcid.cache import TensorCache
 from emcid.config import Runtime
 from emcid.editors.emcid.stage1 import Stage1Config, compute_targets, objective, schedule
-from emcid.editors.emcid.stage1.latents import source_latents
+from emcid.editors.emcid.stage1.latents import image_latents
 
 REQUESTS = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=4)]
 LAYER = {"text_encoder": 2}
@@ -20,8 +20,8 @@ BOTH = Stage1Config(steps=4, distil_on="both")
 
 def _sides(sd1, cache: TensorCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     config = Stage1Config(steps=4, distil_on="source")
-    return (source_latents(sd1, REQUESTS, config, cache),
-            source_latents(sd1, REQUESTS, config, cache, side="destination"))
+    return (image_latents(sd1, REQUESTS, config, cache),
+            image_latents(sd1, REQUESTS, config, cache, side="destination"))
 
 
 def test_both_gives_each_prompt_a_source_row_and_a_destination_row(sd1):

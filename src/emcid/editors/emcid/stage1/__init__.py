@@ -11,10 +11,10 @@ stage's API.
 from ....errors import Stage1OutOfMemoryError
 from ..config import FP16_LOSS_SCALE, Precision, Stage1Config, resolve_precision
 from ..targets import ConceptTarget
-from .latents import source_latents
+from .latents import image_latents
 from .objective import compute_z
 from .schedule import cache_key_for, compute_targets, fitting_batch
 
 __all__ = ["FP16_LOSS_SCALE", "ConceptTarget", "Precision", "Stage1Config", "Stage1OutOfMemoryError",
-           "cache_key_for", "compute_targets", "compute_z", "fitting_batch", "resolve_precision",
-           "source_latents"]
+           "cache_key_for", "compute_targets", "compute_z", "fitting_batch", "image_latents",
+           "resolve_precision"]

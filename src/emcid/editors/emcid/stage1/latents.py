@@ -86,9 +86,9 @@ def image_pixels(bundle: ModelBundle, requests: list[EditRequest], config: Stage
     return pixels
 
 
-def source_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
+def image_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage1Config,
                    image_cache: TensorCache, side: str = "source") -> list[torch.Tensor]:
-    """VAE posterior means (scaled) of each request's source images (or ``side``'s)."""
+    """VAE posterior means (scaled) of each request's images of one side."""
     return [encode_images(bundle, pixels)
             for pixels in image_pixels(bundle, requests, config, image_cache, side)]
 
@@ -114,7 +114,7 @@ def side_latents(bundle: ModelBundle, requests: list[EditRequest], config: Stage
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Per request, one side's image latents (posterior means) and, for drawn latents, their spread."""
     if config.latents == "mean":
-        return source_latents(bundle, requests, config, image_cache, side), None
+        return image_latents(bundle, requests, config, image_cache, side), None
     return release_latents(bundle, image_pixels(bundle, requests, config, image_cache, side), generators)
 
 
