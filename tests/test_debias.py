@@ -101,6 +101,7 @@ def test_debias_on_tiny_sd_balances_a_biased_concept(sd1):
     for key in ("before", "after", "tuned"):
         assert sum(report[key]) == pytest.approx(1.0)
     assert balance_gap(report["after"]) < balance_gap(report["before"])
+    assert patch.metadata["hparams"]["stage1"]["distil_on"] == "source"  # measured: mixes settle
     current = dict(sd1.text_encoder.named_parameters())
     assert all(torch.equal(current[n], w) for n, w in weights.items())  # tuning left no trace
     patch.apply(sd1)
