@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--distil-on", choices=["both", "source", "destination"],
                       help="Stage I's images: both (default: each prompt's source image and the "
                            "unedited model's image of its destination, a row each), source (the "
-                           "release's) or destination")
+                           "release's; the default of --task artist and of debias) or destination")
     edit.add_argument("--lam", type=float, help="Stage II preservation weight (release: 4000)")
     edit.add_argument("--alpha", type=float, help="Stage II editing strength (release: 0.5)")
     edit.add_argument("--residual", choices=["memit", "release"], help="Stage II residual form")
