@@ -52,8 +52,8 @@ def _generated(bundle: ModelBundle, requests: list[EditRequest], config: Stage1C
 
 
 def image_sides(config: Stage1Config) -> tuple[str, ...]:
-    """Whose images Stage I noises: the source's (the release), the destination's, or both
-    (the first side's images set the rows)."""
+    """Whose images Stage I noises: the source's (the release), the destination's, or both,
+    the source's first (so a concept's first rows are its prompts' source rows)."""
     if not config.noise_weight:
         return ()
     return ("source", "destination") if config.distil_on == "both" else (config.distil_on,)
