@@ -55,6 +55,22 @@ def test_one_side_gives_a_row_per_prompt_of_its_images(sd1, side):
     assert batch.src_prompts == [p for r in REQUESTS for p in r.source_prompts()]
 
 
+@pytest.mark.parametrize("conditioning", ["pipeline", "release"])
+def test_the_text_pass_runs_each_prompt_once_and_gives_every_row_its_encoding(sd1, conditioning):
+    config = Stage1Config(steps=4, distil_on="both", conditioning=conditioning)
+    batch = objective.layout(sd1, REQUESTS, LAYER, config, TensorCache(f"images-text-{conditioning}"))
+    goal = objective.Objective.of(sd1, batch, LAYER, config, "fp32", graphs=False)
+    assert len(goal.text.owner) == sum(len(r.prompts) for r in REQUESTS) == len(batch.owner) // 2
+    deltas = {"text_encoder": torch.randn(len(REQUESTS), sd1.text_encoder.config.hidden_size)}
+    every_row = objective.encode_edited(sd1, batch.source.ids, LAYER, batch.prefix, batch.positions,
+                                        {"text_encoder": deltas["text_encoder"][batch.owner]},
+                                        batch.source.masks)
+    once = goal.edited(deltas)
+    assert once.embeds.shape == every_row.embeds.shape
+    assert torch.allclose(once.embeds, every_row.embeds, atol=1e-5)
+    assert torch.allclose(once.pooled[0], every_row.pooled[0], atol=1e-5)
+
+
 def test_both_sides_move_the_targets_and_not_with_the_batch_or_an_interruption(sd1, monkeypatch):
     runtime = Runtime(checkpoint_every=3)
     together = compute_targets(sd1, REQUESTS, LAYER, BOTH, TensorCache("both-together"), progress=False,

@@ -61,3 +61,41 @@ def prompt_tokens(bundle: ModelBundle, conditioning: str, prompts: list[str],
         ids.append(out.input_ids.to(slot.encoder.device))
         masks.append(out.attention_mask.to(slot.encoder.device))
     return Tokens(ids, masks, concept_keys(masks, owner))
+
+
+@dataclass
+class TextRows:
+    """The rows Stage I's text pass runs on: each concept's prompts once. A concept's images
+    repeat its prompts (more so with both sides' images), and a prompt's edited states do not
+    depend on the image, so every other row takes its prompt's encoding (``spread``)."""
+
+    ids: list[torch.Tensor]
+    masks: list[torch.Tensor] | None
+    prefix: dict[str, torch.Tensor]  # block l*'s unedited output, per text encoder
+    positions: dict[str, torch.Tensor]  # the subject token, per text encoder
+    owner: torch.Tensor  # each text row's concept
+    expand: torch.Tensor | None  # per batch row, its text row; None where they are the same rows
+
+    @classmethod
+    def of(cls, tokens: Tokens, prefix: dict[str, torch.Tensor], positions: dict[str, torch.Tensor],
+           owner: torch.Tensor, firsts: torch.Tensor, text_row: torch.Tensor,
+           device: torch.device) -> TextRows:
+        def pick(rows: torch.Tensor) -> torch.Tensor:
+            return rows.index_select(0, firsts.to(rows.device)).to(device)
+
+        return cls([pick(ids) for ids in tokens.ids],
+                   None if tokens.masks is None else [pick(mask) for mask in tokens.masks],
+                   {name: pick(states) for name, states in prefix.items()},
+                   {name: pick(rows) for name, rows in positions.items()}, pick(owner),
+                   None if len(firsts) == len(owner) else text_row.to(device))
+
+    def spread(self, encoding: PromptEncoding) -> PromptEncoding:
+        """Every batch row's encoding, from its text row's."""
+        if self.expand is None:
+            return encoding
+
+        def rows(states: torch.Tensor | None) -> torch.Tensor | None:
+            return None if states is None else states.index_select(0, self.expand)
+
+        return PromptEncoding(rows(encoding.embeds), [rows(p) for p in encoding.pooled],
+                              rows(encoding.added_text_embeds))

@@ -34,7 +34,7 @@ from ....requests.edit import EditRequest
 from ..config import FP16_LOSS_SCALE, Stage1Config, resolve_precision
 from ..targets import ConceptTarget
 from . import engine
-from .conditioning import Tokens, prompt_tokens
+from .conditioning import TextRows, Tokens, prompt_tokens
 from .latents import image_sides, sampled, side_latents, step_draws
 from .start import initial_deltas, record_block_outputs
 from .stopping import StoppingRule
@@ -53,6 +53,8 @@ class Batch:
     prefix: dict[str, torch.Tensor]  # unedited output of block l* at every token of every row
     hidden: dict[str, list[torch.Tensor]]  # per concept: unedited h at l*, (n_prompts, width)
     source: Tokens  # the source prompts' tokens, as the conditioning option makes them
+    firsts: torch.Tensor  # each concept's prompts once, its first rows: the text pass's rows
+    text_row: torch.Tensor  # per row, the place of its prompt's row in ``firsts``
     spread: torch.Tensor | None = None  # the posterior's std where latents are drawn from it
 
 
@@ -84,13 +86,14 @@ def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, 
     """
     generators = generators or [torch.Generator().manual_seed(r.seed) for r in requests]
     latents, spreads = _image_latents(bundle, requests, config, image_cache, generators)
-    owner, src, dst, firsts = [], [], [], []
+    owner, src, dst, firsts, text_row = [], [], [], [], []
     positions: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
     for index, request in enumerate(requests):
         count = len(request.prompts)
         # each side's images cycle through the prompts; text-only targets: one row per prompt
         sizes = [side.shape[0] for side in latents[index]] if latents else [count]
         rows = torch.cat([torch.arange(size) % count for size in sizes])
+        text_row.append(rows + sum(len(f) for f in firsts))
         firsts.append(torch.arange(count) + len(owner))
         owner += [index] * len(rows)
         src += [request.source_prompts()[i] for i in rows]
@@ -109,7 +112,8 @@ def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, 
         hidden[name] = [at_subject[rows] for rows in firsts]
     return Batch(requests, rows_owner, src, dst, row_positions,
                   torch.cat([x for sides in latents for x in sides]) if latents else None, prefix, hidden,
-                  source, torch.cat([x for sides in spreads for x in sides]) if spreads else None)
+                  source, torch.cat(firsts), torch.cat(text_row),
+                  torch.cat([x for sides in spreads for x in sides]) if spreads else None)
 
 
 def draw_noise(batch: Batch, generators: list[torch.Generator], train_steps: int,
@@ -210,7 +214,7 @@ class Objective:
     config: Stage1Config
     z_layer: dict[str, int]
     owner: torch.Tensor  # concept of each row, on the device
-    positions: dict[str, torch.Tensor]
+    text: TextRows  # the text pass's rows: each concept's prompts once
     rows_per_concept: torch.Tensor
     v_norm: dict[str, torch.Tensor]  # per concept: ||h|| at the subject of its first prompt
     teacher: PromptEncoding
@@ -239,16 +243,19 @@ class Objective:
         scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
         noising = None if batch.latents is None else Noising.of(scheduler, device, batch.latents.dtype)
         return cls(bundle, batch, config, z_layer, batch.owner.to(device),
-                   {name: p.to(device) for name, p in batch.positions.items()},
+                   TextRows.of(batch.source, batch.prefix, batch.positions, batch.owner, batch.firsts,
+                               batch.text_row, device),
                    torch.bincount(batch.owner, minlength=len(batch.requests)).to(device), v_norm,
                    teacher, (batch.source.keys, destination.keys), teacher_pooled, teacher_kwargs,
                    noising, scheduler.config.num_train_timesteps, precision, autocast_cache=not graphs)
 
     def edited(self, deltas: dict[str, torch.Tensor]) -> PromptEncoding:
-        """The source prompts encoded with each concept's delta added at its subject tokens."""
-        return encode_edited(self.bundle, self.batch.source.ids, self.z_layer, self.batch.prefix,
-                             self.positions, {name: delta[self.owner] for name, delta in deltas.items()},
-                             self.batch.source.masks)
+        """The source prompts encoded with each concept's delta added at its subject tokens (each
+        prompt once: a row's encoding does not depend on its image)."""
+        text = self.text
+        return text.spread(encode_edited(self.bundle, text.ids, self.z_layer, text.prefix, text.positions,
+                                         {name: delta[text.owner] for name, delta in deltas.items()},
+                                         text.masks))
 
     def noise_term(self, edited: PromptEncoding, t: torch.Tensor | None,
                    noise: torch.Tensor | None) -> torch.Tensor:
