@@ -32,7 +32,7 @@ from PIL import Image
 import emcid
 from emcid.cache import TensorCache, content_key
 from emcid.config import Runtime
-from emcid.editors.emcid.stage1 import Stage1Config, cache_key_for, compute_targets, compute_z
+from emcid.editors.emcid.stage1 import Stage1Config, cache_key_for, compute_targets, compute_z, schedule
 from emcid.errors import OptionError
 
 LAYER = 2
@@ -216,6 +216,13 @@ def test_default_options_keep_the_cache_keys_made_before_them():
         changed = Stage1Config(stop_tolerance=0.0, distil_on="source", **option)
         assert cache_key_for("m", request, Z_LAYER, changed, settings, device) != \
             cache_key_for("m", request, Z_LAYER, config, settings, device)
+
+
+def test_a_new_stage1_revision_leaves_the_older_targets_in_the_cache_unread(monkeypatch):
+    request, settings, device = emcid.EditRequest("castle", "tower"), {"height": 32}, torch.device("cpu")
+    first = cache_key_for("m", request, Z_LAYER, Stage1Config(), settings, device)
+    monkeypatch.setattr(schedule, "STAGE1_REVISION", 2)
+    assert cache_key_for("m", request, Z_LAYER, Stage1Config(), settings, device) != first
 
 
 @pytest.mark.parametrize("option", ["conditioning", "latents"])

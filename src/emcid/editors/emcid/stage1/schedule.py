@@ -29,6 +29,11 @@ from .report import log_cost, log_unconverged
 
 log = logging.getLogger(__name__)
 
+# What Stage I computes from given options and inputs. Raise it with any change to the code
+# that moves a target for the same options and inputs, so that no cached target of older code
+# is taken for a new one; the revision every key was made under before it existed, 1, stays out
+# of keys, so those entries stay valid.
+STAGE1_REVISION = 1
 # Stage I options added after keys were first made, with the value every earlier key had.
 BEFORE_OPTIONS = {"init": "zero", "conditioning": "pipeline", "latents": "mean", "stop_tolerance": 0.0,
                   "min_timestep": 0, "lr_schedule": "constant", "distil_on": "source"}
@@ -52,6 +57,8 @@ def cache_key_for(bundle_fingerprint: str, request: EditRequest, z_layer: dict[s
     precision = resolve_precision(precision, device)
     if precision != "fp32":
         hyper["precision"] = precision
+    if STAGE1_REVISION != 1:
+        hyper["revision"] = STAGE1_REVISION
     return content_key(model=bundle_fingerprint, request=request.to_dict(), images=images,
                        z_layer=z_layer, config=hyper, image_settings=image_settings)
 
