@@ -10,10 +10,13 @@ release preprocesses, each image is flipped left-right with probability 1/2, onc
 steps; then every step draws afresh from the VAE posterior, ``mean + std * eps``. The
 posterior is still encoded once (a draw needs only its mean and spread), and every coin and
 ``eps`` comes from the concept's own generator: the coins first, then per step after the
-timesteps and the noise, so results do not depend on the batch.
+timesteps and the noise, so results do not depend on the batch. :class:`Noising` noises them
+as DDPM trains.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -134,3 +137,20 @@ def sampled(mean: torch.Tensor, spread: torch.Tensor | None,
     if spread is None:
         return mean, draws
     return mean + spread * draws[:, 1], draws[:, 0]
+
+
+@dataclass
+class Noising:
+    """DDPM's training-time noising with its tables on the device once (no copy per step)."""
+
+    alphas: torch.Tensor
+    velocity: bool
+
+    @classmethod
+    def of(cls, scheduler, device: torch.device, dtype: torch.dtype) -> Noising:
+        return cls(scheduler.alphas_cumprod.to(device, dtype),
+                   scheduler.config.prediction_type == "v_prediction")
+
+    def scales(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self.alphas[t]
+        return (alpha ** 0.5).view(-1, 1, 1, 1), ((1 - alpha) ** 0.5).view(-1, 1, 1, 1)

@@ -35,7 +35,7 @@ from ..config import FP16_LOSS_SCALE, Stage1Config, resolve_precision
 from ..targets import ConceptTarget
 from . import engine
 from .conditioning import TextRows, Tokens, prompt_tokens
-from .latents import image_sides, sampled, side_latents, step_draws
+from .latents import Noising, image_sides, sampled, side_latents, step_draws
 from .start import initial_deltas, record_block_outputs
 from .stopping import StoppingRule
 
@@ -132,23 +132,6 @@ def draw_noise(batch: Batch, generators: list[torch.Generator], train_steps: int
         noise.append(torch.stack([n for _, n in draws]))
     device = batch.latents.device
     return torch.cat(timesteps, 1).to(device), torch.cat(noise, 1).to(device, batch.latents.dtype)
-
-
-@dataclass
-class Noising:
-    """DDPM's training-time noising with its tables on the device once (no copy per step)."""
-
-    alphas: torch.Tensor
-    velocity: bool
-
-    @classmethod
-    def of(cls, scheduler, device: torch.device, dtype: torch.dtype) -> Noising:
-        return cls(scheduler.alphas_cumprod.to(device, dtype),
-                   scheduler.config.prediction_type == "v_prediction")
-
-    def scales(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha = self.alphas[t]
-        return (alpha ** 0.5).view(-1, 1, 1, 1), ((1 - alpha) ** 0.5).view(-1, 1, 1, 1)
 
 
 def encode_edited(bundle: ModelBundle, ids: list[torch.Tensor], z_layer: dict[str, int],
