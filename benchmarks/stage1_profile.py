@@ -50,13 +50,12 @@ def time_parts(bundle, requests: list[emcid.EditRequest], z_layer: dict[str, int
                images: TensorCache) -> None:
     """Each part of a step alone, on every source prompt of ``requests`` (one row each)."""
     batch = layout(bundle, requests, z_layer, Stage1Config(noise_weight=0.0), images)
-    prompts, ids = batch.src_prompts, bundle.tokenize(batch.src_prompts)
-    positions = {name: p.to(bundle.device) for name, p in batch.positions.items()}
+    prompts, rows = batch.src_prompts, batch.text
     vectors = {name: torch.zeros(bundle.slot(name).hidden_size, device=bundle.device, requires_grad=True)
                for name in z_layer}
 
     def text() -> torch.Tensor:
-        return encode_edited(bundle, ids, z_layer, batch.prefix, positions, vectors).embeds
+        return encode_edited(bundle, rows.ids, z_layer, rows.prefix, rows.positions, vectors).embeds
 
     embeds = text().detach().requires_grad_(True)
     settings = resolve_settings(bundle)

@@ -10,8 +10,11 @@ from edit_helpers import interrupt_at_the_end
 import emcid
 from emcid.cache import TensorCache
 from emcid.config import Runtime
+from emcid.core.tokens import subject_positions
 from emcid.editors.emcid.stage1 import Stage1Config, compute_targets, objective, schedule
+from emcid.editors.emcid.stage1.conditioning import prompt_tokens
 from emcid.editors.emcid.stage1.latents import image_latents
+from emcid.editors.emcid.stage1.start import record_block_outputs
 
 REQUESTS = [emcid.EditRequest("tench", "goldfish"), emcid.EditRequest("zebra", "horse", seed=4)]
 LAYER = {"text_encoder": 2}
@@ -61,14 +64,19 @@ def test_the_text_pass_runs_each_prompt_once_and_gives_every_row_its_encoding(sd
     batch = objective.layout(sd1, REQUESTS, LAYER, config, TensorCache(f"images-text-{conditioning}"))
     goal = objective.Objective.of(sd1, batch, LAYER, config, "fp32", graphs=False)
     assert len(goal.text.owner) == sum(len(r.prompts) for r in REQUESTS) == len(batch.owner) // 2
+    # every row encoded on its own, block l*'s output recorded on every row
+    tokens = prompt_tokens(sd1, conditioning, batch.src_prompts, batch.owner)
+    prefix = record_block_outputs(sd1, LAYER, lambda: tokens.encode(sd1))
+    positions = torch.cat([subject_positions(sd1.tokenizer, r.prompts, r.source).repeat(2) for r in REQUESTS])
     deltas = {"text_encoder": torch.randn(len(REQUESTS), sd1.text_encoder.config.hidden_size)}
-    every_row = objective.encode_edited(sd1, batch.source.ids, LAYER, batch.prefix, batch.positions,
-                                        {"text_encoder": deltas["text_encoder"][batch.owner]},
-                                        batch.source.masks)
+    every_row = objective.encode_edited(sd1, tokens.ids, LAYER, prefix, {"text_encoder": positions},
+                                        {"text_encoder": deltas["text_encoder"][batch.owner]}, tokens.masks)
     once = goal.edited(deltas)
     assert once.embeds.shape == every_row.embeds.shape
     assert torch.allclose(once.embeds, every_row.embeds, atol=1e-5)
     assert torch.allclose(once.pooled[0], every_row.pooled[0], atol=1e-5)
+    if conditioning == "release":  # the UNet's key mask, every row its own
+        assert torch.equal(goal.keys[0], tokens.keys)
 
 
 def test_both_sides_move_the_targets_and_not_with_the_batch_or_an_interruption(sd1, monkeypatch):

@@ -71,23 +71,10 @@ class TextRows:
 
     ids: list[torch.Tensor]
     masks: list[torch.Tensor] | None
-    prefix: dict[str, torch.Tensor]  # block l*'s unedited output, per text encoder
+    prefix: dict[str, torch.Tensor]  # block l*'s unedited output at every token, per text encoder
     positions: dict[str, torch.Tensor]  # the subject token, per text encoder
     owner: torch.Tensor  # each text row's concept
     expand: torch.Tensor | None  # per batch row, its text row; None where they are the same rows
-
-    @classmethod
-    def of(cls, tokens: Tokens, prefix: dict[str, torch.Tensor], positions: dict[str, torch.Tensor],
-           owner: torch.Tensor, firsts: torch.Tensor, text_row: torch.Tensor,
-           device: torch.device) -> TextRows:
-        def pick(rows: torch.Tensor) -> torch.Tensor:
-            return rows.index_select(0, firsts.to(rows.device)).to(device)
-
-        return cls([pick(ids) for ids in tokens.ids],
-                   None if tokens.masks is None else [pick(mask) for mask in tokens.masks],
-                   {name: pick(states) for name, states in prefix.items()},
-                   {name: pick(rows) for name, rows in positions.items()}, pick(owner),
-                   None if len(firsts) == len(owner) else text_row.to(device))
 
     def spread(self, encoding: PromptEncoding) -> PromptEncoding:
         """Every batch row's encoding, from its text row's."""

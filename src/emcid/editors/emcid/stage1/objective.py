@@ -34,7 +34,7 @@ from ....requests.edit import EditRequest
 from ..config import FP16_LOSS_SCALE, Stage1Config, resolve_precision
 from ..targets import ConceptTarget
 from . import engine
-from .conditioning import TextRows, Tokens, prompt_tokens
+from .conditioning import TextRows, prompt_tokens
 from .latents import Noising, image_sides, sampled, side_latents, step_draws
 from .start import initial_deltas, record_block_outputs
 from .stopping import StoppingRule
@@ -42,19 +42,16 @@ from .stopping import StoppingRule
 
 @dataclass
 class Batch:
-    """Several concepts' rows laid out as one tensor program (one row per source image)."""
+    """Several concepts' rows laid out as one tensor program (one row per image)."""
 
     requests: list[EditRequest]
     owner: torch.Tensor  # concept index of each row
     src_prompts: list[str]
     dst_prompts: list[str]
-    positions: dict[str, torch.Tensor]  # subject token of each row, per text encoder
     latents: torch.Tensor | None  # None when the noise-prediction loss is off
-    prefix: dict[str, torch.Tensor]  # unedited output of block l* at every token of every row
+    text: TextRows  # the text pass's rows: each concept's prompts once, with block l*'s output
+    keys: torch.Tensor | None  # per row, the tokens the UNet may attend to (None: all)
     hidden: dict[str, list[torch.Tensor]]  # per concept: unedited h at l*, (n_prompts, width)
-    source: Tokens  # the source prompts' tokens, as the conditioning option makes them
-    firsts: torch.Tensor  # each concept's prompts once, its first rows: the text pass's rows
-    text_row: torch.Tensor  # per row, the place of its prompt's row in ``firsts``
     spread: torch.Tensor | None = None  # the posterior's std where latents are drawn from it
 
 
@@ -73,6 +70,25 @@ def _image_latents(bundle: ModelBundle, requests: list[EditRequest], config: Sta
     return latents, [[spread[index] for _, spread in sides] for index in range(len(requests))]
 
 
+def _text_rows(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
+               conditioning: str, expand: torch.Tensor | None) -> tuple[TextRows, torch.Tensor | None]:
+    """Each concept's source prompts once, tokenised for ``conditioning``, with block l*'s
+    unedited output recorded on them (what the steps replay); and the UNet's key mask for
+    every batch row (``expand``: each row's text row, None where they are the same rows)."""
+    owner = torch.tensor([index for index, request in enumerate(requests) for _ in request.prompts])
+    prompts = [prompt for request in requests for prompt in request.source_prompts()]
+    # Tokenised once: it costs more than a small model's step.
+    tokens = prompt_tokens(bundle, conditioning, prompts, owner)
+    prefix = record_block_outputs(bundle, z_layer, lambda: tokens.encode(bundle))
+    positions = {name: torch.cat([subject_positions(bundle.slot(name).tokenizer, r.prompts, r.source)
+                                  for r in requests]).to(bundle.device) for name in z_layer}
+    device = bundle.device
+    if expand is not None:
+        expand = expand.to(device)
+    keys = tokens.keys if tokens.keys is None or expand is None else tokens.keys.index_select(0, expand)
+    return TextRows(tokens.ids, tokens.masks, prefix, positions, owner.to(device), expand), keys
+
+
 def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, int],
             config: Stage1Config, image_cache: TensorCache,
             generators: list[torch.Generator] | None = None) -> Batch:
@@ -80,40 +96,34 @@ def layout(bundle: ModelBundle, requests: list[EditRequest], z_layer: dict[str, 
 
     A concept's rows are its images, side by side (``distil_on``: the source's, the
     destination's, or the source's then the destination's), each side's cycling through the
-    prompts; there are at least as many as prompts, so the first rows hold the states at the
-    subject of each prompt in turn.
+    prompts; text-only targets have one row per prompt. The text pass runs on each prompt
+    once (a row's edited encoding does not depend on its image), so block l*'s output is
+    recorded on those rows alone.
     ``generators``: each concept's, for the release's flips (None: fresh from its seed).
     """
     generators = generators or [torch.Generator().manual_seed(r.seed) for r in requests]
     latents, spreads = _image_latents(bundle, requests, config, image_cache, generators)
-    owner, src, dst, firsts, text_row = [], [], [], [], []
-    positions: dict[str, list[torch.Tensor]] = {name: [] for name in z_layer}
+    owner, src, dst, text_row = [], [], [], []
+    prompts_before = 0  # the text rows of the concepts before this one
     for index, request in enumerate(requests):
         count = len(request.prompts)
-        # each side's images cycle through the prompts; text-only targets: one row per prompt
         sizes = [side.shape[0] for side in latents[index]] if latents else [count]
         rows = torch.cat([torch.arange(size) % count for size in sizes])
-        text_row.append(rows + sum(len(f) for f in firsts))
-        firsts.append(torch.arange(count) + len(owner))
+        text_row.append(rows + prompts_before)
+        prompts_before += count
         owner += [index] * len(rows)
         src += [request.source_prompts()[i] for i in rows]
         dst += [request.destination_prompts()[i] for i in rows]
-        for name in z_layer:
-            tokens = subject_positions(bundle.slot(name).tokenizer, request.prompts, request.source)
-            positions[name].append(tokens[rows])
-    row_positions = {n: torch.cat(p) for n, p in positions.items()}
-    # Tokenised once: it costs more than a small model's step.
-    rows_owner = torch.tensor(owner)
-    source = prompt_tokens(bundle, config.conditioning, src, rows_owner)
-    prefix = record_block_outputs(bundle, z_layer, lambda: source.encode(bundle))
+    expand = torch.cat(text_row) if len(owner) != prompts_before else None
+    text, keys = _text_rows(bundle, requests, z_layer, config.conditioning, expand)
     hidden = {}
-    for name, states in prefix.items():
-        at_subject = gather_positions(states, row_positions[name])
-        hidden[name] = [at_subject[rows] for rows in firsts]
-    return Batch(requests, rows_owner, src, dst, row_positions,
-                  torch.cat([x for sides in latents for x in sides]) if latents else None, prefix, hidden,
-                  source, torch.cat(firsts), torch.cat(text_row),
-                  torch.cat([x for sides in spreads for x in sides]) if spreads else None)
+    for name, states in text.prefix.items():
+        at_subject = gather_positions(states, text.positions[name])
+        hidden[name] = list(at_subject.split([len(r.prompts) for r in requests]))
+    return Batch(requests, torch.tensor(owner), src, dst,
+                 torch.cat([x for sides in latents for x in sides]) if latents else None,
+                 text, keys, hidden,
+                 torch.cat([x for sides in spreads for x in sides]) if spreads else None)
 
 
 def draw_noise(batch: Batch, generators: list[torch.Generator], train_steps: int,
@@ -226,10 +236,9 @@ class Objective:
         scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
         noising = None if batch.latents is None else Noising.of(scheduler, device, batch.latents.dtype)
         return cls(bundle, batch, config, z_layer, batch.owner.to(device),
-                   TextRows.of(batch.source, batch.prefix, batch.positions, batch.owner, batch.firsts,
-                               batch.text_row, device),
+                   batch.text,
                    torch.bincount(batch.owner, minlength=len(batch.requests)).to(device), v_norm,
-                   teacher, (batch.source.keys, destination.keys), teacher_pooled, teacher_kwargs,
+                   teacher, (batch.keys, destination.keys), teacher_pooled, teacher_kwargs,
                    noising, scheduler.config.num_train_timesteps, precision, autocast_cache=not graphs)
 
     def edited(self, deltas: dict[str, torch.Tensor]) -> PromptEncoding:
