@@ -5,8 +5,10 @@
 Run it with an empty ``$EMCID_CACHE`` to measure what a new user waits (statistics, source
 images and Stage I included); the README's demo figures come from this script. A fixed torch
 workload (float32 matmuls and a small convolution stack, the demo's kinds of work) is timed
-in the same run, before and after the demo, so that figures taken on different days or
-machines can be compared as ratios to it. ``--profile`` runs the demo under ``cProfile`` and
+seven times before the demo and seven times after, and the median of the fourteen is the
+reference, so that figures taken on different days or machines can be compared as ratios to
+it (before 2026-12-07 the mean of one run before and one after, which moved by a quarter
+between two runs of one day). ``--profile`` runs the demo under ``cProfile`` and
 prints the functions that took the most time (slower: no timing then).
 """
 
@@ -17,13 +19,14 @@ import cProfile
 import os
 import platform
 import pstats
+import statistics
 import tempfile
 import time
 
 import torch
 
 
-def reference_workload() -> float:
+def workload_once() -> float:
     """Seconds for a fixed, seeded torch workload at the current thread count."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(512, 512, generator=generator)
@@ -35,6 +38,12 @@ def reference_workload() -> float:
             a = torch.tanh(a @ a.T / 512)
             images = torch.tanh(conv(images))
     return time.perf_counter() - started
+
+
+def reference_workload(repeats: int = 7) -> list[float]:
+    """The fixed workload's seconds, ``repeats`` times: one run moved by a quarter between two
+    runs of one day, so the figure compared is a median."""
+    return [workload_once() for _ in range(repeats)]
 
 
 def main() -> None:
@@ -59,14 +68,15 @@ def main() -> None:
     if profiler is not None:
         profiler.disable()
     seconds = time.perf_counter() - started
-    reference = (reference + reference_workload()) / 2
+    reference = sorted(reference + reference_workload())
+    median = statistics.median(reference)
     print(summary_table(results, "emcid"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}; "
           f"cache {os.environ['EMCID_CACHE']}")
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
-    print(f"emcid demo: {seconds:.0f} s; the fixed workload: {reference:.2f} s (mean of before and "
-          f"after); ratio {seconds / reference:.0f}")
+    print(f"emcid demo: {seconds:.0f} s; the fixed workload: {median:.3f} s (median of {len(reference)} "
+          f"runs, before and after; {reference[0]:.3f} to {reference[-1]:.3f}); ratio {seconds / median:.0f}")
 
 
 if __name__ == "__main__":
