@@ -7,6 +7,7 @@ Delta and its share of the run's.
 Reads the ``results.json`` that ``benchmarks/iceb_mini.py`` wrote (every scale of its only
 method). "any token": a holdout name shares any token with a source's name; "last token":
 its last token is some source's last (the subject token Stage II writes at). Then the
+holdout concepts that are some edit's destination against the others, and the
 ``--worst`` holdout concepts that lost most and their share of the run's Holdout Delta (is
 the cost spread thin or a few collisions?). With ``--captions``, per scale, how many of the
 default statistics captions that name no source (what ``C`` is made of) share any word piece
@@ -90,6 +91,12 @@ def main() -> None:
     for scale, methods in subtask["scales"].items():
         (figures,) = methods.values()
         per_class = figures["per_class"]["holdout_delta"]
+        destinations = {edit["destination"] for edit in subtask["edits"][:int(scale)]}
+        held = [value for name, value in per_class.items() if name in destinations]
+        other = [value for name, value in per_class.items() if name not in destinations]
+        print(f"{scale} edits: {len(held)} holdout concepts are an edit's destination, mean "
+              f"{sum(held) / max(len(held), 1):+.4f}; the other {len(other)}, mean "
+              f"{sum(other) / max(len(other), 1):+.4f}")
         ranked, share = worst(per_class, args.worst)
         print(f"{scale} edits, the {len(ranked)} of {len(per_class)} holdout concepts that lost most "
               f"({share:+.4f} of Holdout Delta {sum(per_class.values()) / len(per_class):+.4f}): "

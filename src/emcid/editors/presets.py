@@ -66,10 +66,10 @@ PRESETS: tuple[Preset, ...] = (
                "no destination images (the model cannot draw what the references show)"),
     Preset("memit", {"noise_weight": 0.0, "align_weight": 1.0, "alpha": 0.5, "reference_stage1": {},
                      "init": "zero", "stop_tolerance": 0.0, "stats_without_sources": False,
-                     "lam_edits": 0},
+                     "lam_edits": 0, "destinations": "free"},
            why="MEMIT-style: pooled-text targets only (reference images play no part), found "
                "from zero in fixed steps as MEMIT's compute_z does, and MEMIT's own update (a = 0.5, "
-               "statistics over every caption, one lam at any scale) on every task"),
+               "statistics over every caption, one lam at any scale, no keys held) on every task"),
 )
 
 
@@ -88,7 +88,7 @@ PROFILES: dict[str, Profile] = {
         {"init": "zero", "residual": "release", "conditioning": "release", "latents": "release",
          "distil_on": "source",
          "stop_tolerance": 0.0, "style_contexts": 0, "written_contexts": 0, "earlier_edits": "free",
-         "stats_without_sources": False, "lam_edits": 0},
+         "stats_without_sources": False, "lam_edits": 0, "destinations": "free"},
         families=("sd1", "sd2"),
         why="the EMCID release's Stage I and Stage II where emcid departs from them (docs/method.md "
             "section 9); its other values are the defaults and the rows above already. Its SDXL "

@@ -9,6 +9,7 @@ from ..patch.format import EditPatch
 from .base import Editor
 from .crossattn import TIMEEditor
 from .emcid import EMCIDEditor, MEMITEditor
+from .emcid.config import STAGE2_BEFORE_OPTIONS
 from .emcid.stage1.schedule import BEFORE_OPTIONS
 from .esd import ESDEditor
 from .presets import DEFAULT_TASK
@@ -45,13 +46,16 @@ def editor_from_patch(patch: EditPatch | dict, runtime: Runtime | None = None) -
 
 def _current_form(hparams: dict, task: str) -> tuple[dict, str]:
     """Patches written before the presets table kept runtime switches and the task in ``hparams``;
-    patches written before a Stage I option (``init``, ``stop_tolerance``, ...) had its value from
-    before it (``BEFORE_OPTIONS``)."""
+    patches written before a Stage I option (``init``, ``stop_tolerance``, ...) or a Stage II one
+    (``destinations``) had its value from before it (``BEFORE_OPTIONS``, ``STAGE2_BEFORE_OPTIONS``)."""
     for key in RUNTIME_KEYS:
         hparams.pop(key, None)
     if isinstance(hparams.get("stage1"), dict):
         hparams["stage1"] = {k: v for k, v in hparams["stage1"].items() if k not in RUNTIME_KEYS}
         for name, before in BEFORE_OPTIONS.items():
             hparams["stage1"].setdefault(name, before)
+    if isinstance(hparams.get("stage2"), dict):
+        for name, before in STAGE2_BEFORE_OPTIONS.items():
+            hparams["stage2"].setdefault(name, before)
     return hparams, hparams.pop("task", task)
 

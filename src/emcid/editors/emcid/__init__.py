@@ -24,7 +24,7 @@ from .replay import chain_difference, earlier_requests, replay_problem
 from .stage1 import compute_targets
 from .stage1.objective import check_timesteps
 from .stage1.report import unconverged
-from .stage2 import compute_deltas, preservation_weight
+from .stage2 import compute_deltas, held_destinations, preservation_weight
 
 __all__ = ["STAGE1_KEYS", "STAGE2_KEYS", "EMCIDConfig", "EMCIDEditor", "MEMITEditor", "Stage1Config",
            "Stage2Config", "compute_deltas", "compute_targets", "distributed_state"]
@@ -160,9 +160,11 @@ class EMCIDEditor(ConfiguredEditor):
             if any(t.converged is not None for t in targets) else None
         moments = self.second_moments(bundle, layers, progress, [r.source for r in requests])
         protected = self.protected_requests(bundle, requests)
+        # the earlier batches' destinations too, so that a held chain still solves one batch
+        held = held_destinations([*protected, *requests]) if self.config.stage2.destinations == "keep" else []
         self._lam = preservation_weight(self.config.stage2, len(targets), len(protected))
         return compute_deltas(bundle, targets, layers, moments, self.config.stage2, progress=progress,
-                              protected=protected, cache=self.cache("eigen"))
+                              protected=protected, cache=self.cache("eigen"), destinations=held)
 
     def report(self) -> dict:
         """The Stage I steps each request's target took (the stopping rule's, or all) and,

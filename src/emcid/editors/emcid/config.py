@@ -142,6 +142,11 @@ class Stage2Config:
     # concept: one key per concept, the mean over its prompts (the release); prompt: one key
     # per prompt, for prompts whose keys differ too much to share one (style contexts)
     keys: Literal["concept", "prompt"] = "concept"
+    # keep (emcid): each edit's destination, in its edit's prompts, enters the closed form held
+    # as an earlier batch's keys are, with the edits' weight, but not counted by lam_edits, so
+    # a destination keeps drawing what Stage I distilled towards (stage2.held_destinations
+    # says which are held; docs/method.md); free: the release's, destinations unguarded.
+    destinations: Literal["keep", "free"] = "keep"
 
     def __post_init__(self) -> None:
         # lam = 0 leaves a K K^T, singular for fewer edits than key width: refused.
@@ -152,6 +157,7 @@ class Stage2Config:
         check_choice("Stage II", "projection", self.projection, ("none", "nullspace"))
         check_choice("Stage II", "earlier_edits", self.earlier_edits, ("replay", "hold", "free"))
         check_choice("Stage II", "keys", self.keys, ("concept", "prompt"))
+        check_choice("Stage II", "destinations", self.destinations, ("keep", "free"))
         if self.keys == "prompt" and self.residual == "release":
             raise OptionError("Stage II keys='prompt' needs residual='memit': the release's residual "
                               "has one target per concept")
@@ -164,6 +170,8 @@ class Stage2Config:
 
 
 MAX_STYLE_CONTEXTS = 64
+# Stage II options added after patches were first written, with the value those patches had.
+STAGE2_BEFORE_OPTIONS = {"destinations": "free"}
 STAGE1_KEYS = frozenset(f.name for f in fields(Stage1Config))
 STAGE2_KEYS = frozenset(f.name for f in fields(Stage2Config))
 

@@ -18,6 +18,7 @@ output and ``m^l`` block ``l``'s fc2 output at the subject token of prompt ``j``
 
 from __future__ import annotations
 
+import re
 from contextlib import ExitStack
 from dataclasses import replace
 
@@ -155,6 +156,29 @@ def _layer_update(name: str, keys: torch.Tensor, residual: torch.Tensor, second_
     return projected_update(keys, residual, basis, reduced, config.lam, config.alpha)
 
 
+def held_destinations(requests: list[EditRequest]) -> list[EditRequest]:
+    """Each request's destination as a concept whose keys Stage II holds (``destinations="keep"``),
+    in its request's prompts, once per destination; none where the destination is empty (an
+    erase on Stable Diffusion), a source of ``requests`` (it is edited, or held as an earlier
+    batch's concept), or names its own source (an attribute edit, "teal tench" for "tench": its
+    key is the source's in another context, which the edit is meant to move)."""
+    taken = {r.source.casefold() for r in requests}
+    held: dict[str, EditRequest] = {}
+    for request in requests:
+        name = request.destination.strip()
+        key = name.casefold()
+        if not name or key in taken or key in held or names_source(request):
+            continue
+        held[key] = EditRequest(name, "", request.prompts)
+    return list(held.values())
+
+
+def names_source(request: EditRequest) -> bool:
+    """Whether the destination holds the source as a whole word ("teal tench" for "tench")."""
+    return re.search(rf"(?<!\w){re.escape(request.source.casefold())}(?!\w)",
+                     request.destination.casefold()) is not None
+
+
 def preservation_weight(config: Stage2Config, concepts: int, protected: int) -> float:
     """This batch's lam: with ``lam_edits``, the concepts held from earlier patches count as
     edits too (the closed form holds them; the null space only leaves them out)."""
@@ -171,18 +195,20 @@ def compute_deltas(
     progress: bool = True,
     protected: list[EditRequest] = (),
     cache: TensorCache | None = None,
+    destinations: list[EditRequest] = (),
 ) -> dict[str, torch.Tensor]:
     """The weight delta of every edited fc2, by module name (float32, (d_out, d_in)).
 
     ``protected``: the requests earlier patches of the chain made, whose keys the update leaves
-    alone (held in the closed form, or outside the null space's free space); ``cache``: where
-    C's eigenvectors are kept.
+    alone (held in the closed form, or outside the null space's free space); ``destinations``:
+    concepts held the same way but not counted as edits by ``lam_edits`` (nothing writes
+    them; :func:`held_destinations`); ``cache``: where C's eigenvectors are kept.
     The model is updated in place while the layers are processed and restored at the end.
     """
     deltas: dict[str, torch.Tensor] = {}
     config = replace(config, lam=preservation_weight(config, len(targets), len(protected)))
     edited = [bundle.slot(s).fc2_name(layer) for s, slot_layers in layers.items() for layer in slot_layers]
-    guarded = list(protected)
+    guarded = [*protected, *destinations]
     with restored(bundle, edited):
         for slot_name, slot_layers in layers.items():
             slot = bundle.slot(slot_name)
