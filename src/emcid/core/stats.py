@@ -48,6 +48,11 @@ def _name_pattern(names: Sequence[str]) -> re.Pattern:
     return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, alternatives)) + r")(?!\w)")
 
 
+def names_any(text: str, names: Sequence[str]) -> bool:
+    """Whether ``text`` holds one of ``names`` as a whole word, any case."""
+    return bool(names) and _name_pattern(names).search(text.casefold()) is not None
+
+
 def split_captions(captions: Sequence[str], names: Sequence[str]) -> tuple[list[str], list[str]]:
     """(the captions that name none of ``names``, those that name one), whole words, any case."""
     if not names:

@@ -18,7 +18,6 @@ output and ``m^l`` block ``l``'s fc2 output at the subject token of prompt ``j``
 
 from __future__ import annotations
 
-import re
 from contextlib import ExitStack
 from dataclasses import replace
 
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from ...core.bundle import ModelBundle
 from ...core.cache import TensorCache
 from ...core.hooks import capture, replay_prefix, stop_after
+from ...core.stats import names_any
 from ...core.tokens import length_groups, subject_positions
 from ...core.weights import add_weights, restored
 from ...requests.edit import EditRequest
@@ -175,8 +175,7 @@ def held_destinations(requests: list[EditRequest]) -> list[EditRequest]:
 
 def names_source(request: EditRequest) -> bool:
     """Whether the destination holds the source as a whole word ("teal tench" for "tench")."""
-    return re.search(rf"(?<!\w){re.escape(request.source.casefold())}(?!\w)",
-                     request.destination.casefold()) is not None
+    return names_any(request.destination, [request.source])
 
 
 def preservation_weight(config: Stage2Config, concepts: int, protected: int) -> float:
